@@ -1,0 +1,34 @@
+"""digitlab: learn and compare neural-network structures on handwritten digits.
+
+The Python API mirrors the course chapter's notebook:
+
+    from digitlab import get_mnist_dataloader, MLP, CNN, summary, train, plot_two_losses
+    train_loader, _ = get_mnist_dataloader()
+    summary(MLP(), (1, 1, 28, 28))
+    loss_list = train(MLP(), train_loader, lr=0.01)
+
+Names are imported on first use, so `import digitlab` (and `digitlab --help`) stays fast.
+"""
+from importlib import import_module
+
+from .errors import UserError
+
+_EXPORTS = {
+    "get_mnist_dataloader": "data", "load_mnist": "data", "read_idx": "data", "InMemoryLoader": "data",
+    "MLP": "models", "CNN": "models", "create_model": "models", "list_models": "models",
+    "register_model": "models",
+    "summary": "summary",
+    "train": "train", "fit": "train", "run": "train", "TrainConfig": "train",
+    "compare": "compare",
+    "plot_loss": "plots", "plot_two_losses": "plots", "plot_sigmoid": "plots", "save_figure": "plots",
+    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
+}
+__all__ = ["UserError", *_EXPORTS]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'digitlab' has no attribute '{name}'")

