@@ -33,7 +33,7 @@ def results_row(result: RunResult) -> dict:
         "params": result.params,
         "final loss": round(h.final_loss, 4),
         "last-epoch mean loss": round(h.epoch_mean_loss[-1], 4) if h.epoch_mean_loss else None,
-        "wall time (s)": round(h.seconds, 1),
+        "wall time (s)": round(h.seconds, 2),
         "images/s": round(h.images_per_second),
     }
 

@@ -1,0 +1,47 @@
+"""Shared fixtures: the real MNIST folder, and a way to run the real CLI."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tests and CI read the full set from ../shared/data/mnist (see its README);
+# DIGITLAB_DATA_DIR points elsewhere when set.
+MNIST_DIR = Path(os.environ.get("DIGITLAB_DATA_DIR") or ROOT.parent / "shared" / "data" / "mnist")
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.skip(f"full MNIST not found at {MNIST_DIR}; set DIGITLAB_DATA_DIR")
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir):
+    from digitlab.data import read_folder
+
+    return read_folder(mnist_dir)
+
+
+def write_idx(path: Path, magic: int, dims: tuple[int, ...], body: bytes, gz: bool = True) -> Path:
+    """Write an IDX file by hand: big-endian magic, one uint32 per dimension, then bytes."""
+    raw = struct.pack(f">I{len(dims)}I", magic, *dims) + body
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 300):
+    """Run the real `digitlab` command in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("COLUMNS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "digitlab", *args],
+        capture_output=True, text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout,
+    )

@@ -1,0 +1,199 @@
+"""The real `digitlab` command, end to end, in subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run_cli, write_idx
+from digitlab.checkpoint import load_checkpoint
+from digitlab.data import IMAGE_MAGIC, MIRRORS
+
+
+def _one_error_line(result, *fragments: str) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_help_lists_commands_and_is_fast():
+    start = time.perf_counter()
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("summary", "train", "compare", "plot"):
+        assert command in result.stdout
+    check = subprocess.run([sys.executable, "-c", "import sys, digitlab.cli as c; c.build_parser(); "
+                            "print('torch' in sys.modules)"], capture_output=True, text=True)
+    assert check.stdout.strip() == "False"
+    assert time.perf_counter() - start < 30
+
+
+def test_train_help_lists_registered_models():
+    result = run_cli("train", "--help")
+    assert result.returncode == 0 and "one of: cnn, mlp" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("model, total, size", [("mlp", "7,971", "0.03"), ("cnn", "11,521", "0.23")])
+def test_summary(model, total, size):
+    result = run_cli("summary", model)
+    assert result.returncode == 0, result.stderr
+    assert f"Total params: {total}" in result.stdout
+    assert f"Estimated Total Size (MB): {size}" in result.stdout
+
+
+def test_train_writes_a_run_folder(mnist_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", "mlp", "--epochs", "2", "--batches", "250", "--data-dir", str(mnist_dir),
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    logs = [line for line in result.stdout.splitlines() if line.startswith("epoch: ")]
+    assert [line.split(", loss is:")[0] for line in logs] == [
+        "epoch: 0, batch: 0", "epoch: 0, batch: 200", "epoch: 1, batch: 0", "epoch: 1, batch: 200"]
+    assert float(logs[0].split()[-1]) > float(logs[-1].split()[-1])
+    assert "60,000 train / 10,000 test" in result.stdout
+    for name in ("model.safetensors", "history.json", "loss.png", "loss.svg"):
+        assert f"wrote {out / name}" in result.stdout
+    model, meta = load_checkpoint(out)
+    assert meta["epochs"] == 2 and meta["config"]["lr"] == 0.01
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["loss_list"]) == 4 and len(history["epoch_mean_loss"]) == 2
+
+
+def test_compare_is_the_chapter_experiment(mnist_dir, tmp_path):
+    out = tmp_path / "cmp"
+    result = run_cli("compare", "mlp", "cnn", "--epochs", "1", "--batches", "40", "--data-dir", str(mnist_dir),
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Total params: 7,971" in result.stdout and "Total params: 11,521" in result.stdout
+    for path in ("mlp/model.safetensors", "cnn/model.safetensors", "compare.png", "compare.svg",
+                 "results.md", "results.json"):
+        assert (out / path).is_file(), path
+        assert f"wrote {out / path}" in result.stdout
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["mlp", "cnn"]
+    assert [r["params"] for r in rows] == [7971, 11521]
+    assert all(r["images/s"] > 0 and r["wall time (s)"] > 0 and r["final loss"] > 0 for r in rows)
+    table = (out / "results.md").read_text()
+    assert table.startswith("| model | params | final loss | last-epoch mean loss | wall time (s) | images/s |")
+    assert Image.open(out / "compare.png").size[0] > 500
+
+
+def test_plot_commands(mnist_dir, tmp_path):
+    runs = []
+    for model in ("mlp", "cnn"):
+        runs.append(tmp_path / model)
+        assert run_cli("train", model, "--epochs", "1", "--batches", "5", "--log-every", "1",
+                       "--data-dir", str(mnist_dir), "--out", str(runs[-1])).returncode == 0
+    (runs[0] / "loss.png").unlink()
+    assert run_cli("plot", "loss", str(runs[0])).returncode == 0
+    assert Image.open(runs[0] / "loss.png").format == "PNG"
+    result = run_cli("plot", "compare", *map(str, runs), "--out", str(tmp_path / "both.png"))
+    assert result.returncode == 0, result.stderr
+    width, height = Image.open(tmp_path / "both.png").size
+    assert width > 800 and 350 < height < width  # the chapter's 10 x 5 inch figure
+    svg = (tmp_path / "both.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "#e4007f" in svg and "#f19ec2" in svg
+    result = run_cli("plot", "sigmoid", "--out", str(tmp_path / "sig"))
+    assert result.returncode == 0
+    width, height = Image.open(tmp_path / "sig.png").size
+    assert width > 300 and height > 200
+    _one_error_line(run_cli("plot", "loss", str(tmp_path / "nope")), "no training history")
+
+
+# ---------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "lenet9"], "invalid choice: 'lenet9'"),
+    (["summary", "vgg"], "invalid choice: 'vgg'"),
+    (["compare", "mlp", "mlp"], "two different models"),
+    (["train", "mlp", "--epochs", "0"], "--epochs: must be 1 or more, got 0"),
+    (["train", "mlp", "--epochs", "-3"], "--epochs: must be 1 or more"),
+    (["train", "mlp", "--epochs", "ten"], "--epochs: 'ten' is not a whole number"),
+    (["train", "mlp", "--lr", "0"], "--lr: must be a number above 0, got 0"),
+    (["train", "mlp", "--lr", "-0.1"], "--lr: must be a number above 0"),
+    (["train", "mlp", "--lr", "fast"], "--lr: 'fast' is not a number"),
+    (["train", "mlp", "--lr", "nan"], "--lr: must be a number above 0"),
+    (["train", "mlp", "--batch-size", "0"], "--batch-size: must be 1 or more"),
+])
+def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path):
+    result = run_cli(*args, "--out", str(tmp_path / "out")) if args[0] != "summary" else run_cli(*args)
+    _one_error_line(result, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_malformed_data_dirs(tmp_path):
+    out = tmp_path / "out"
+    _one_error_line(run_cli("train", "mlp", "--data-dir", str(tmp_path / "absent"), "--out", str(out)),
+                    "absent' does not exist")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _one_error_line(run_cli("train", "mlp", "--data-dir", str(bad), "--out", str(out)), "no train-images")
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        write_idx(bad / f"{stem}.gz", IMAGE_MAGIC, (2, 28, 28), bytes(100))  # truncated on purpose
+    _one_error_line(run_cli("train", "mlp", "--data-dir", str(bad), "--out", str(out)),
+                    "train-images-idx3-ubyte.gz: truncated")
+    _one_error_line(run_cli("train", "mlp", "--out", str(out), env={"DIGITLAB_DATA_DIR": str(bad)}),
+                    "truncated")
+    assert not out.exists()
+
+
+def test_unwritable_output_folder(mnist_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    _one_error_line(run_cli("train", "mlp", "--data-dir", str(mnist_dir), "--out", str(blocker / "run")),
+                    "cannot write to output folder", "--out")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_ctrl_c_saves_the_last_complete_state_and_exits_130(mnist_dir, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "digitlab", "train", "cnn", "--epochs", "50", "--log-every", "20",
+         "--data-dir", str(mnist_dir), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    for line in process.stdout:  # wait until training has really started
+        if line.startswith("epoch: 0, batch: 20,"):
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    model, meta = load_checkpoint(out)
+    assert meta["results"]["interrupted"] is True and meta["epochs"] == 0
+    history = json.loads((out / "history.json").read_text())
+    assert 21 <= len(history["batch_loss"]) < 937
+    assert sorted(p.name for p in out.iterdir()) == ["history.json", "loss.png", "loss.svg", "model.safetensors"]
+
+
+def _mirror_reachable() -> bool:
+    host = MIRRORS[0].split("/")[2]
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_mirror_reachable(), reason="this machine is online: a first run downloads MNIST")
+def test_first_run_on_a_fresh_offline_machine_uses_the_sample(tmp_path):
+    env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": "", "DIGITLAB_DATA_DIR": ""}
+    result = run_cli("train", "mlp", "--epochs", "1", "--out", str(tmp_path / "run"), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "5,000-digit MNIST sample" in result.stderr and "--data-dir" in result.stderr
+    assert "4,000 train / 1,000 test" in result.stdout
+    assert "epoch: 0, batch: 0," in result.stdout
+    assert (tmp_path / "run" / "model.safetensors").is_file()
