@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,7 @@ def _one_error_line(result, *fragments: str) -> str:
     return lines[0]
 
 
-def test_help_lists_commands_and_is_fast():
-    start = time.perf_counter()
+def test_help_lists_commands_without_importing_torch():
     result = run_cli("--help")
     assert result.returncode == 0
     for command in ("summary", "train", "compare", "plot"):
@@ -37,7 +35,6 @@ def test_help_lists_commands_and_is_fast():
     check = subprocess.run([sys.executable, "-c", "import sys, digitlab.cli as c; c.build_parser(); "
                             "print('torch' in sys.modules)"], capture_output=True, text=True)
     assert check.stdout.strip() == "False"
-    assert time.perf_counter() - start < 30
 
 
 def test_train_help_lists_registered_models():

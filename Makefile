@@ -1,0 +1,33 @@
+# Two commands do everything (see README.md):
+#   make compare   set up .venv if needed, then run the chapter's experiment
+#   make test      set up .venv if needed, then run the tests
+PYTHON ?= python3
+VENV ?= .venv
+# Pinned so pip takes the CPU wheel on a CPU-only machine instead of a multi-GB CUDA build.
+# Override it for another platform, e.g. `make TORCH=torch==2.5.1 test`.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.digitlab-installed
+
+.PHONY: setup compare test bench clean
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml changes: running make twice installs nothing twice.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+compare: setup
+	$(BIN)/digitlab compare mlp cnn
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/loader_speed.py
+
+clean:
+	rm -rf $(VENV) runs
