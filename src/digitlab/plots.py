@@ -32,17 +32,22 @@ def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
     return paths
 
 
-def plot_loss(loss_list: Sequence[float], title: str | None = None) -> Figure:
-    """One run's loss, one point per logged batch (the chapter's `plot(loss_list)`)."""
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.add_subplot()
-    ax.plot(range(len(loss_list)), loss_list, color=COLOR_1, label="Train loss")
+def _label_axes(fig: Figure, title: str | None) -> Figure:
+    """The chapter's axes: "freq" (one point per logged batch) against "loss"."""
+    ax = fig.axes[0]
     ax.set_xlabel("freq", fontsize="large")
     ax.set_ylabel("loss", fontsize="large")
     if title:
         ax.set_title(title)
     ax.legend(loc="upper right", fontsize="x-large")
     return fig
+
+
+def plot_loss(loss_list: Sequence[float], title: str | None = None) -> Figure:
+    """One run's loss, one point per logged batch (the chapter's `plot(loss_list)`)."""
+    fig = Figure(figsize=(8, 4.5))
+    fig.add_subplot().plot(range(len(loss_list)), loss_list, color=COLOR_1, label="Train loss")
+    return _label_axes(fig, title)
 
 
 def plot_two_losses(
@@ -56,12 +61,7 @@ def plot_two_losses(
     ax = fig.add_subplot()
     ax.plot(range(len(loss_list_1)), loss_list_1, color=COLOR_1, label=labels[0])
     ax.plot(range(len(loss_list_2)), loss_list_2, color=COLOR_2, linestyle="--", label=labels[1])
-    ax.set_ylabel("loss", fontsize="large")
-    ax.set_xlabel("freq", fontsize="large")
-    if title:
-        ax.set_title(title)
-    ax.legend(loc="upper right", fontsize="x-large")
-    return fig
+    return _label_axes(fig, title)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
