@@ -39,7 +39,8 @@ def test_help_lists_commands_without_importing_torch():
 
 def test_train_help_lists_registered_models():
     result = run_cli("train", "--help")
-    assert result.returncode == 0 and "one of: cnn, mlp" in " ".join(result.stdout.split())
+    assert result.returncode == 0
+    assert "one of: cnn, convnet, convnet_small, lenet5, mlp" in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize("model, total, size", [("mlp", "7,971", "0.03"), ("cnn", "11,521", "0.23")])

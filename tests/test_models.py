@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from digitlab.errors import UserError
-from digitlab.models import CNN, MLP, create_model, list_models
+from digitlab.models import CNN, MLP, MaxPool2d, create_model, list_models
 
 
 def test_registry_lists_the_chapter_models():
@@ -27,10 +27,12 @@ def test_every_model_shapes_and_gradients(name, num_outputs):
     torch.manual_seed(0)
     model = create_model(name, num_outputs=num_outputs)
     x = torch.randn(5, 1, 28, 28)
+    model.eval()  # dropout off, so that two passes agree
+    assert model.forward_head(model.forward_features(x)).equal(model(x))
+    model.train()
     out = model(x)
     assert out.shape == (5, num_outputs)
     assert torch.isfinite(out).all()
-    assert model.forward_head(model.forward_features(x)).equal(out)
     out.square().mean().backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}.{pname} got no gradient"
@@ -58,3 +60,16 @@ def test_paddle_initialisation():
     assert torch_init.conv1.bias.abs().sum() > 0
     with pytest.raises(UserError, match="unknown init 'xavier'"):
         create_model("cnn", init="xavier")
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 28, 28), (2, 4, 7, 7), (1, 1, 5, 6)])
+def test_inference_max_pool_equals_torch(shape):
+    x = torch.randn(shape)
+    x[0, 0, :2, :2] = 1.0  # a tie
+    with torch.inference_mode():
+        fast = MaxPool2d(2)(x)
+        reference = torch.nn.functional.max_pool2d(x, 2)
+        channels_last = MaxPool2d(2, 2)(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(fast, reference) and torch.equal(channels_last, reference)
+    with torch.no_grad():
+        assert torch.equal(MaxPool2d(2)(x), reference)

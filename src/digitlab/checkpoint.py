@@ -72,7 +72,10 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
     from .models import create_model
 
     state, meta = read_checkpoint(path)
-    model = create_model(meta["model"], num_outputs=meta["num_outputs"])
+    try:
+        model = create_model(meta["model"], num_outputs=meta["num_outputs"])
+    except (KeyError, TypeError):
+        raise UserError(f"{resolve(path)}: checkpoint metadata lacks the model name or output width") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

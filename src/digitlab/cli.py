@@ -38,46 +38,70 @@ class _ModelNames:
         return iter(self._names())
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, kind: type, ok, requirement: str):
+    """Parse an option's value; an argparse error names what was wrong with it."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+        raise argparse.ArgumentTypeError(f"'{text}' is not a {'whole number' if kind is int else 'number'}") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v > 0, "1 or more")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "0 or more")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
+    return _number(text, float, lambda v: v > 0, "a number above 0")
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, lambda v: v >= 0, "0 or more")
 
 
 def _add_training_options(p: argparse.ArgumentParser, default_out: str) -> None:
-    p.add_argument("--task", choices=("regress", "classify"), default="regress",
+    # Every default is None, meaning "not set here": the preset (or TrainConfig) fills it in,
+    # so an explicit option always wins over the preset.
+    p.add_argument("--preset", choices=("chapter", "fast", "best"), default=None,
+                   help="a named recipe: chapter (the course's settings), fast (99%% in seconds on a CPU), "
+                        "best (the most accurate single model); other options override it (default: chapter)")
+    p.add_argument("--task", choices=("regress", "classify"), default=None,
                    help="regress: one output, squared error against the digit value, as in the chapter; "
-                        "classify: 10 logits and cross-entropy (default: %(default)s)")
-    p.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set (default: %(default)s)")
+                        "classify: 10 logits and cross-entropy (default: regress for mlp and cnn, classify for "
+                        "the others)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the training set (default: 10)")
     p.add_argument("--lr", type=positive_float, default=None,
-                   help="SGD learning rate (default: the chapter's, 0.01 for mlp and 0.001 for cnn)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds the weights and the shuffling; the same seed on a CPU gives the same losses "
-                        "(default: %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto uses CUDA when PyTorch sees a GPU (default: %(default)s)")
+                   help="learning rate (default: the model's SGD rate; the chapter's 0.01 for mlp, 0.001 for cnn)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: 64)")
+    p.add_argument("--optimizer", choices=("sgd", "momentum", "adam", "adamw"), default=None,
+                   help="sgd as in the chapter; momentum is SGD with Nesterov momentum 0.9 (default: sgd)")
+    p.add_argument("--schedule", choices=("none", "step", "cosine", "onecycle"), default=None,
+                   help="learning-rate schedule over the whole run: step divides by 10 at 50%% and 75%%; "
+                        "onecycle warms up for 25%% then anneals (default: none)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=None, help="L2 penalty (default: 0)")
+    p.add_argument("--augment", action="store_true", default=None,
+                   help="train on randomly rotated (+-10 degrees) and shifted (+-2 px) digits (default: off)")
+    p.add_argument("--eval-every", type=non_negative_int, default=None, metavar="N",
+                   help="measure test accuracy every N epochs and keep it in the history; 0: only at the end "
+                        "(default: 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds the weights, the shuffling and the augmentation; the same seed on a CPU gives "
+                        "the same losses (default: 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="auto uses CUDA when PyTorch sees a GPU (default: auto)")
     p.add_argument("--batches", type=positive_int, default=None, metavar="N",
                    help="stop each epoch after N batches, for a quick smoke run (default: whole epochs)")
-    p.add_argument("--log-every", type=positive_int, default=200, metavar="N",
-                   help="print and record the loss every N batches (default: %(default)s)")
-    p.add_argument("--init", choices=("paddle", "torch"), default="paddle",
+    p.add_argument("--log-every", type=positive_int, default=None, metavar="N",
+                   help="print and record the loss every N batches (default: 200)")
+    p.add_argument("--init", choices=("paddle", "torch"), default=None,
                    help="initial weights: paddle, as the chapter's code starts; torch, PyTorch's defaults "
-                        "(default: %(default)s)")
+                        "(default: paddle for mlp and cnn, torch for the others)")
     _add_data_dir(p)
     p.add_argument("--out", type=Path, default=Path(default_out),
                    help="folder for the checkpoint, loss history and plots (default: %(default)s)")
@@ -99,12 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("summary", help="print a model's layer table, as the chapter's paddle.summary")
     p.add_argument("model", choices=_ModelNames(), metavar="MODEL", help="one of: %(choices)s")
-    p.add_argument("--task", choices=("regress", "classify"), default="regress",
-                   help="regress: 1 output; classify: 10 outputs (default: %(default)s)")
+    p.add_argument("--task", choices=("regress", "classify"), default=None,
+                   help="regress: 1 output; classify: 10 outputs (default: the model's, regress for mlp and cnn)")
     p.set_defaults(func=cmd_summary)
 
     p = commands.add_parser("train", help="train one model with the chapter's loop and save it")
-    p.add_argument("model", choices=_ModelNames(), metavar="MODEL", help="one of: %(choices)s")
+    p.add_argument("model", nargs="?", choices=_ModelNames(), metavar="MODEL",
+                   help="one of: %(choices)s (default: the preset's, cnn for the chapter)")
     _add_training_options(p, default_out="runs/<MODEL>")
     p.set_defaults(func=cmd_train)
 
@@ -157,22 +182,25 @@ def _load_data(data_dir: Path | None):
     return data
 
 
-def _config(model: str, args: argparse.Namespace):
-    from .train import TrainConfig
+def _config(model: str | None, args: argparse.Namespace):
+    from .train import preset_config
 
-    return TrainConfig(
-        model=model, task=args.task, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        seed=args.seed, device=args.device, max_batches=args.batches, log_every=args.log_every,
-        init=args.init,
-    ).resolved()
+    given = dict(
+        task=args.task, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
+        schedule=args.schedule, weight_decay=args.weight_decay, augment=args.augment,
+        eval_every=args.eval_every, seed=args.seed, device=args.device, max_batches=args.batches,
+        log_every=args.log_every, init=args.init,
+    )
+    return preset_config(args.preset or "chapter", model, **{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .models import create_model
+    from .models import create_model, default_task
     from .summary import summary
     from .train import TASKS
 
-    summary(create_model(args.model, num_outputs=TASKS[args.task]), console=_console())
+    task = args.task or default_task(args.model)
+    summary(create_model(args.model, num_outputs=TASKS[task]), console=_console())
     return 0
 
 
@@ -185,12 +213,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import run
 
     config = _config(args.model, args)
-    out = Path(str(args.out).replace("<MODEL>", args.model))
+    out = Path(str(args.out).replace("<MODEL>", config.model))
     data = _load_data(args.data_dir)
     result = run(config, data, out)
     h = result.history
+    accuracy = result.test_accuracy
     print(f"{config.model}: {h.images:,} images in {h.seconds:.1f} s ({h.images_per_second:,.0f} images/s), "
-          f"final loss {h.final_loss:.4f}")
+          f"final loss {h.final_loss:.4f}, test accuracy {accuracy:.2%}")
     _report_files(result.files)
     return _interrupted(result.history.interrupted)
 

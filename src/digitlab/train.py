@@ -21,14 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import WEIGHTS_FILE, save_checkpoint
-from .data import MNIST, PIXEL_CENTER, PIXEL_SCALE, InMemoryLoader
+from .data import MNIST, PIXEL_CENTER, PIXEL_SCALE, InMemoryLoader, random_affine
 from .errors import UserError
 from .files import atomic_path, prepare_out_dir
-from .models import INITS, create_model, default_lr
+from .models import INITS, create_model, default_lr, default_task, place
 
 TASKS = {"regress": 1, "classify": 10}  # task -> output width
 DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("none", "step", "cosine", "onecycle")
 HISTORY_FILE = "history.json"
+BAR_EVERY = 16  # steps between progress-bar updates
 
 
 @dataclass
@@ -36,33 +39,61 @@ class TrainConfig:
     """Everything that defines a training run; saved inside its checkpoint."""
 
     model: str = "cnn"
-    task: str = "regress"  # regress: the chapter's 1 output and squared error
+    task: str | None = None  # None: the model's own (regress for the chapter's mlp and cnn)
     epochs: int = 10
-    lr: float | None = None  # None: the chapter's rate for this model (0.01 mlp, 0.001 cnn)
+    lr: float | None = None  # None: the model's SGD rate (the chapter's: 0.01 mlp, 0.001 cnn)
     batch_size: int = 64
+    optimizer: str = "sgd"
+    schedule: str = "none"
+    weight_decay: float = 0.0
+    augment: bool = False  # random +-10 degree rotations and +-2 px shifts
+    eval_every: int = 0  # test accuracy every N epochs; 0: only at the end
     seed: int = 0
     device: str = "auto"
     max_batches: int | None = None  # stop each epoch after this many batches (smoke runs)
     log_every: int = 200
-    init: str = "paddle"  # paddle: the chapter's initial weights; torch: PyTorch's defaults
+    init: str | None = None  # None: the model's own (paddle for the chapter's two, as the chapter)
 
     def resolved(self) -> TrainConfig:
         """Check every field and fill in defaults; raises UserError on a bad value."""
-        default_lr(self.model)  # raises for an unknown model
-        if self.task not in TASKS:
-            raise UserError(f"unknown task '{self.task}'; choose one of: {', '.join(TASKS)}")
-        if self.device not in DEVICES:
-            raise UserError(f"unknown device '{self.device}'; choose one of: {', '.join(DEVICES)}")
-        if self.init not in INITS:
-            raise UserError(f"unknown init '{self.init}'; choose one of: {', '.join(INITS)}")
+        task = self.task or default_task(self.model)  # raises for an unknown model
         lr = default_lr(self.model) if self.lr is None else self.lr
+        for name, value, choices in (("task", task, TASKS), ("device", self.device, DEVICES),
+                                     ("init", self.init or INITS[0], INITS),
+                                     ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("schedule", self.schedule, SCHEDULES)):
+            if value not in choices:
+                raise UserError(f"unknown {name} '{value}'; choose one of: {', '.join(choices)}")
         for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size),
                             ("log_every", self.log_every), ("lr", lr)):
             if not (value > 0 and math.isfinite(value)):
                 raise UserError(f"{name} must be a positive number, got {value}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise UserError(f"weight_decay must be 0 or more, got {self.weight_decay}")
+        if self.eval_every < 0:
+            raise UserError(f"eval_every must be 0 or more, got {self.eval_every}")
         if self.max_batches is not None and self.max_batches <= 0:
             raise UserError(f"max_batches must be a positive integer, got {self.max_batches}")
-        return replace(self, lr=lr)
+        return replace(self, task=task, lr=lr)
+
+
+# Named recipes; explicit options override them. Accuracy and wall time of each are
+# measured by benchmarks/accuracy.py and benchmarks/time_to_99.py (see the README).
+PRESETS: dict[str, dict] = {
+    "chapter": {},
+    "fast": dict(model="convnet_small", task="classify", epochs=2, batch_size=256, optimizer="adam",
+                 lr=0.01, schedule="onecycle"),
+    "best": dict(model="convnet", task="classify", epochs=15, batch_size=128, optimizer="adamw",
+                 lr=0.003, weight_decay=0.05, schedule="onecycle", augment=True),
+}
+
+
+def preset_config(name: str, model: str | None = None, **overrides) -> TrainConfig:
+    """A preset's config, with `overrides` (only the options a user set) on top."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    fields = {**PRESETS[name], **({"model": model} if model else {}), **overrides}
+    return TrainConfig(**fields).resolved()
 
 
 @dataclass
@@ -73,6 +104,7 @@ class History:
     log_points: list[tuple[int, int]] = field(default_factory=list)  # (epoch, batch) of each of those
     batch_loss: list[float] = field(default_factory=list)  # every batch
     epoch_mean_loss: list[float] = field(default_factory=list)  # complete epochs only
+    test_accuracy: list[tuple[int, float]] = field(default_factory=list)  # (epochs done, accuracy)
     images: int = 0
     seconds: float = 0.0
     interrupted: bool = False
@@ -99,6 +131,42 @@ def compute_loss(output: torch.Tensor, labels: torch.Tensor, task: str) -> torch
         # The chapter's F.square_error_cost then mean: the digit value is the target.
         return F.mse_loss(output.squeeze(1), labels.to(output.dtype))  # (B, 1) -> (B,)
     return F.cross_entropy(output, labels)  # (B, 10) logits against class indices
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise UserError(f"unknown optimizer '{name}'; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+ONECYCLE_WARMUP = 0.25  # fraction of the steps spent warming up
+ONECYCLE_START = 0.04  # warm-up starts at lr / 25, as torch's OneCycleLR does
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier on the base learning rate at `step` of `total` (a pure function).
+
+    step: x0.1 at 50% and again at 75% of training; cosine: half a cosine from 1 to 0;
+    onecycle: linear warm-up from 0.04 to 1 over the first quarter, then cosine to 0.
+    """
+    t = min(step / max(total, 1), 1.0)
+    if schedule == "none":
+        return 1.0
+    if schedule == "step":
+        return 1.0 if t < 0.5 else 0.1 if t < 0.75 else 0.01
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "onecycle":
+        if t < ONECYCLE_WARMUP:
+            return ONECYCLE_START + (1 - ONECYCLE_START) * t / ONECYCLE_WARMUP
+        return 0.5 * (1 + math.cos(math.pi * (t - ONECYCLE_WARMUP) / (1 - ONECYCLE_WARMUP)))
+    raise UserError(f"unknown schedule '{schedule}'; choose one of: {', '.join(SCHEDULES)}")
 
 
 class _StopFlag:
@@ -149,9 +217,22 @@ def fit(
     log_every: int = 200,
     max_batches: int | None = None,
     progress: bool = True,
+    schedule: str = "none",
+    augment: torch.Generator | None = None,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eval_every: int = 0,
 ) -> History:
-    """The chapter's training loop, with a progress bar, timing and clean Ctrl-C."""
+    """The chapter's training loop, with a progress bar, timing and clean Ctrl-C.
+
+    schedule: scales each parameter group's base lr per step (see lr_factor).
+    augment: a generator to draw random affine distortions from; None trains on the images as they are.
+    test: uint8 (images, labels) to score every `eval_every` epochs; scoring time is not training time.
+    """
+    from .evaluate import evaluate
+
     per_epoch = len(loader) if max_batches is None else min(len(loader), max_batches)
+    total_steps = epochs * per_epoch
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     history = History()
     device = next(model.parameters()).device
     losses = torch.empty(epochs * per_epoch, device=device)  # filled without a device sync per batch
@@ -164,6 +245,12 @@ def fit(
             for batch, (images, labels) in enumerate(loader):
                 if batch == per_epoch or stop.requested:
                     break
+                if schedule != "none":
+                    factor = lr_factor(schedule, done, total_steps)
+                    for group, base in zip(optimizer.param_groups, base_lrs):
+                        group["lr"] = base * factor
+                if augment is not None:
+                    images = random_affine(images, augment)
                 loss = compute_loss(model(images), labels, task)
                 optimizer.zero_grad()
                 loss.backward()
@@ -177,12 +264,20 @@ def fit(
                     history.log_points.append((epoch, batch))
                     bar.console.print(f"epoch: {epoch}, batch: {batch}, loss is: {value:.7g}", highlight=False)
                     bar.update(task_id, loss=f"{value:.4f}")
-                bar.advance(task_id)
+                if done % BAR_EVERY == 0:  # a bar update per step would cost the mlp ~10% of its speed
+                    bar.update(task_id, completed=done)
+            bar.update(task_id, completed=done)
             if stop.requested:
                 history.interrupted = True
                 break
             epoch_losses = losses[done - per_epoch:done]
             history.epoch_mean_loss.append(epoch_losses.mean().item())
+            if test is not None and eval_every and (epoch + 1) % eval_every == 0:
+                paused = time.perf_counter()
+                accuracy = evaluate(model, *test, task=task).accuracy
+                start += time.perf_counter() - paused  # the clock measures training only
+                history.test_accuracy.append((epoch + 1, accuracy))
+                bar.console.print(f"epoch: {epoch}, test accuracy: {accuracy:.4f}", highlight=False)
         history.seconds = time.perf_counter() - start
     history.batch_loss = losses[:done].tolist()
     return history
@@ -213,12 +308,14 @@ class RunResult:
     config: TrainConfig
     history: History
     params: int
+    test_accuracy: float
     out_dir: Path
     files: list[Path]
 
 
 def run(config: TrainConfig, data: MNIST, out_dir: str | Path) -> RunResult:
     """Train one model from a config and write checkpoint, history and loss plot into `out_dir`."""
+    from .evaluate import evaluate
     from .plots import plot_loss, save_figure
 
     cfg = config.resolved()
@@ -227,13 +324,19 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path) -> RunResult:
     device = resolve_device(cfg.device)
     out_dir = prepare_out_dir(out_dir)
     torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
-    model = create_model(cfg.model, num_outputs=TASKS[cfg.task], init=cfg.init).to(device)
+    model = place(create_model(cfg.model, num_outputs=TASKS[cfg.task], **_init(cfg)), device)
     loader = InMemoryLoader(data.train_images, data.train_labels, cfg.batch_size, seed=cfg.seed, device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    history = fit(model, loader, optimizer, epochs=cfg.epochs, task=cfg.task,
-                  log_every=cfg.log_every, max_batches=cfg.max_batches)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    augment = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment else None
+    test = (data.test_images, data.test_labels)
+    history = fit(model, loader, optimizer, epochs=cfg.epochs, task=cfg.task, log_every=cfg.log_every,
+                  max_batches=cfg.max_batches, schedule=cfg.schedule, augment=augment, test=test,
+                  eval_every=cfg.eval_every)
     params = sum(p.numel() for p in model.parameters())
+    final = evaluate(model, *test, task=cfg.task)
     results = {
+        "test_accuracy": final.accuracy,
+        "test_loss": final.mean_loss,
         "epochs_completed": len(history.epoch_mean_loss),
         "interrupted": history.interrupted,
         "final_loss": history.final_loss,
@@ -260,7 +363,11 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path) -> RunResult:
         tmp.write_text(json.dumps(record, indent=1))
     files.append(out_dir / HISTORY_FILE)
     files += save_figure(plot_loss(history.loss_list, title=f"{cfg.model} ({cfg.task})"), out_dir / "loss")
-    return RunResult(cfg, history, params, out_dir, files)
+    return RunResult(cfg, history, params, final.accuracy, out_dir, files)
+
+
+def _init(cfg: TrainConfig) -> dict:
+    return {"init": cfg.init} if cfg.init else {}  # else the model's own default
 
 
 def read_history(path: str | Path) -> dict:

@@ -1,0 +1,99 @@
+"""digitlab against what a learner would otherwise run, each contender in its own process.
+
+Contenders (benchmarks/contenders/): the chapter's own PaddlePaddle code, a canonical
+PyTorch Dataset + DataLoader loop, and digitlab. Same data, same models, batch 64, plain
+SGD, squared error, fp32. Each run trains one full epoch (or --batches), then evaluates
+the 10k test set. Runs are interleaved (the contender order rotates every repeat) and
+each figure is the median of the repeats; peak RSS is the largest seen. It also times
+`digitlab --help`. PaddlePaddle comes from the `bench` extra: pip install -e '.[bench]'.
+
+    python benchmarks/side_by_side.py --data-dir ../shared/data/mnist [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONTENDERS = {"paddle": "paddle_chapter.py", "dataloader": "torch_dataloader.py", "digitlab": "digitlab_loop.py"}
+LABELS = {"paddle": "chapter code, PaddlePaddle", "dataloader": "PyTorch Dataset + DataLoader", "digitlab": "digitlab"}
+
+
+def run_contender(name: str, model: str, data_dir: str, batches: int | None) -> dict:
+    cmd = [sys.executable, str(HERE / "contenders" / CONTENDERS[name]), "--model", model, "--data-dir", data_dir]
+    if batches:
+        cmd += ["--batches", str(batches)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def help_seconds(repeats: int = 7) -> float:
+    exe = shutil.which("digitlab", path=str(Path(sys.executable).parent)) or shutil.which("digitlab")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([exe, "--help"], capture_output=True, check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, help="folder with the four MNIST .gz files")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each contender and model (default: %(default)s)")
+    parser.add_argument("--batches", type=int, default=None, help="training batches per run (default: a full epoch, 937)")
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS),
+                        help="which to run (default: all; paddle is skipped if not installed)")
+    args = parser.parse_args()
+    contenders = [c for c in args.contenders if c != "paddle" or importlib.util.find_spec("paddle")]
+    if len(contenders) < len(args.contenders):
+        print("paddle is not installed (pip install -e '.[bench]'): skipping the chapter's code")
+
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for repeat in range(args.repeats):
+        order = contenders[repeat % len(contenders):] + contenders[:repeat % len(contenders)]
+        for model in ("mlp", "cnn"):
+            for name in order:
+                result = run_contender(name, model, args.data_dir, args.batches)
+                runs.setdefault((name, model), []).append(result)
+                print(f"repeat {repeat + 1}: {name:10} {model}: train {result['train_ips']:9,.0f} img/s, "
+                      f"eval {result['eval_ips']:9,.0f} img/s, peak RSS {result['peak_rss_mb']:,.0f} MB", flush=True)
+
+    def med(name, model, key):
+        return statistics.median(r[key] for r in runs[(name, model)])
+
+    print(f"\n{cpu_name()}, {os.cpu_count()} cores; median of {args.repeats} interleaved runs; "
+          f"{'a full epoch' if not args.batches else f'{args.batches} batches'} of batch 64\n")
+    print("| contender | mlp train img/s | cnn train img/s | cnn epoch (s) | mlp eval img/s | cnn eval img/s | peak RSS (MB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in contenders:
+        rss = max(r["peak_rss_mb"] for model in ("mlp", "cnn") for r in runs[(name, model)])
+        cnn = med(name, "cnn", "train_ips")
+        print(f"| {LABELS[name]} | {med(name, 'mlp', 'train_ips'):,.0f} | {cnn:,.0f} | {60_000 / cnn:.1f} | "
+              f"{med(name, 'mlp', 'eval_ips'):,.0f} | {med(name, 'cnn', 'eval_ips'):,.0f} | {rss:,.0f} |")
+    print()
+    for base in (c for c in contenders if c != "digitlab"):
+        ratios = ", ".join(
+            f"{model} {key.split('_')[0]} {med('digitlab', model, key) / med(base, model, key):.2f}x"
+            for model in ("mlp", "cnn") for key in ("train_ips", "eval_ips"))
+        print(f"digitlab vs {LABELS[base]}: {ratios}")
+    print(f"\n`digitlab --help`: {help_seconds():.3f} s (median of 7)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Evaluation on the test set: accuracy, loss, per-class precision and recall, confusion.
+
+A regression model (the chapter's, one output) predicts a digit by rounding its output
+and clipping it to 0-9; a classifier predicts the arg-max of its 10 logits.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import NUM_CLASSES, normalize
+
+EVAL_BATCH = 250  # under inference_mode: 250 beat 64, 1000 and 10000 here (benchmarks/cnn_variants.py), and divides 10,000
+
+
+def predicted_digits(outputs: torch.Tensor, task: str) -> torch.Tensor:
+    """(N, 1) regression outputs or (N, 10) logits -> (N,) digits."""
+    if task == "regress":
+        return outputs.squeeze(1).round().clamp(0, NUM_CLASSES - 1).long()
+    return outputs.argmax(1)
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """(num_classes, num_classes) counts; row = true digit, column = predicted digit."""
+    flat = labels.long() * num_classes + predictions.long()
+    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def precision_recall(confusion: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per class: precision = TP / predicted as that class, recall = TP / truly that class.
+
+    A class that was never predicted (or never present) gets 0.0, not NaN.
+    """
+    tp = confusion.diag().double()
+    predicted, actual = confusion.sum(0).double(), confusion.sum(1).double()
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
+    return precision.tolist(), recall.tolist()
+
+
+@dataclass
+class Evaluation:
+    accuracy: float  # a fraction, 0 to 1
+    mean_loss: float
+    labels: torch.Tensor  # (N,)
+    predictions: torch.Tensor  # (N,)
+    outputs: torch.Tensor  # (N, 1) or (N, 10), raw model outputs
+    seconds: float
+
+    @property
+    def confusion(self) -> torch.Tensor:
+        return confusion_matrix(self.labels, self.predictions)
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.labels) / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        precision, recall = precision_recall(self.confusion)
+        return {
+            "accuracy": self.accuracy,
+            "mean_loss": self.mean_loss,
+            "images": len(self.labels),
+            "precision": precision,
+            "recall": recall,
+            "confusion": self.confusion.tolist(),
+            "images_per_second": self.images_per_second,
+        }
+
+
+def model_outputs(model: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Raw outputs for uint8 images (N, 28, 28), in eval mode and without autograd."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        outputs = torch.cat([
+            model(normalize(images[i:i + batch_size]).to(device)).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ])
+    model.train(was_training)
+    return outputs
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, task: str,
+             batch_size: int = EVAL_BATCH) -> Evaluation:
+    """Score a model on uint8 images (N, 28, 28) and their labels (N,)."""
+    start = time.perf_counter()
+    outputs = model_outputs(model, images, batch_size)
+    seconds = time.perf_counter() - start
+    labels = labels.long()
+    if task == "regress":
+        loss = F.mse_loss(outputs.squeeze(1), labels.float())
+    else:
+        loss = F.cross_entropy(outputs, labels)
+    predictions = predicted_digits(outputs, task)
+    accuracy = (predictions == labels).double().mean().item()
+    return Evaluation(accuracy, loss.item(), labels, predictions, outputs, seconds)
