@@ -195,3 +195,40 @@ def test_first_run_on_a_fresh_offline_machine_uses_the_sample(tmp_path):
     assert "4,000 train / 1,000 test" in result.stdout
     assert "epoch: 0, batch: 0," in result.stdout
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_evaluate_needs_only_the_checkpoint(mnist_dir, tmp_path):
+    run_dir = tmp_path / "lenet"
+    assert run_cli("train", "lenet5", "--epochs", "1", "--batches", "150", "--optimizer", "adam", "--lr", "0.002",
+                   "--data-dir", str(mnist_dir), "--out", str(run_dir)).returncode == 0
+    result = run_cli("evaluate", str(run_dir), "--json", "--data-dir", str(mnist_dir))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"] == "lenet5" and report["task"] == "classify" and report["images"] == 10000
+    assert 0.85 < report["accuracy"] < 1  # a fraction, not a percentage
+    assert len(report["precision"]) == len(report["recall"]) == 10
+    assert sum(report["confusion"][d][d] for d in range(10)) == round(report["accuracy"] * 10000)
+    for name in ("confusion.png", "worst.png"):
+        assert Image.open(run_dir / name).format == "PNG"
+    text = run_cli("evaluate", str(run_dir / "model.safetensors"), "--data-dir", str(mnist_dir),
+                   "--out", str(tmp_path / "report"))
+    assert text.returncode == 0 and f"{report['accuracy']:.2%}" in text.stdout and "precision" in text.stdout
+    assert (tmp_path / "report" / "confusion.svg").is_file()
+
+
+def test_evaluate_a_regression_checkpoint_rounds_its_output(mnist_dir, tmp_path):
+    run_dir = tmp_path / "mlp"
+    assert run_cli("train", "mlp", "--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(run_dir)).returncode == 0
+    report = json.loads(run_cli("evaluate", str(run_dir), "--json", "--data-dir", str(mnist_dir)).stdout)
+    assert report["task"] == "regress" and 0.2 < report["accuracy"] < 0.7  # rounding a regression is crude
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["evaluate", "nowhere"], "no checkpoint at 'nowhere'"),
+    (["train", "mlp", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["train", "mlp", "--weight-decay", "-1"], "--weight-decay: must be 0 or more"),
+    (["train", "--preset", "turbo"], "invalid choice: 'turbo'"),
+    (["train", "mlp", "--eval-every", "-2"], "--eval-every: must be 0 or more"),
+])
+def test_more_bad_arguments(args, fragment):
+    _one_error_line(run_cli(*args), fragment)

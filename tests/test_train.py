@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -119,3 +120,124 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
     loaded, meta = load_checkpoint(path)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_lr_factor_schedules():
+    from digitlab.train import lr_factor
+
+    assert [lr_factor("none", s, 100) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert [lr_factor("step", s, 100) for s in (0, 49, 50, 74, 75, 99)] == [1, 1, 0.1, 0.1, 0.01, 0.01]
+    assert lr_factor("cosine", 0, 100) == 1.0
+    assert lr_factor("cosine", 50, 100) == pytest.approx(0.5)
+    assert lr_factor("cosine", 100, 100) == pytest.approx(0.0)
+    assert lr_factor("onecycle", 0, 100) == pytest.approx(0.04)
+    assert lr_factor("onecycle", 25, 100) == pytest.approx(1.0)  # the peak, after a quarter
+    assert lr_factor("onecycle", 12, 100) < lr_factor("onecycle", 13, 100)
+    assert lr_factor("onecycle", 60, 100) > lr_factor("onecycle", 90, 100) > 0
+    with pytest.raises(UserError, match="unknown schedule 'warp'"):
+        lr_factor("warp", 0, 10)
+
+
+def test_optimizers():
+    from digitlab.train import OPTIMIZERS, make_optimizer
+
+    params = list(create_model("mlp").parameters())
+    kinds = {name: type(make_optimizer(name, params, 0.1, 0.01)).__name__ for name in OPTIMIZERS}
+    assert kinds == {"sgd": "SGD", "momentum": "SGD", "adam": "Adam", "adamw": "AdamW"}
+    assert make_optimizer("momentum", params, 0.1).param_groups[0]["nesterov"] is True
+
+
+def test_schedule_reaches_the_optimizer(mnist):
+    torch.manual_seed(0)
+    model = create_model("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = InMemoryLoader(mnist.train_images[:6400], mnist.train_labels[:6400], seed=0)
+    fit(model, loader, opt, epochs=1, schedule="cosine", progress=False)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+
+
+def test_random_affine_moves_ink_but_keeps_background(mnist):
+    from digitlab.data import normalize, random_affine
+
+    images = normalize(mnist.train_images[:256])
+    moved = random_affine(images, torch.Generator().manual_seed(0))
+    again = random_affine(images, torch.Generator().manual_seed(0))
+    assert moved.shape == images.shape and torch.equal(moved, again)
+    assert moved.min() >= -1.0001 and moved.max() <= 1.0001
+    assert (moved[:, :, 0, :] == -1).float().mean() > 0.95  # the top row is still background
+    ys = torch.arange(28.0).view(1, 1, 28, 1)
+
+    def centre_row(x):
+        ink = x + 1
+        return (ink * ys).sum((1, 2, 3)) / ink.sum((1, 2, 3))
+
+    shift = (centre_row(moved) - centre_row(images)).abs()
+    assert 0.2 < shift.mean() < 2.5  # moved by about a pixel, never more than the +-2 px plus rotation
+    assert not torch.equal(random_affine(images, torch.Generator().manual_seed(1)), moved)
+
+
+def test_presets_and_overrides():
+    from digitlab.train import preset_config
+
+    fast = preset_config("fast")
+    assert fast.model == "convnet_small" and fast.task == "classify" and fast.schedule == "onecycle"
+    assert preset_config("fast", epochs=5, seed=3).epochs == 5
+    assert preset_config("chapter", "mlp").lr == 0.01 and preset_config("chapter", "mlp").task == "regress"
+    assert preset_config("chapter", "lenet5").task == "classify"
+    with pytest.raises(UserError, match="unknown preset 'turbo'"):
+        preset_config("turbo")
+
+
+def test_classification_run_records_accuracy_each_epoch(mnist, tmp_path):
+    small = type(mnist)(mnist.train_images[:3200], mnist.train_labels[:3200], mnist.test_images[:1000],
+                        mnist.test_labels[:1000], source="subset")
+    config = TrainConfig(model="lenet5", epochs=2, optimizer="adam", lr=0.002, eval_every=1, augment=True)
+    result = run(config, small, tmp_path)
+    points = result.history.test_accuracy
+    assert [p["epoch"] for p in points] == [1, 2]
+    assert 0 < points[0]["seconds"] < points[1]["seconds"] <= result.history.seconds
+    assert result.test_accuracy == points[-1]["accuracy"] > 0.8
+    _, meta = load_checkpoint(tmp_path)
+    assert meta["task"] == "classify" and meta["num_outputs"] == 10
+    assert meta["results"]["test_accuracy"] == result.test_accuracy
+
+
+@pytest.mark.parametrize("task", ["regress", "classify"])
+def test_hand_written_mlp_gradients_match_autograd(mnist, task):
+    from digitlab.train import TASKS, compute_loss, mlp_gradients
+
+    torch.manual_seed(0)
+    model = create_model("mlp", num_outputs=TASKS[task])
+    images, labels = normalize(mnist.train_images[:64]), mnist.train_labels[:64].long()
+    loss, grads = mlp_gradients(model, images, labels, task)
+    reference = compute_loss(model(images), labels, task)
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    for (name, p), g in zip(model.named_parameters(), grads):
+        assert g.shape == p.shape, name
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_hand_written_mlp_training_follows_autograd(mnist):
+    """fit() takes the hand-written path for an MLP with plain SGD; a plain autograd loop
+    over the same batches must train to the same losses, within float noise."""
+    def loader():
+        return InMemoryLoader(mnist.train_images[:12800], mnist.train_labels[:12800], seed=0)
+
+    torch.manual_seed(0)
+    model = create_model("mlp")
+    fast = fit(model, loader(), torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=1e-4),
+               epochs=1, progress=False).batch_loss
+    torch.manual_seed(0)
+    model = create_model("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=1e-4)
+    slow = []
+    for images, labels in loader():
+        loss = torch.nn.functional.mse_loss(model(images).squeeze(1), labels.float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        slow.append(loss.item())
+    assert len(fast) == len(slow) == 200
+    assert fast[0] == pytest.approx(slow[0], rel=1e-6)
+    assert max(abs(a - b) / b for a, b in zip(fast, slow)) < 1e-3

@@ -138,6 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(p, default_out="runs/compare")
     p.set_defaults(func=cmd_compare)
 
+    p = commands.add_parser("evaluate", help="test accuracy, per-digit precision and recall, confusion matrix")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a run folder or its model.safetensors")
+    _add_data_dir(p)
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for confusion.png and worst.png (default: the checkpoint's folder)")
+    p.add_argument("--worst", type=non_negative_int, default=24, metavar="N",
+                   help="how many misclassified test digits to draw, most confidently wrong first (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON (accuracy as a fraction)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("predict", help="read digits from your own photos, scans or drawings")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a run folder or its model.safetensors")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="PNG, JPEG, BMP or WebP files, or folders of them")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of {file, digit, confidence, top3} (confidence is null for regression)")
+    p.add_argument("--save-preprocessed", type=Path, default=None, metavar="DIR",
+                   help="write the 28x28 picture the network saw for each input into DIR (default: don't)")
+    p.set_defaults(func=cmd_predict)
+
     p = commands.add_parser("plot", help="draw a loss curve, a two-run comparison, or the sigmoid")
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     k = kinds.add_parser("loss", help="one run's loss curve")
@@ -174,11 +194,12 @@ def _console():
     return Console(highlight=False)
 
 
-def _load_data(data_dir: Path | None):
+def _load_data(data_dir: Path | None, stream=None):
     from .data import load_mnist
 
     data = load_mnist(data_dir)
-    print(f"data: {data.source} ({len(data.train_labels):,} train / {len(data.test_labels):,} test images)")
+    print(f"data: {data.source} ({len(data.train_labels):,} train / {len(data.test_labels):,} test images)",
+          file=stream or sys.stdout)
     return data
 
 
@@ -241,6 +262,81 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare(configs, data, args.out, console=_console())
     _report_files(result.files)
     return _interrupted(result.interrupted)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.table import Table
+
+    from .checkpoint import load_checkpoint, resolve
+    from .evaluate import evaluate
+    from .files import prepare_out_dir
+    from .plots import plot_confusion, plot_digit_grid, save_figure
+
+    model, meta = load_checkpoint(args.checkpoint)
+    data = _load_data(args.data_dir, stream=sys.stderr if args.json else None)
+    out = prepare_out_dir(args.out or resolve(args.checkpoint).parent)
+    result = evaluate(model, data.test_images, data.test_labels, meta["task"],
+                      normalization=meta.get("normalization"))
+    report = {"model": meta["model"], "task": meta["task"], "checkpoint": str(resolve(args.checkpoint)),
+              "data": data.source, **result.as_dict()}
+    title = f"{meta['model']} ({meta['task']}): {result.accuracy:.2%} of {len(result.labels):,}"
+    files = save_figure(plot_confusion(report["confusion"], title=title), out / "confusion")
+    worst = result.worst(args.worst)
+    if len(worst):
+        captions = [f"true {int(result.labels[i])}, said {int(result.predictions[i])}" for i in worst]
+        grid = plot_digit_grid(data.test_images[worst].numpy(), captions, title="most confidently wrong")
+        files += save_figure(grid, out / "worst")
+    report["files"] = [str(f) for f in files]
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    console = _console()
+    console.print(f"{title}; mean loss {result.mean_loss:.4f}")
+    table = Table("digit", "precision", "recall", "test images", title="per digit")
+    for digit, (p, r) in enumerate(zip(report["precision"], report["recall"])):
+        table.add_row(str(digit), f"{p:.4f}", f"{r:.4f}", f"{int(result.confusion[digit].sum()):,}")
+    console.print(table)
+    _report_files(files)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from PIL import Image
+    from rich.table import Table
+
+    from .checkpoint import load_checkpoint
+    from .files import atomic_path, prepare_out_dir
+    from .predict import expand_inputs, predict_files
+
+    model, meta = load_checkpoint(args.checkpoint)
+    files = expand_inputs(args.inputs)
+    if not files:
+        raise UserError("no image files in " + ", ".join(args.inputs) + "; give PNG, JPEG, BMP or WebP files")
+    if args.save_preprocessed:
+        prepare_out_dir(args.save_preprocessed)
+    predictions = predict_files(model, meta, files)
+    for p in predictions:
+        if p.error:
+            print(f"digitlab: error: {p.error}", file=sys.stderr)
+        elif args.save_preprocessed:
+            target = args.save_preprocessed / f"{Path(p.file).stem}.28x28.png"
+            with atomic_path(target) as tmp:
+                Image.fromarray(p.image).save(tmp, format="PNG")
+    if args.json:
+        print(json.dumps([p.as_dict() for p in predictions], indent=1))
+    else:
+        table = Table("file", "digit", "confidence", "top 3")
+        for p in predictions:
+            if p.error is None:
+                confidence = "-" if p.confidence is None else f"{p.confidence:.1%}"
+                top = ", ".join(str(t["digit"]) for t in p.top3)
+                table.add_row(p.file, str(p.digit), confidence, top)
+        _console().print(table)
+    return EXIT_USAGE if any(p.error for p in predictions) else 0
 
 
 def cmd_plot_loss(args: argparse.Namespace) -> int:

@@ -59,6 +59,17 @@ class Evaluation:
     def images_per_second(self) -> float:
         return len(self.labels) / self.seconds if self.seconds else 0.0
 
+    def worst(self, n: int) -> torch.Tensor:
+        """Indices of the n most confidently wrong answers: the highest softmax probability
+        on a wrong digit, or for regression the output farthest from the truth."""
+        if self.outputs.shape[1] == 1:
+            score = (self.outputs.squeeze(1) - self.labels.float()).abs()
+        else:
+            score = self.outputs.softmax(1).max(1).values
+        score = torch.where(self.predictions != self.labels, score, torch.full_like(score, -1.0))
+        order = score.argsort(descending=True)
+        return order[: min(n, int((self.predictions != self.labels).sum()))]
+
     def as_dict(self) -> dict:
         precision, recall = precision_recall(self.confusion)
         return {
@@ -72,14 +83,19 @@ class Evaluation:
         }
 
 
-def model_outputs(model: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
-    """Raw outputs for uint8 images (N, 28, 28), in eval mode and without autograd."""
+def model_outputs(model: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATCH,
+                  normalization: dict | None = None) -> torch.Tensor:
+    """Raw outputs for uint8 images (N, 28, 28), in eval mode and without autograd.
+
+    normalization: a checkpoint's {"center", "scale"}; None means the chapter's.
+    """
+    norm = normalization or {}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with torch.inference_mode():
         outputs = torch.cat([
-            model(normalize(images[i:i + batch_size]).to(device)).float().cpu()
+            model(normalize(images[i:i + batch_size], **norm).to(device)).float().cpu()
             for i in range(0, len(images), batch_size)
         ])
     model.train(was_training)
@@ -87,10 +103,10 @@ def model_outputs(model: nn.Module, images: torch.Tensor, batch_size: int = EVAL
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, task: str,
-             batch_size: int = EVAL_BATCH) -> Evaluation:
+             batch_size: int = EVAL_BATCH, normalization: dict | None = None) -> Evaluation:
     """Score a model on uint8 images (N, 28, 28) and their labels (N,)."""
     start = time.perf_counter()
-    outputs = model_outputs(model, images, batch_size)
+    outputs = model_outputs(model, images, batch_size, normalization)
     seconds = time.perf_counter() - start
     labels = labels.long()
     if task == "regress":

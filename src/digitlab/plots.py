@@ -78,3 +78,37 @@ def plot_sigmoid() -> Figure:
     ax.set_ylabel("sigmoid(x)")
     ax.grid(alpha=0.3)
     return fig
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], title: str | None = None) -> Figure:
+    """Counts of true (rows) against predicted (columns) digits, each cell labelled."""
+    counts = np.asarray(confusion)
+    fig = Figure(figsize=(7, 6))
+    ax = fig.add_subplot()
+    # log scale so that the few errors stay visible next to ~1,000 correct answers per digit
+    shown = ax.imshow(np.log1p(counts), cmap="RdPu")
+    for (i, j), n in np.ndenumerate(counts):
+        if n:
+            light = np.log1p(n) > 0.6 * np.log1p(counts.max())
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=8, color="white" if light else "black")
+    ax.set_xticks(range(len(counts)))
+    ax.set_yticks(range(len(counts)))
+    ax.set_xlabel("predicted digit")
+    ax.set_ylabel("true digit")
+    ax.set_title(title or "confusion matrix")
+    fig.colorbar(shown, ax=ax, label="log(1 + count)")
+    return fig
+
+
+def plot_digit_grid(images: np.ndarray, captions: Sequence[str], title: str | None = None, cols: int = 8) -> Figure:
+    """28x28 uint8 digits (ink high) in a grid, each with a caption."""
+    rows = max(1, -(-len(images) // cols))
+    fig = Figure(figsize=(cols * 1.3, rows * 1.5 + 0.4))
+    for k, (image, caption) in enumerate(zip(images, captions)):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=8)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    return fig

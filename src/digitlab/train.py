@@ -24,7 +24,7 @@ from .checkpoint import WEIGHTS_FILE, save_checkpoint
 from .data import MNIST, PIXEL_CENTER, PIXEL_SCALE, InMemoryLoader, random_affine
 from .errors import UserError
 from .files import atomic_path, prepare_out_dir
-from .models import INITS, create_model, default_lr, default_task, place
+from .models import INITS, MLP, create_model, default_lr, default_task, place
 
 TASKS = {"regress": 1, "classify": 10}  # task -> output width
 DEVICES = ("auto", "cpu", "cuda")
@@ -104,7 +104,7 @@ class History:
     log_points: list[tuple[int, int]] = field(default_factory=list)  # (epoch, batch) of each of those
     batch_loss: list[float] = field(default_factory=list)  # every batch
     epoch_mean_loss: list[float] = field(default_factory=list)  # complete epochs only
-    test_accuracy: list[tuple[int, float]] = field(default_factory=list)  # (epochs done, accuracy)
+    test_accuracy: list[dict] = field(default_factory=list)  # {epoch, accuracy, seconds of training so far}
     images: int = 0
     seconds: float = 0.0
     interrupted: bool = False
@@ -167,6 +167,43 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
             return ONECYCLE_START + (1 - ONECYCLE_START) * t / ONECYCLE_WARMUP
         return 0.5 * (1 + math.cos(math.pi * (t - ONECYCLE_WARMUP) / (1 - ONECYCLE_WARMUP)))
     raise UserError(f"unknown schedule '{schedule}'; choose one of: {', '.join(SCHEDULES)}")
+
+
+def mlp_gradients(model: MLP, images: torch.Tensor, labels: torch.Tensor, task: str):
+    """The loss and every parameter's gradient for the sigmoid MLP, written out by hand.
+
+    For a 7,971-parameter model, autograd's bookkeeping costs more than the arithmetic:
+    these dozen matrix products give the same numbers (checked against autograd in the
+    tests) in about a third of the time. Returns (loss, [grad for each parameter]), in
+    model.parameters() order.
+    """
+    x = images.flatten(1)  # (B, 784)
+    w1, b1, w2, b2, w3, b3 = (p.detach() for p in model.parameters())
+    a1 = torch.sigmoid(torch.addmm(b1, x, w1.t()))  # (B, 10)
+    a2 = torch.sigmoid(torch.addmm(b2, a1, w2.t()))  # (B, 10)
+    out = torch.addmm(b3, a2, w3.t())  # (B, 1) or (B, 10)
+    n = len(x)
+    if task == "regress":
+        diff = out.squeeze(1) - labels.to(out.dtype)
+        loss = diff.square().mean()
+        d_out = (2 / n) * diff.unsqueeze(1)  # d mean((out - y)^2) / d out
+    else:
+        log_p = torch.log_softmax(out, 1)
+        loss = -log_p.gather(1, labels.unsqueeze(1)).mean()
+        d_out = log_p.exp()
+        d_out[torch.arange(n), labels] -= 1
+        d_out /= n  # d cross_entropy / d logits = (softmax - onehot) / B
+    d_z2 = (d_out @ w3) * a2 * (1 - a2)  # sigmoid' = a (1 - a)
+    d_z1 = (d_z2 @ w2) * a1 * (1 - a1)
+    grads = [d_z1.t() @ x, d_z1.sum(0), d_z2.t() @ a1, d_z2.sum(0), d_out.t() @ a2, d_out.sum(0)]
+    return loss, grads
+
+
+def _plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """SGD without momentum: the update the hand-written MLP step knows how to apply."""
+    group = optimizer.param_groups[0]
+    return (type(optimizer) is torch.optim.SGD and len(optimizer.param_groups) == 1 and not group["momentum"]
+            and not group["maximize"] and not group.get("differentiable", False))
 
 
 class _StopFlag:
@@ -233,6 +270,8 @@ def fit(
     per_epoch = len(loader) if max_batches is None else min(len(loader), max_batches)
     total_steps = epochs * per_epoch
     base_lrs = [group["lr"] for group in optimizer.param_groups]
+    hand_written = isinstance(model, MLP) and _plain_sgd(optimizer)
+    params = list(model.parameters())
     history = History()
     device = next(model.parameters()).device
     losses = torch.empty(epochs * per_epoch, device=device)  # filled without a device sync per batch
@@ -251,10 +290,18 @@ def fit(
                         group["lr"] = base * factor
                 if augment is not None:
                     images = random_affine(images, augment)
-                loss = compute_loss(model(images), labels, task)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+                if hand_written:  # the same SGD step as below, without autograd's overhead
+                    loss, grads = mlp_gradients(model, images, labels, task)
+                    group = optimizer.param_groups[0]
+                    with torch.no_grad():
+                        if group["weight_decay"]:
+                            torch._foreach_add_(grads, params, alpha=group["weight_decay"])
+                        torch._foreach_add_(params, grads, alpha=-group["lr"])
+                else:
+                    loss = compute_loss(model(images), labels, task)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
                 losses[done] = loss.detach()
                 done += 1
                 history.images += len(labels)
@@ -275,8 +322,8 @@ def fit(
             if test is not None and eval_every and (epoch + 1) % eval_every == 0:
                 paused = time.perf_counter()
                 accuracy = evaluate(model, *test, task=task).accuracy
+                history.test_accuracy.append({"epoch": epoch + 1, "accuracy": accuracy, "seconds": paused - start})
                 start += time.perf_counter() - paused  # the clock measures training only
-                history.test_accuracy.append((epoch + 1, accuracy))
                 bar.console.print(f"epoch: {epoch}, test accuracy: {accuracy:.4f}", highlight=False)
         history.seconds = time.perf_counter() - start
     history.batch_loss = losses[:done].tolist()

@@ -1,0 +1,196 @@
+"""Predicting a person's own handwriting: a photo, a scan or a drawing, turned into MNIST.
+
+A network trained on MNIST has only ever seen digits prepared one way (LeCun et al.,
+1998): white ink on black, the digit scaled to fit a 20x20 box with its aspect kept, and
+placed in 28x28 so that its centre of mass sits at the centre. A naive resize of a whole
+photo gives it dark ink on grey paper, tiny and off-centre. `preprocess` repeats the
+MNIST recipe on any picture:
+
+1. grey scale; transparency composited onto white; EXIF rotation applied;
+2. even out the lighting: subtract a heavily blurred copy (the paper's shade);
+3. decide the ink's polarity: the ink is the minority on either side of Otsu's threshold;
+4. keep the ink (Otsu's threshold, then the connected blobs of real size, not specks);
+5. crop to the ink, scale into 20x20 keeping the aspect ratio;
+6. paste into 28x28 with the centre of mass at the centre.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+MAX_PIXELS = 40_000_000  # refuse larger images before decoding them
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+BOX = 20  # MNIST digits fit a 20x20 box ...
+SIZE = 28  # ... centred in 28x28
+WORK_SIZE = 256  # long side of the working copy: enough detail, bounded cost
+MIN_BLOB = 0.08  # a blob smaller than this fraction of the largest one is noise
+MIN_CONTRAST = 0.08  # ink must differ from the paper by this much (of full scale)
+
+
+class ImageError(UserError):
+    """A file that cannot be read as a picture of a digit."""
+
+
+def load_grey(path: str | os.PathLike) -> np.ndarray:
+    """Any PNG/JPEG/BMP/WebP as float32 grey in [0, 1]; RGBA composited onto white."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageError(f"{path}: {im.width}x{im.height} is over {MAX_PIXELS // 1_000_000} megapixels; "
+                                 "crop or shrink it first")
+            im.load()
+            im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(white, im)
+            grey = im.convert("L")
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can read (PNG, JPEG, BMP, WebP ...)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        if isinstance(e, FileNotFoundError):
+            raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{path}: broken or truncated image ({e})") from None
+    return np.asarray(grey, dtype=np.float32) / 255.0
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold (1979): the cut that maximises the between-class variance."""
+    hist, edges = np.histogram(values, bins=bins, range=(float(values.min()), float(values.max()) + 1e-6))
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight = hist.cumsum()
+    mean = (hist * centers).cumsum()
+    total_weight, total_mean = weight[-1], mean[-1]
+    w1 = total_weight - weight
+    valid = (weight > 0) & (w1 > 0)
+    between = np.zeros_like(centers)
+    m0 = mean[valid] / weight[valid]
+    m1 = (total_mean - mean[valid]) / w1[valid]
+    between[valid] = weight[valid] * w1[valid] * (m0 - m1) ** 2
+    return float(centers[int(between.argmax())])
+
+
+def _ink_map(grey: np.ndarray) -> np.ndarray:
+    """Ink strength in [0, 1] (0 = paper), with the paper's shading removed."""
+    from scipy import ndimage
+
+    sigma = max(grey.shape) / 8  # wider than a stroke, narrower than a lighting gradient
+    paper = ndimage.gaussian_filter(grey, sigma)
+    flat = grey - paper  # dark ink < 0 < light ink
+    # Polarity: the ink is the minority class on either side of Otsu's threshold.
+    t = otsu_threshold(flat)
+    light_ink = (flat > t).mean() < 0.5
+    ink = flat if light_ink else -flat
+    return ink - np.median(ink)
+
+
+def preprocess(grey: np.ndarray, source: str = "image") -> np.ndarray:
+    """A grey picture (H, W) in [0, 1] -> a 28x28 uint8 MNIST-style digit (ink = 255)."""
+    from scipy import ndimage
+
+    h, w = grey.shape
+    scale = WORK_SIZE / max(h, w)
+    if scale < 1:  # work on a bounded copy; box filtering keeps thin strokes
+        small = Image.fromarray((grey * 255).astype(np.uint8)).resize(
+            (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
+        grey = np.asarray(small, dtype=np.float32) / 255.0
+    grey = ndimage.median_filter(grey, size=3)  # salt-and-pepper noise
+    ink = _ink_map(grey)
+    if ink.max() < MIN_CONTRAST:
+        raise ImageError(f"{source}: no digit found (the page looks blank)")
+    mask = ink > max(otsu_threshold(ink), MIN_CONTRAST / 2)
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        raise ImageError(f"{source}: no digit found (the page looks blank)")
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+    keep = np.isin(labels, 1 + np.flatnonzero(sizes >= MIN_BLOB * sizes.max()))
+    ys, xs = np.nonzero(keep)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    # Ink strength inside the kept blobs (grown by a pixel for the anti-aliased edge), 0 elsewhere.
+    region = ndimage.binary_dilation(keep, iterations=1)
+    strength = np.clip(ink / np.percentile(ink[keep], 90), 0, 1) * region
+    crop = strength[y0:y1, x0:x1]
+    ch, cw = crop.shape
+    k = BOX / max(ch, cw)
+    size = (max(1, round(cw * k)), max(1, round(ch * k)))
+    digit = np.asarray(Image.fromarray((crop * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS),
+                       dtype=np.float32)
+    canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
+    top, left = (SIZE - size[1]) // 2, (SIZE - size[0]) // 2
+    canvas[top:top + size[1], left:left + size[0]] = digit
+    cy, cx = ndimage.center_of_mass(canvas)
+    canvas = ndimage.shift(canvas, (SIZE / 2 - 0.5 - cy, SIZE / 2 - 0.5 - cx), order=1, mode="constant")
+    return np.clip(canvas, 0, 255).round().astype(np.uint8)
+
+
+def naive_resize(grey: np.ndarray) -> np.ndarray:
+    """The baseline that fails: shrink the whole picture to 28x28 as it is (dark ink stays dark)."""
+    im = Image.fromarray((grey * 255).astype(np.uint8)).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
+    """Files as given, folders as their image files (sorted); a missing path is an error."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise UserError(f"no such file or folder: '{p}'")
+    return files
+
+
+@dataclass
+class Prediction:
+    file: str
+    digit: int | None = None
+    confidence: float | None = None  # softmax probability; None for the chapter's regression models
+    top3: list[dict] | None = None
+    error: str | None = None
+    image: np.ndarray | None = None  # the 28x28 the network saw
+
+    def as_dict(self) -> dict:
+        if self.error:
+            return {"file": self.file, "error": self.error}
+        return {"file": self.file, "digit": self.digit, "confidence": self.confidence, "top3": self.top3}
+
+
+def predict_files(model, meta: dict, files: list[Path]) -> list[Prediction]:
+    """Preprocess each file and classify it; a bad file gets an error, the rest go on."""
+    import torch
+
+    from .evaluate import model_outputs
+
+    predictions, images = [], []
+    for f in files:
+        try:
+            images.append(preprocess(load_grey(f), source=str(f)))
+            predictions.append(Prediction(str(f)))
+        except UserError as e:
+            predictions.append(Prediction(str(f), error=str(e)))
+    ok = [p for p in predictions if p.error is None]
+    if not ok:
+        return predictions
+    outputs = model_outputs(model, torch.from_numpy(np.stack(images)), normalization=meta.get("normalization"))
+    for p, image, out in zip(ok, images, outputs):
+        p.image = image
+        if meta["task"] == "classify":
+            probs = out.softmax(0)
+            top = probs.topk(3)
+            p.digit, p.confidence = int(top.indices[0]), float(top.values[0])
+            p.top3 = [{"digit": int(d), "p": round(float(v), 4)} for v, d in zip(top.values, top.indices)]
+        else:  # regression: the nearest digits to the output value
+            value = float(out[0])
+            near = sorted(range(10), key=lambda d: abs(d - value))[:3]
+            p.digit = near[0]
+            p.top3 = [{"digit": d, "distance": round(abs(d - value), 4)} for d in near]
+    return predictions

@@ -1,0 +1,159 @@
+"""Predicting handwriting from realistic pictures, built from MNIST test digits.
+
+Each picture is what a phone photo or a scan of a digit on paper looks like: a large
+canvas, paper with uneven lighting and noise, dark ink (or chalk-like light ink on a dark
+board), the digit small, off-centre and a little rotated, saved as PNG, JPEG, BMP or
+WebP, grey, RGB or RGBA.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from digitlab.checkpoint import load_checkpoint
+from digitlab.predict import ImageError, load_grey, naive_resize, preprocess
+from digitlab.train import preset_config, run
+
+N_PHOTOS = 120
+
+
+def make_photo(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """One MNIST digit (28x28, ink high) as a photo of paper."""
+    h, w = rng.integers(300, 700, size=2)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    angle = rng.uniform(0, 2 * math.pi)
+    light = 0.12 * (np.cos(angle) * xx + np.sin(angle) * yy)  # a lighting gradient across the page
+    dark_board = rng.random() < 0.2
+    paper = (0.25 if dark_board else 0.85) + light - light.mean() + rng.normal(0, 0.03, (h, w))
+    size = int(rng.uniform(0.25, 0.5) * min(h, w))  # the 28x28 digit drawn this big
+    glyph = Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC)
+    glyph = glyph.rotate(rng.uniform(-10, 10), resample=Image.Resampling.BILINEAR)
+    ink = np.asarray(glyph, dtype=np.float32) / 255
+    top, left = rng.integers(0, h - size), rng.integers(0, w - size)
+    page = paper.copy()
+    strength = 0.6 if dark_board else -0.65
+    page[top:top + size, left:left + size] += strength * ink
+    grey = (np.clip(page, 0, 1) * 255).astype(np.uint8)
+    kind = rng.integers(3)
+    if kind == 0:
+        return Image.fromarray(grey)
+    tint = np.stack([grey, (grey * 0.97).astype(np.uint8), (grey * 0.9).astype(np.uint8)], -1)
+    if kind == 1:
+        return Image.fromarray(tint)
+    return Image.fromarray(np.dstack([tint, np.full_like(grey, 255)]))  # RGBA, opaque
+
+
+@pytest.fixture(scope="session")
+def best_model(mnist, tmp_path_factory):
+    """The best preset's recipe (convnet, AdamW, onecycle, augmentation), cut to one epoch for CI."""
+    out = tmp_path_factory.mktemp("best")
+    run(preset_config("best", epochs=1, log_every=10**9), mnist, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def photos(mnist, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    labels = {}
+    for k in range(N_PHOTOS):
+        i = int(rng.integers(len(mnist.test_labels)))
+        photo = make_photo(mnist.test_images[i].numpy(), rng)
+        fmt = ["png", "jpg", "bmp", "webp"][k % 4]
+        if fmt in ("jpg", "bmp") and photo.mode == "RGBA":
+            photo = photo.convert("RGB")
+        path = folder / f"photo{k:03d}.{fmt}"
+        photo.save(path, quality=80) if fmt in ("jpg", "webp") else photo.save(path)
+        labels[path.name] = int(mnist.test_labels[i])
+    return folder, labels
+
+
+def test_predict_reads_realistic_photos(best_model, photos, tmp_path):
+    folder, labels = photos
+    result = run_cli("predict", str(best_model), str(folder), "--json", "--save-preprocessed", str(tmp_path / "seen"))
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout)
+    assert len(answers) == N_PHOTOS
+    for a in answers:
+        assert set(a) == {"file", "digit", "confidence", "top3"}
+        assert a["top3"][0]["digit"] == a["digit"] and 0 < a["confidence"] <= 1
+    agree = np.mean([a["digit"] == labels[a["file"].split("/")[-1]] for a in answers])
+    assert agree >= 0.95, f"only {agree:.0%} of the photos read right"
+    seen = sorted(p.name for p in (tmp_path / "seen").iterdir())
+    assert len(seen) == N_PHOTOS and seen[0] == "photo000.28x28.png"
+    assert Image.open(tmp_path / "seen" / seen[0]).size == (28, 28)
+
+    # The naive way, shrinking the whole picture to 28x28, reads far fewer of the same photos.
+    model, meta = load_checkpoint(best_model)
+    from digitlab.evaluate import model_outputs
+
+    naive = np.stack([naive_resize(load_grey(folder / name)) for name in sorted(labels)])
+    guesses = model_outputs(model, torch.from_numpy(naive)).argmax(1).numpy()
+    naive_agree = np.mean(guesses == np.array([labels[n] for n in sorted(labels)]))
+    assert naive_agree < agree - 0.4, (naive_agree, agree)
+
+
+def test_preprocess_centres_the_digit_like_mnist(mnist):
+    rng = np.random.default_rng(1)
+    image = np.asarray(make_photo(mnist.test_images[0].numpy(), rng).convert("L"), dtype=np.float32) / 255
+    digit = preprocess(image)
+    assert digit.shape == (28, 28) and digit.dtype == np.uint8
+    ys, xs = np.nonzero(digit > 30)
+    assert max(ys.max() - ys.min(), xs.max() - xs.min()) <= 21  # fits the 20x20 box (plus anti-aliasing)
+    mass = digit.astype(float)
+    cy = (mass.sum(1) * np.arange(28)).sum() / mass.sum()
+    cx = (mass.sum(0) * np.arange(28)).sum() / mass.sum()
+    assert abs(cy - 13.5) < 0.6 and abs(cx - 13.5) < 0.6
+    assert digit[0].max() == 0 and digit[:, 0].max() == 0  # clean background, as in MNIST
+
+
+def test_bad_pictures_get_one_line_each(best_model, tmp_path):
+    (tmp_path / "notes.png").write_text("this is not an image")
+    Image.new("L", (400, 300), 230).save(tmp_path / "blank.png")
+    good = Image.new("L", (200, 200), 235)
+    good.paste(Image.new("L", (16, 90), 20), (90, 55))  # a dark vertical stroke: a "1"
+    good.save(tmp_path / "one.png")
+    whole = (tmp_path / "one.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    result = run_cli("predict", str(best_model), str(tmp_path), "--json")
+    assert result.returncode == 2  # some inputs were bad ...
+    answers = {a["file"].split("/")[-1]: a for a in json.loads(result.stdout)}
+    assert answers["one.png"]["digit"] == 1  # ... and the good one was still read
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 3 and "Traceback" not in result.stderr
+    assert any("blank.png: no digit found" in e for e in errors)
+    assert any("notes.png: not an image" in e for e in errors)
+    assert any("cut.png: broken or truncated image" in e for e in errors)
+
+
+def test_huge_images_are_refused_before_decoding(tmp_path):
+    path = tmp_path / "huge.png"
+    Image.new("1", (8000, 6000)).save(path)  # 48 megapixels, a few kB on disk
+    with pytest.raises(ImageError, match="8000x6000 is over 40 megapixels"):
+        load_grey(path)
+
+
+def test_light_ink_and_transparency(tmp_path):
+    canvas = Image.new("RGBA", (300, 300), (0, 0, 0, 0))  # transparent background
+    canvas.paste(Image.new("RGBA", (20, 120), (10, 10, 10, 255)), (140, 90))
+    canvas.save(tmp_path / "alpha.png")
+    digit = preprocess(load_grey(tmp_path / "alpha.png"))
+    assert digit.max() > 200 and digit[14, 14] > 100  # ink found in the middle
+    board = Image.new("L", (300, 300), 30)
+    board.paste(Image.new("L", (20, 120), 220), (140, 90))  # chalk on a blackboard
+    assert np.array_equal(preprocess(np.asarray(board, dtype=np.float32) / 255) > 100, digit > 100)
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    Image.new("L", (50, 50), 255).save(tmp_path / "x.png")
+    result = run_cli("predict", str(bad), str(tmp_path / "x.png"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "not a readable checkpoint" in result.stderr
