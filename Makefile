@@ -26,8 +26,10 @@ compare: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# Needs the four MNIST .gz files: make bench DIGITLAB_DATA_DIR=../shared/data/mnist
 bench: setup
-	$(BIN)/python benchmarks/loader_speed.py
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/side_by_side.py --data-dir "$(DIGITLAB_DATA_DIR)"
 
 clean:
 	rm -rf $(VENV) runs

@@ -23,7 +23,7 @@ ROWS = {
     "mlp-chapter": TrainConfig(model="mlp"),
     "cnn-chapter": TrainConfig(model="cnn"),
     "mlp-sgd": TrainConfig(model="mlp", task="classify", optimizer="sgd", lr=0.01, epochs=20),
-    "mlp-adam": TrainConfig(model="mlp", task="classify", optimizer="adam", lr=0.01, epochs=20, schedule="cosine"),
+    "mlp-adam": TrainConfig(model="mlp", task="classify", optimizer="adam", lr=0.003, epochs=20, schedule="onecycle"),
     "cnn-sgd": TrainConfig(model="cnn", task="classify", optimizer="sgd", lr=0.01, epochs=10),
     "cnn-adam": TrainConfig(model="cnn", task="classify", optimizer="adam", lr=0.002, epochs=10, schedule="onecycle"),
     "lenet5": TrainConfig(model="lenet5", optimizer="adam", lr=0.002, epochs=10, schedule="onecycle"),

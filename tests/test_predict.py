@@ -8,7 +8,6 @@ WebP, grey, RGB or RGBA.
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -17,36 +16,10 @@ from PIL import Image
 
 from conftest import run_cli
 from digitlab.checkpoint import load_checkpoint
-from digitlab.predict import ImageError, load_grey, naive_resize, preprocess
+from digitlab.predict import ImageError, load_grey, naive_resize, preprocess, synthetic_photo
 from digitlab.train import preset_config, run
 
 N_PHOTOS = 120
-
-
-def make_photo(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    """One MNIST digit (28x28, ink high) as a photo of paper."""
-    h, w = rng.integers(300, 700, size=2)
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    angle = rng.uniform(0, 2 * math.pi)
-    light = 0.12 * (np.cos(angle) * xx + np.sin(angle) * yy)  # a lighting gradient across the page
-    dark_board = rng.random() < 0.2
-    paper = (0.25 if dark_board else 0.85) + light - light.mean() + rng.normal(0, 0.03, (h, w))
-    size = int(rng.uniform(0.25, 0.5) * min(h, w))  # the 28x28 digit drawn this big
-    glyph = Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC)
-    glyph = glyph.rotate(rng.uniform(-10, 10), resample=Image.Resampling.BILINEAR)
-    ink = np.asarray(glyph, dtype=np.float32) / 255
-    top, left = rng.integers(0, h - size), rng.integers(0, w - size)
-    page = paper.copy()
-    strength = 0.6 if dark_board else -0.65
-    page[top:top + size, left:left + size] += strength * ink
-    grey = (np.clip(page, 0, 1) * 255).astype(np.uint8)
-    kind = rng.integers(3)
-    if kind == 0:
-        return Image.fromarray(grey)
-    tint = np.stack([grey, (grey * 0.97).astype(np.uint8), (grey * 0.9).astype(np.uint8)], -1)
-    if kind == 1:
-        return Image.fromarray(tint)
-    return Image.fromarray(np.dstack([tint, np.full_like(grey, 255)]))  # RGBA, opaque
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +37,7 @@ def photos(mnist, tmp_path_factory):
     labels = {}
     for k in range(N_PHOTOS):
         i = int(rng.integers(len(mnist.test_labels)))
-        photo = make_photo(mnist.test_images[i].numpy(), rng)
+        photo = synthetic_photo(mnist.test_images[i].numpy(), rng)
         fmt = ["png", "jpg", "bmp", "webp"][k % 4]
         if fmt in ("jpg", "bmp") and photo.mode == "RGBA":
             photo = photo.convert("RGB")
@@ -101,7 +74,7 @@ def test_predict_reads_realistic_photos(best_model, photos, tmp_path):
 
 def test_preprocess_centres_the_digit_like_mnist(mnist):
     rng = np.random.default_rng(1)
-    image = np.asarray(make_photo(mnist.test_images[0].numpy(), rng).convert("L"), dtype=np.float32) / 255
+    image = np.asarray(synthetic_photo(mnist.test_images[0].numpy(), rng).convert("L"), dtype=np.float32) / 255
     digit = preprocess(image)
     assert digit.shape == (28, 28) and digit.dtype == np.uint8
     ys, xs = np.nonzero(digit > 30)
@@ -136,6 +109,9 @@ def test_huge_images_are_refused_before_decoding(tmp_path):
     path = tmp_path / "huge.png"
     Image.new("1", (8000, 6000)).save(path)  # 48 megapixels, a few kB on disk
     with pytest.raises(ImageError, match="8000x6000 is over 40 megapixels"):
+        load_grey(path)
+    Image.new("1", (20000, 10000)).save(path)  # 200 MP: Pillow's own guard fires first
+    with pytest.raises(ImageError, match="huge.png: the image is over 40 megapixels"):
         load_grey(path)
 
 

@@ -63,7 +63,7 @@ def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, consol
     for cfg in configs:
         cfg = cfg.resolved()
         summary(create_model(cfg.model, num_outputs=TASKS[cfg.task]), console=console)
-        console.print(f"training {cfg.model}: {cfg.epochs} epochs, SGD lr {cfg.lr}, batch {cfg.batch_size}")
+        console.print(f"training {cfg.model}: {cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}")
         runs.append(run(cfg, data, out_dir / cfg.model))
         if runs[-1].history.interrupted:
             break

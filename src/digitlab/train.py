@@ -81,9 +81,9 @@ class TrainConfig:
 # measured by benchmarks/accuracy.py and benchmarks/time_to_99.py (see the README).
 PRESETS: dict[str, dict] = {
     "chapter": {},
-    "fast": dict(model="convnet_small", task="classify", epochs=2, batch_size=256, optimizer="adam",
+    "fast": dict(model="convnet_small", task="classify", epochs=1, batch_size=128, optimizer="adam",
                  lr=0.01, schedule="onecycle"),
-    "best": dict(model="convnet", task="classify", epochs=15, batch_size=128, optimizer="adamw",
+    "best": dict(model="convnet", task="classify", epochs=20, batch_size=128, optimizer="adamw",
                  lr=0.003, weight_decay=0.05, schedule="onecycle", augment=True),
 }
 
