@@ -9,21 +9,14 @@ one epoch per measurement, on the first N training images (sizes) or the full se
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import tempfile
 from dataclasses import replace
 
+from common import quiet_run
 from digitlab.data import read_folder
-from digitlab.train import TrainConfig, run
+from digitlab.train import TrainConfig
 
 SIZES = (5_000, 15_000, 30_000, 60_000)
 BATCH_SIZES = (32, 64, 128, 256, 512, 1024)
-
-
-def one_epoch(config: TrainConfig, data):
-    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
-        return run(config, data, out)
 
 
 def main() -> None:
@@ -36,12 +29,12 @@ def main() -> None:
     print("| training images | epoch (s) | s per 10k images | images/s |\n|---:|---:|---:|---:|")
     for n in SIZES:
         subset = replace(full, train_images=full.train_images[:n], train_labels=full.train_labels[:n])
-        h = one_epoch(config, subset).history
+        h = quiet_run(config, subset).history
         print(f"| {n:,} | {h.seconds:.1f} | {h.seconds / n * 10_000:.2f} | {h.images_per_second:,.0f} |", flush=True)
 
     print("\n| batch size | epoch (s) | images/s | test accuracy after 1 epoch |\n|---:|---:|---:|---:|")
     for batch_size in BATCH_SIZES:
-        result = one_epoch(replace(config, batch_size=batch_size), full)
+        result = quiet_run(replace(config, batch_size=batch_size), full)
         h = result.history
         print(f"| {batch_size} | {h.seconds:.1f} | {h.images_per_second:,.0f} | {result.test_accuracy:.2%} |",
               flush=True)

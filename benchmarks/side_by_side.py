@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import cpu_name
+
 HERE = Path(__file__).resolve().parent
 CONTENDERS = {"paddle": "paddle_chapter.py", "dataloader": "torch_dataloader.py", "digitlab": "digitlab_loop.py"}
 LABELS = {"paddle": "chapter code, PaddlePaddle", "dataloader": "PyTorch Dataset + DataLoader", "digitlab": "digitlab"}
@@ -43,13 +45,6 @@ def help_seconds(repeats: int = 7) -> float:
         subprocess.run([exe, "--help"], capture_output=True, check=True)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 def main() -> None:

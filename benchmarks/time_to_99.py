@@ -10,21 +10,14 @@ scored after every epoch, so the table shows when, if ever, it reaches 99%.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import statistics
-import tempfile
 
 import torch
 
+from common import quiet_run
 from digitlab.data import read_folder
-from digitlab.train import PRESETS, TrainConfig, preset_config, run
-
-
-def quiet_run(config: TrainConfig, data):
-    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
-        return run(config, data, out)
+from digitlab.train import PRESETS, TrainConfig, preset_config
 
 
 def main() -> None:

@@ -7,15 +7,14 @@ Needs the `bench` extra (pip install -e '.[bench]'). Prints one JSON line.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import resource
 import time
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle.nn import Conv2D, Linear, MaxPool2D
+
+from contender import parse_args, report
 
 
 class MLPChapter(paddle.nn.Layer):  # the chapter's first MNIST class
@@ -62,11 +61,7 @@ def dataset(folder: str, mode: str):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", choices=("mlp", "cnn"), required=True)
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--batches", type=int, default=None)
-    args = p.parse_args()
+    args = parse_args()
     paddle.set_device("cpu")
     paddle.seed(0)
     train_loader = paddle.io.DataLoader(dataset(args.data_dir, "train"), batch_size=64, shuffle=True, drop_last=True)
@@ -99,9 +94,7 @@ def main():
             model(images)
             seen += images.shape[0]
     eval_ips = seen / (time.perf_counter() - start)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"train_ips": train_ips, "eval_ips": eval_ips, "peak_rss_mb": rss_mb,
-                      "last_loss": float(avg_loss.numpy())}))
+    report(train_ips, eval_ips, float(avg_loss.numpy()))
 
 
 if __name__ == "__main__":

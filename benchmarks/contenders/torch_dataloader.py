@@ -6,10 +6,7 @@ Prints one JSON line: train and eval images/s, peak RSS.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
-import json
-import resource
 import time
 
 import numpy as np
@@ -17,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from contender import parse_args, report
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -64,11 +63,7 @@ class CNN(nn.Module):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", choices=("mlp", "cnn"), required=True)
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--batches", type=int, default=None)
-    args = p.parse_args()
+    args = parse_args()
     torch.manual_seed(0)
     model = MLP() if args.model == "mlp" else CNN()
     train = DataLoader(MNISTFiles(args.data_dir, "train"), batch_size=64, shuffle=True, drop_last=True)
@@ -93,8 +88,7 @@ def main():
             model(images)
             seen += len(images)
     eval_ips = seen / (time.perf_counter() - start)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"train_ips": train_ips, "eval_ips": eval_ips, "peak_rss_mb": rss_mb, "last_loss": loss.item()}))
+    report(train_ips, eval_ips, loss.item())
 
 
 if __name__ == "__main__":
