@@ -46,7 +46,7 @@ def main() -> None:
         naive = np.stack([naive_resize(load_grey(f)) for f in files])
         guesses = model_outputs(model, torch.from_numpy(naive)).argmax(1).numpy()
     print(f"{args.photos} photos, model {meta['model']} ({meta['results']['test_accuracy']:.2%} on MNIST test)")
-    print(f"| preprocessing | agreement with the label |\n|---|---:|")
+    print("| preprocessing | agreement with the label |\n|---|---:|")
     print(f"| digitlab (Otsu, crop, 20x20 box, centre of mass) | {ours:.1%} |")
     print(f"| naive resize of the whole photo to 28x28 | {np.mean(guesses == np.array(labels)):.1%} |")
 

@@ -90,7 +90,7 @@ def main():
     model.eval()
     seen, start = 0, time.perf_counter()
     with paddle.no_grad():
-        for images, labels in test_loader():
+        for images, _ in test_loader():
             model(images)
             seen += images.shape[0]
     eval_ips = seen / (time.perf_counter() - start)

@@ -84,7 +84,7 @@ def main():
     model.eval()
     seen, start = 0, time.perf_counter()
     with torch.no_grad():
-        for images, labels in test:
+        for images, _ in test:
             model(images)
             seen += len(images)
     eval_ips = seen / (time.perf_counter() - start)
