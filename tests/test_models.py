@@ -73,3 +73,15 @@ def test_inference_max_pool_equals_torch(shape):
     assert torch.equal(fast, reference) and torch.equal(channels_last, reference)
     with torch.no_grad():
         assert torch.equal(MaxPool2d(2)(x), reference)
+
+
+def test_package_names_are_the_notebook_functions():
+    import subprocess
+    import sys
+
+    code = ("import digitlab; digitlab.compare; from digitlab.train import TrainConfig; "
+            "from digitlab import summary, train; import digitlab.summary; "
+            "print(callable(digitlab.summary), callable(digitlab.train), callable(digitlab.compare), "
+            "summary is digitlab.summary, digitlab.summary(digitlab.MLP(), (1, 1, 28, 28))['total_params'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "True True True True 7971"

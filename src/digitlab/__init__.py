@@ -8,7 +8,11 @@ The Python API mirrors the course chapter's notebook:
     loss_list = train(MLP(), train_loader, lr=0.01)
 
 Names are imported on first use, so `import digitlab` (and `digitlab --help`) stays fast.
+`summary`, `train` and `compare` are both functions and the modules that hold them; on the
+package they always mean the functions (use `from digitlab.train import ...` for the rest).
 """
+import sys
+import types
 from importlib import import_module
 
 from .errors import UserError
@@ -24,6 +28,20 @@ _EXPORTS = {
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
 }
 __all__ = ["UserError", *_EXPORTS]
+
+
+class _Package(types.ModuleType):
+    """Python binds a submodule onto its package when the submodule is first imported, which
+    would hide the functions `digitlab.summary`, `digitlab.train` and `digitlab.compare`
+    behind their modules; this keeps the functions."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name):
