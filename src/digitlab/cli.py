@@ -296,7 +296,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     console.print(f"{title}; mean loss {result.mean_loss:.4f}")
     table = Table("digit", "precision", "recall", "test images", title="per digit")
     for digit, (p, r) in enumerate(zip(report["precision"], report["recall"])):
-        table.add_row(str(digit), f"{p:.4f}", f"{r:.4f}", f"{int(result.confusion[digit].sum()):,}")
+        table.add_row(str(digit), f"{p:.4f}", f"{r:.4f}", f"{sum(report['confusion'][digit]):,}")
     console.print(table)
     _report_files(files)
     return 0

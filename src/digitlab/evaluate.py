@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ class Evaluation:
     outputs: torch.Tensor  # (N, 1) or (N, 10), raw model outputs
     seconds: float
 
-    @property
+    @cached_property
     def confusion(self) -> torch.Tensor:
         return confusion_matrix(self.labels, self.predictions)
 
