@@ -9,15 +9,15 @@ chapter's) predict the rounded output clipped to 0-9. Wall time is training only
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import tempfile
 
 import torch
 
 from digitlab.data import read_folder
-from digitlab.train import TrainConfig, preset_config, run
+from digitlab.config import TrainConfig, preset_config
+from digitlab.loop import Reporter
+from digitlab.runs import run
 
 ROWS = {
     "mlp-chapter": TrainConfig(model="mlp"),
@@ -54,9 +54,9 @@ def main() -> None:
     print("| row | model | task | recipe | epochs | test accuracy | training wall time (s) |")
     print("|---|---|---|---|---:|---:|---:|")
     for name in args.only:
-        config = TrainConfig(**{**ROWS[name].__dict__, "log_every": 10**9}).resolved()
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-            result = run(config, data, os.path.join(args.out, name) if args.out else tmp)
+        config = ROWS[name].resolved()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run(config, data, os.path.join(args.out, name) if args.out else tmp, reporter=Reporter())
         print(f"| {name} | {config.model} | {config.task} | {describe(config)} | {config.epochs} | "
               f"{result.test_accuracy:.2%} | {result.history.seconds:.0f} |", flush=True)
 

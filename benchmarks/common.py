@@ -1,17 +1,18 @@
 """Helpers shared by the benchmark scripts (run as `python benchmarks/NAME.py`)."""
 from __future__ import annotations
 
-import contextlib
-import io
 import tempfile
 
 
-def quiet_run(config, data):
-    """digitlab.train.run() into a throw-away folder, without its log lines."""
-    from digitlab.train import run
+def quiet_run(config, data, out=None, resume=False):
+    """digitlab.runs.run() silently, into `out` or a throw-away folder."""
+    from digitlab.loop import Reporter
+    from digitlab.runs import run
 
-    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
-        return run(config, data, out)
+    if out is not None:
+        return run(config, data, out, resume=resume, reporter=Reporter())
+    with tempfile.TemporaryDirectory() as out:
+        return run(config, data, out, reporter=Reporter())
 
 
 def cpu_name() -> str:

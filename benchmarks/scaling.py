@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from common import quiet_run
 from digitlab.data import read_folder
-from digitlab.train import TrainConfig
+from digitlab.config import TrainConfig
 
 SIZES = (5_000, 15_000, 30_000, 60_000)
 BATCH_SIZES = (32, 64, 128, 256, 512, 1024)
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True, help="folder with the four MNIST files")
     args = parser.parse_args()
     full = read_folder(args.data_dir)
-    config = TrainConfig(model="cnn", task="classify", optimizer="adam", lr=0.001, epochs=1, log_every=10**9)
+    config = TrainConfig(model="cnn", task="classify", optimizer="adam", lr=0.001, epochs=1)
 
     print("| training images | epoch (s) | s per 10k images | images/s |\n|---:|---:|---:|---:|")
     for n in SIZES:

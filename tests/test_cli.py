@@ -172,7 +172,8 @@ def test_ctrl_c_saves_the_last_complete_state_and_exits_130(mnist_dir, tmp_path)
     assert meta["results"]["interrupted"] is True and meta["epochs"] == 0
     history = json.loads((out / "history.json").read_text())
     assert 21 <= len(history["batch_loss"]) < 937
-    assert sorted(p.name for p in out.iterdir()) == ["history.json", "loss.png", "loss.svg", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "history.json", "loss.png", "loss.svg",
+                                                     "metrics.csv", "model.safetensors", "state.safetensors"]
 
 
 def _mirror_reachable() -> bool:
@@ -226,7 +227,7 @@ def test_evaluate_a_regression_checkpoint_rounds_its_output(mnist_dir, tmp_path)
     (["train", "mlp", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["train", "mlp", "--weight-decay", "-1"], "--weight-decay: must be 0 or more"),
     (["train", "--preset", "turbo"], "invalid choice: 'turbo'"),
-    (["train", "mlp", "--eval-every", "-2"], "--eval-every: must be 0 or more"),
+    (["train", "mlp", "--val-split", "-2"], "--val-split: must be 0 or more"),
 ])
 def test_more_bad_arguments(args, fragment):
     _one_error_line(run_cli(*args), fragment)

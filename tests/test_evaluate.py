@@ -7,7 +7,8 @@ import torch
 from digitlab.data import InMemoryLoader
 from digitlab.evaluate import confusion_matrix, evaluate, precision_recall, predicted_digits
 from digitlab.models import create_model
-from digitlab.train import fit, make_optimizer
+from digitlab.loop import fit
+from digitlab.optim import make_optimizer
 
 
 def test_regression_outputs_round_and_clip_to_digits():
@@ -35,7 +36,7 @@ def test_evaluate_a_trained_classifier_on_real_digits(mnist):
     torch.manual_seed(0)
     model = create_model("convnet_small")
     loader = InMemoryLoader(mnist.train_images[:12800], mnist.train_labels[:12800], batch_size=128, seed=0)
-    fit(model, loader, make_optimizer("adam", model.parameters(), 0.004), epochs=1, task="classify", progress=False)
+    fit(model, loader, make_optimizer("adam", model.parameters(), 0.004), epochs=1, task="classify")
     result = evaluate(model, mnist.test_images[:2000], mnist.test_labels[:2000], task="classify")
     assert 0.93 < result.accuracy <= 1.0
     assert result.accuracy == (result.predictions == mnist.test_labels[:2000].long()).double().mean().item()

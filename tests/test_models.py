@@ -79,8 +79,9 @@ def test_package_names_are_the_notebook_functions():
     import subprocess
     import sys
 
-    code = ("import digitlab; digitlab.compare; from digitlab.train import TrainConfig; "
-            "from digitlab import summary, train; import digitlab.summary; "
+    code = ("import digitlab; digitlab.compare; from digitlab.config import TrainConfig; "
+            "from digitlab import summary, train; "
+            "import digitlab.model_summary, digitlab.loop, digitlab.runs, digitlab.experiment; "
             "print(callable(digitlab.summary), callable(digitlab.train), callable(digitlab.compare), "
             "summary is digitlab.summary, digitlab.summary(digitlab.MLP(), (1, 1, 28, 28))['total_params'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -17,7 +17,9 @@ from PIL import Image
 from conftest import run_cli
 from digitlab.checkpoint import load_checkpoint
 from digitlab.predict import ImageError, load_grey, naive_resize, preprocess, synthetic_photo
-from digitlab.train import preset_config, run
+from digitlab.config import preset_config
+from digitlab.loop import Reporter
+from digitlab.runs import run
 
 N_PHOTOS = 120
 
@@ -26,7 +28,7 @@ N_PHOTOS = 120
 def best_model(mnist, tmp_path_factory):
     """The best preset's recipe (convnet, AdamW, onecycle, augmentation), cut to one epoch for CI."""
     out = tmp_path_factory.mktemp("best")
-    run(preset_config("best", epochs=1, log_every=10**9), mnist, out)
+    run(preset_config("best", epochs=1), mnist, out, reporter=Reporter())
     return out
 
 
@@ -98,7 +100,9 @@ def test_bad_pictures_get_one_line_each(best_model, tmp_path):
     assert result.returncode == 2  # some inputs were bad ...
     answers = {a["file"].split("/")[-1]: a for a in json.loads(result.stdout)}
     assert answers["one.png"]["digit"] == 1  # ... and the good one was still read
-    errors = result.stderr.strip().splitlines()
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith(f"checkpoint: {best_model / 'best.safetensors'} (best validation accuracy")
+    errors = lines[1:]
     assert len(errors) == 3 and "Traceback" not in result.stderr
     assert any("blank.png: no digit found" in e for e in errors)
     assert any("notes.png: not an image" in e for e in errors)

@@ -13,7 +13,9 @@ from digitlab.data import InMemoryLoader, normalize
 from digitlab.errors import UserError
 from digitlab.files import atomic_path
 from digitlab.models import create_model
-from digitlab.train import TrainConfig, fit, run, train
+from digitlab.config import TrainConfig
+from digitlab.loop import Reporter, fit, train
+from digitlab.runs import run
 
 
 def test_mlp_loss_falls_on_real_data(mnist):
@@ -21,7 +23,7 @@ def test_mlp_loss_falls_on_real_data(mnist):
     model = create_model("mlp")
     loader = InMemoryLoader(mnist.train_images, mnist.train_labels, seed=0)
     history = fit(model, loader, torch.optim.SGD(model.parameters(), lr=0.01), epochs=1,
-                  max_batches=600, progress=False)
+                  max_batches=600).history
     first, last = history.batch_loss[:10], history.batch_loss[-50:]
     # Always guessing the mean digit (4.45) scores about 8.4 (the labels' variance).
     assert sum(first) / 10 > 15
@@ -44,7 +46,7 @@ def _losses(mnist, seed: int) -> list[float]:
     model = create_model("cnn")
     loader = InMemoryLoader(mnist.train_images, mnist.train_labels, seed=seed)
     return fit(model, loader, torch.optim.SGD(model.parameters(), lr=0.001), epochs=2,
-               max_batches=40, progress=False).batch_loss
+               max_batches=40).history.batch_loss
 
 
 def test_same_seed_gives_bit_identical_losses(mnist):
@@ -66,7 +68,8 @@ def test_run_writes_a_checkpoint_that_rebuilds_the_model(mnist, tmp_path):
     config = TrainConfig(model="cnn", epochs=1, max_batches=30, seed=1)
     result = run(config, mnist, tmp_path / "run")
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert names == ["history.json", "loss.png", "loss.svg", "model.safetensors"]  # no temporary files
+    assert names == ["config.toml", "history.json", "loss.png", "loss.svg", "metrics.csv", "model.safetensors",
+                     "state.safetensors"]  # no temporary files
 
     model, meta = load_checkpoint(tmp_path / "run")  # the folder is enough
     assert meta["model"] == "cnn" and meta["num_outputs"] == 1 and meta["seed"] == 1
@@ -123,7 +126,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_lr_factor_schedules():
-    from digitlab.train import lr_factor
+    from digitlab.optim import lr_factor
 
     assert [lr_factor("none", s, 100) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
     assert [lr_factor("step", s, 100) for s in (0, 49, 50, 74, 75, 99)] == [1, 1, 0.1, 0.1, 0.01, 0.01]
@@ -139,7 +142,8 @@ def test_lr_factor_schedules():
 
 
 def test_optimizers():
-    from digitlab.train import OPTIMIZERS, make_optimizer
+    from digitlab.config import OPTIMIZERS
+    from digitlab.optim import make_optimizer
 
     params = list(create_model("mlp").parameters())
     kinds = {name: type(make_optimizer(name, params, 0.1, 0.01)).__name__ for name in OPTIMIZERS}
@@ -152,7 +156,7 @@ def test_schedule_reaches_the_optimizer(mnist):
     model = create_model("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = InMemoryLoader(mnist.train_images[:6400], mnist.train_labels[:6400], seed=0)
-    fit(model, loader, opt, epochs=1, schedule="cosine", progress=False)
+    fit(model, loader, opt, epochs=1, schedule="cosine")
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
 
 
@@ -177,7 +181,7 @@ def test_random_affine_moves_ink_but_keeps_background(mnist):
 
 
 def test_presets_and_overrides():
-    from digitlab.train import preset_config
+    from digitlab.config import preset_config
 
     fast = preset_config("fast")
     assert fast.model == "convnet_small" and fast.task == "classify" and fast.schedule == "onecycle"
@@ -188,23 +192,29 @@ def test_presets_and_overrides():
         preset_config("turbo")
 
 
-def test_classification_run_records_accuracy_each_epoch(mnist, tmp_path):
+def test_classification_run_validates_each_epoch_and_keeps_the_best(mnist, tmp_path):
     small = type(mnist)(mnist.train_images[:3200], mnist.train_labels[:3200], mnist.test_images[:1000],
                         mnist.test_labels[:1000], source="subset")
-    config = TrainConfig(model="lenet5", epochs=2, optimizer="adam", lr=0.002, eval_every=1, augment=True)
-    result = run(config, small, tmp_path)
-    points = result.history.test_accuracy
-    assert [p["epoch"] for p in points] == [1, 2]
-    assert 0 < points[0]["seconds"] < points[1]["seconds"] <= result.history.seconds
-    assert result.test_accuracy == points[-1]["accuracy"] > 0.8
-    _, meta = load_checkpoint(tmp_path)
+    config = TrainConfig(model="lenet5", epochs=2, optimizer="adam", lr=0.002, val_split=320, augment=True)
+    result = run(config, small, tmp_path, reporter=Reporter())
+    rows = result.history.epochs
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(r["val_accuracy"] > 0.5 and r["val_loss"] > 0 and r["seconds"] > 0 for r in rows)
+    assert result.history.images == 2 * (2880 // 64) * 64  # 320 of the 3,200 held out
+    best = max(range(2), key=lambda e: (rows[e]["val_accuracy"], -e))
+    assert result.state.best_epoch == best and result.checkpoint.name == "best.safetensors"
+    model, meta = load_checkpoint(tmp_path)  # the folder means its best checkpoint
+    assert meta["best_epoch"] == best and meta["val_accuracy"] == rows[best]["val_accuracy"]
     assert meta["task"] == "classify" and meta["num_outputs"] == 10
-    assert meta["results"]["test_accuracy"] == result.test_accuracy
+    assert meta["results"]["test_accuracy"] == result.test_accuracy > 0.8
+    assert meta["data"]["val"] == 320 and meta["data"]["train"] == 2880
 
 
 @pytest.mark.parametrize("task", ["regress", "classify"])
 def test_hand_written_mlp_gradients_match_autograd(mnist, task):
-    from digitlab.train import TASKS, compute_loss, mlp_gradients
+    from digitlab.fast_mlp import mlp_gradients
+    from digitlab.loop import compute_loss
+    from digitlab.runs import TASK_OUTPUTS as TASKS
 
     torch.manual_seed(0)
     model = create_model("mlp", num_outputs=TASKS[task])
@@ -227,7 +237,7 @@ def test_hand_written_mlp_training_follows_autograd(mnist):
     torch.manual_seed(0)
     model = create_model("mlp")
     fast = fit(model, loader(), torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=1e-4),
-               epochs=1, progress=False).batch_loss
+               epochs=1).history.batch_loss
     torch.manual_seed(0)
     model = create_model("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=1e-4)

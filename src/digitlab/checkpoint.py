@@ -15,15 +15,16 @@ from .errors import UserError
 from .files import atomic_path
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # a run's last weights
+BEST_FILE = "best.safetensors"  # its weights at the best validation accuracy, when it validated
 META_KEY = "digitlab"
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a run folder holding one."""
+    """A checkpoint file, or a run folder's: its best checkpoint where it has one, else its last."""
     path = Path(path)
     if path.is_dir():
-        path = path / WEIGHTS_FILE
+        path = path / BEST_FILE if (path / BEST_FILE).is_file() else path / WEIGHTS_FILE
     if not path.is_file():
         raise UserError(f"no checkpoint at '{path}'; pass a run folder or its {WEIGHTS_FILE}")
     return path
@@ -69,7 +70,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
 
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
     """Rebuild the model from a checkpoint alone: returns (model in eval mode, meta)."""
-    from .models import create_model
+    import torch
+
+    from .models import create_model, place
 
     state, meta = read_checkpoint(path)
     try:
@@ -81,4 +84,12 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise UserError(f"{resolve(path)}: weights do not fit model '{meta['model']}' ({first})") from None
-    return model.to(device).eval(), meta
+    return place(model, torch.device(device)).eval(), meta
+
+
+def describe(path: str | os.PathLike, meta: dict[str, Any]) -> str:
+    """Which checkpoint this is, in words: 'runs/x/best.safetensors (best validation accuracy 99.12%, epoch 3)'."""
+    path = resolve(path)
+    if path.name == BEST_FILE and meta.get("val_accuracy") is not None:
+        return f"{path} (best validation accuracy {meta['val_accuracy']:.2%}, epoch {meta.get('best_epoch')})"
+    return f"{path} (the last epoch's weights, {meta.get('epochs')} epochs)"

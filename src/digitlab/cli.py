@@ -49,62 +49,68 @@ def _number(text: str, kind: type, ok, requirement: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    return _number(text, int, lambda v: v > 0, "1 or more")
-
-
 def non_negative_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 0, "0 or more")
 
 
-def positive_float(text: str) -> float:
-    return _number(text, float, lambda v: v > 0, "a number above 0")
+def _config_value(name: str):
+    """argparse type for config field `name`: parse the text, then the field's own check."""
+    from .config import problem, value_type
+
+    kind = value_type(name)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a {'whole number' if kind is int else 'number'}") from None
+        wrong = problem(name, value)
+        if wrong:
+            raise argparse.ArgumentTypeError(wrong)
+        return value
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    return _number(text, float, lambda v: v >= 0, "0 or more")
+def _add_training_options(p: argparse.ArgumentParser, default_out: str, resume: bool = False) -> None:
+    """One option per TrainConfig field, from the field's own help, choices and bounds.
 
+    Every default is None, meaning "not set here": the preset, then a --config file, then
+    TrainConfig fill it in, so an option typed on the command line always wins.
+    """
+    from dataclasses import fields
 
-def _add_training_options(p: argparse.ArgumentParser, default_out: str) -> None:
-    # Every default is None, meaning "not set here": the preset (or TrainConfig) fills it in,
-    # so an explicit option always wins over the preset.
-    p.add_argument("--preset", choices=("chapter", "fast", "best"), default=None,
+    from .config import FIELDS, PRESETS, TrainConfig, value_type
+
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="a named recipe: chapter (the course's settings), fast (99%% in seconds on a CPU), "
                         "best (the most accurate single model); other options override it (default: chapter)")
-    p.add_argument("--task", choices=("regress", "classify"), default=None,
-                   help="regress: one output, squared error against the digit value, as in the chapter; "
-                        "classify: 10 logits and cross-entropy (default: regress for mlp and cnn, classify for "
-                        "the others)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the training set (default: 10)")
-    p.add_argument("--lr", type=positive_float, default=None,
-                   help="learning rate (default: the model's SGD rate; the chapter's 0.01 for mlp, 0.001 for cnn)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: 64)")
-    p.add_argument("--optimizer", choices=("sgd", "momentum", "adam", "adamw"), default=None,
-                   help="sgd as in the chapter; momentum is SGD with Nesterov momentum 0.9 (default: sgd)")
-    p.add_argument("--schedule", choices=("none", "step", "cosine", "onecycle"), default=None,
-                   help="learning-rate schedule over the whole run: step divides by 10 at 50%% and 75%%; "
-                        "onecycle warms up for 25%% then anneals (default: none)")
-    p.add_argument("--weight-decay", type=non_negative_float, default=None, help="L2 penalty (default: 0)")
-    p.add_argument("--augment", action="store_true", default=None,
-                   help="train on randomly rotated (+-10 degrees) and shifted (+-2 px) digits (default: off)")
-    p.add_argument("--eval-every", type=non_negative_int, default=None, metavar="N",
-                   help="measure test accuracy every N epochs and keep it in the history; 0: only at the end "
-                        "(default: 0)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seeds the weights, the shuffling and the augmentation; the same seed on a CPU gives "
-                        "the same losses (default: 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
-                   help="auto uses CUDA when PyTorch sees a GPU (default: auto)")
-    p.add_argument("--batches", type=positive_int, default=None, metavar="N",
-                   help="stop each epoch after N batches, for a quick smoke run (default: whole epochs)")
-    p.add_argument("--log-every", type=positive_int, default=None, metavar="N",
-                   help="print and record the loss every N batches (default: 200)")
-    p.add_argument("--init", choices=("paddle", "torch"), default=None,
-                   help="initial weights: paddle, as the chapter's code starts; torch, PyTorch's defaults "
-                        "(default: paddle for mlp and cnn, torch for the others)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
+                   help="read training options from a TOML file (the names below with underscores, as in a "
+                        "run's config.toml); options given here override it")
+    if resume:
+        p.add_argument("--resume", type=Path, default=None, metavar="RUN",
+                       help="continue the run in this folder exactly where it stopped; --epochs N extends a "
+                            "finished run (default: start a new run)")
+    for f in fields(TrainConfig):
+        if f.name == "model":  # a positional argument
+            continue
+        meta = f.metadata
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        shown = FIELDS[f.name].default
+        help_text = meta["help"] if shown is None or "(default" in meta["help"] else (
+            f"{meta['help']} (default: {str(shown).lower() if isinstance(shown, bool) else shown})")
+        if value_type(f.name) is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            choices = meta["choices"]
+            metavar = meta["metavar"] or ("{" + ",".join(choices) + "}" if isinstance(choices, tuple) else None)
+            p.add_argument(flag, dest=f.name, type=_config_value(f.name), default=None, metavar=metavar,
+                           help=help_text)
     _add_data_dir(p)
-    p.add_argument("--out", type=Path, default=Path(default_out),
-                   help="folder for the checkpoint, loss history and plots (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"folder for the checkpoint, loss history and plots (default: {default_out})")
 
 
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
@@ -130,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train one model with the chapter's loop and save it")
     p.add_argument("model", nargs="?", choices=_ModelNames(), metavar="MODEL",
                    help="one of: %(choices)s (default: the preset's, cnn for the chapter)")
-    _add_training_options(p, default_out="runs/<MODEL>")
+    _add_training_options(p, default_out="runs/MODEL", resume=True)
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("compare", help="the chapter's experiment: summarise, train and plot two models")
@@ -203,25 +209,29 @@ def _load_data(data_dir: Path | None, stream=None):
     return data
 
 
-def _config(model: str | None, args: argparse.Namespace):
-    from .train import preset_config
+def _given(args: argparse.Namespace, model: str | None) -> dict:
+    """The training options typed on the command line (and the model, if one was named)."""
+    from .config import FIELDS
 
-    given = dict(
-        task=args.task, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
-        schedule=args.schedule, weight_decay=args.weight_decay, augment=args.augment,
-        eval_every=args.eval_every, seed=args.seed, device=args.device, max_batches=args.batches,
-        log_every=args.log_every, init=args.init,
-    )
-    return preset_config(args.preset or "chapter", model, **{k: v for k, v in given.items() if v is not None})
+    given = {name: getattr(args, name) for name in FIELDS if name != "model" and getattr(args, name) is not None}
+    return {**({"model": model} if model else {}), **given}
+
+
+def _config(model: str | None, args: argparse.Namespace):
+    from .config import preset_config, read_config_file
+
+    from_file = read_config_file(args.config) if args.config else {}
+    given = {**from_file, **_given(args, model)}
+    return preset_config(args.preset or "chapter", given.pop("model", None), **given)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    from .model_summary import summary
     from .models import create_model, default_task
-    from .summary import summary
-    from .train import TASKS
+    from .runs import TASK_OUTPUTS
 
     task = args.task or default_task(args.model)
-    summary(create_model(args.model, num_outputs=TASKS[task]), console=_console())
+    summary(create_model(args.model, num_outputs=TASK_OUTPUTS[task]), console=_console())
     return 0
 
 
@@ -231,37 +241,49 @@ def _report_files(files) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import run
+    from .runs import resume_config, run
 
-    config = _config(args.model, args)
-    out = Path(str(args.out).replace("<MODEL>", config.model))
+    if args.resume is not None:
+        if args.preset or args.config or args.out:
+            raise UserError("--resume continues a run as it was configured; drop --preset, --config and --out")
+        config, out = resume_config(args.resume, _given(args, args.model)), args.resume
+    else:
+        config = _config(args.model, args)
+        out = args.out or Path("runs") / config.model
     data = _load_data(args.data_dir)
-    result = run(config, data, out)
+    result = run(config, data, out, resume=args.resume is not None)
     h = result.history
-    accuracy = result.test_accuracy
     print(f"{config.model}: {h.images:,} images in {h.seconds:.1f} s ({h.images_per_second:,.0f} images/s), "
-          f"final loss {h.final_loss:.4f}, test accuracy {accuracy:.2%}")
+          f"final loss {h.final_loss:.4f}, test accuracy {result.test_accuracy:.2%} ({result.checkpoint.name})")
+    if result.state.stopped == "patience":
+        print(f"stopped early: no better validation accuracy for {config.patience} epochs after epoch "
+              f"{result.state.best_epoch}")
     _report_files(result.files)
-    return _interrupted(result.history.interrupted)
+    return _interrupted(result.state.stopped)
 
 
-def _interrupted(flag: bool) -> int:
-    if flag:
-        print("digitlab: interrupted: saved the state after the last complete batch", file=sys.stderr)
-        return EXIT_INTERRUPTED
+EXIT_SIGNAL = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": 143}  # 128 + the signal's number, as shells report it
+
+
+def _interrupted(stopped: str | None) -> int:
+    if stopped in EXIT_SIGNAL:
+        print(f"digitlab: interrupted ({stopped}): saved the state after the last complete batch; "
+              "continue with --resume", file=sys.stderr)
+        return EXIT_SIGNAL[stopped]
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+    from .experiment import compare
 
     if args.models[0] == args.models[1]:
         raise UserError(f"compare needs two different models, got '{args.models[0]}' twice")
     configs = [_config(name, args) for name in args.models]
     data = _load_data(args.data_dir)
-    result = compare(configs, data, args.out, console=_console())
+    result = compare(configs, data, args.out or Path("runs/compare"), console=_console())
     _report_files(result.files)
-    return _interrupted(result.interrupted)
+    stopped = [r.state.stopped for r in result.runs if r.state.interrupted]
+    return _interrupted(stopped[0] if stopped else None)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -269,12 +291,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    from .checkpoint import load_checkpoint, resolve
+    from .checkpoint import describe, load_checkpoint, resolve
     from .evaluate import evaluate
     from .files import prepare_out_dir
     from .plots import plot_confusion, plot_digit_grid, save_figure
 
     model, meta = load_checkpoint(args.checkpoint)
+    print(f"checkpoint: {describe(args.checkpoint, meta)}", file=sys.stderr if args.json else sys.stdout)
     data = _load_data(args.data_dir, stream=sys.stderr if args.json else None)
     out = prepare_out_dir(args.out or resolve(args.checkpoint).parent)
     result = evaluate(model, data.test_images, data.test_labels, meta["task"],
@@ -308,11 +331,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from rich.table import Table
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import describe, load_checkpoint
     from .files import atomic_path, prepare_out_dir
     from .predict import expand_inputs, predict_files
 
     model, meta = load_checkpoint(args.checkpoint)
+    print(f"checkpoint: {describe(args.checkpoint, meta)}", file=sys.stderr if args.json else sys.stdout)
     files = expand_inputs(args.inputs)
     if not files:
         raise UserError("no image files in " + ", ".join(args.inputs) + "; give PNG, JPEG, BMP or WebP files")
@@ -340,18 +364,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_loss(args: argparse.Namespace) -> int:
-    from .plots import plot_loss
-    from .train import read_history
+    from .plots import plot_run_loss
+    from .runs import history_from, read_history
 
     history = read_history(args.run)
     run_dir = args.run if args.run.is_dir() else args.run.parent
-    _save(plot_loss(history["loss_list"], title=history.get("model")), args.out or run_dir / "loss")
+    _save(plot_run_loss(history_from(history), title=history.get("model")), args.out or run_dir / "loss")
     return 0
 
 
 def cmd_plot_compare(args: argparse.Namespace) -> int:
     from .plots import plot_two_losses
-    from .train import read_history
+    from .runs import read_history
 
     first, second = (read_history(run) for run in args.runs)
     labels = (f"Train loss1 ({first.get('model')})", f"Train loss2 ({second.get('model')})")

@@ -335,12 +335,33 @@ class InMemoryLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches()
+
+    def batches(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch's batches `start` to `stop` (default: all). The epoch's order is drawn first, in
+        full, so a resumed epoch (`start` > 0, the generator set back to the epoch's start) sees
+        the same batches as one that was never stopped."""
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator).to(self.images.device) if self.shuffle else None
-        for i in range(len(self)):
+        for i in range(start, len(self) if stop is None else min(stop, len(self))):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
             idx = slice(lo, hi) if order is None else order[lo:hi]
             yield self.images[idx], self.labels[idx]
+
+
+def stratified_split(labels: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (kept, held_out): `size` of them held out, each digit in its share, chosen by `seed`.
+
+    Shuffle, sort by digit (stable, so each digit's images stay shuffled), then take `size`
+    evenly spaced positions: every digit gets `size` times its share, to within one image.
+    """
+    n = len(labels)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = order[torch.sort(labels[order], stable=True).indices]
+    picked = torch.zeros(n, dtype=torch.bool)
+    picked[(torch.arange(size) * n) // max(size, 1)] = True
+    held_out, kept = order[picked], order[~picked]
+    return kept.sort().values, held_out.sort().values
 
 
 def get_mnist_dataloader(

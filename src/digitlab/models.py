@@ -6,6 +6,7 @@ differ by one argument.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import INITS
 from .data import COLS, ROWS
 from .errors import UserError
 
@@ -228,9 +230,6 @@ def convnet_small(num_outputs: int = 10, init: str = "torch") -> nn.Module:
     return _initialise(ConvNet(num_outputs, widths=(16, 32, 64), dropout=0.1), init)
 
 
-INITS = ("paddle", "torch")
-
-
 def _initialise(model: nn.Module, init: str) -> nn.Module:
     if init not in INITS:
         raise UserError(f"unknown init '{init}'; choose one of: {', '.join(INITS)}")
@@ -272,3 +271,8 @@ def default_lr(name: str) -> float:
 
 def default_task(name: str) -> str:
     return model_entry(name).task
+
+
+def default_init(name: str) -> str:
+    """The initial weights a model starts from unless told otherwise (its factory's default)."""
+    return inspect.signature(model_entry(name).factory).parameters["init"].default

@@ -50,6 +50,42 @@ def plot_loss(loss_list: Sequence[float], title: str | None = None) -> Figure:
     return _label_axes(fig, title)
 
 
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+    """A centred moving average over `window` values (shorter at the ends), as long as `values`."""
+    values = np.asarray(values, dtype=np.float64)
+    if window <= 1 or len(values) < 3:
+        return values
+    kernel = np.ones(window)
+    return np.convolve(values, kernel, "same") / np.convolve(np.ones_like(values), kernel, "same")
+
+
+def plot_run_loss(history, title: str | None = None) -> Figure:
+    """A run's loss at every batch (light), smoothed, and the chapter's logged points on top.
+
+    history: a loop.History. However short the run, there is at least one batch to draw.
+    """
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    losses = history.batch_loss
+    steps = np.arange(len(losses))
+    ax.plot(steps, losses, color=COLOR_2, linewidth=0.7, alpha=0.8, label="every batch")
+    if len(losses) >= 10:
+        window = max(5, len(losses) // 25)
+        ax.plot(steps, smooth(losses, window), color=COLOR_1, linewidth=1.8, label=f"mean of {window} batches")
+    if history.log_steps:
+        ax.plot(history.log_steps, history.loss_list, "o", color="#5a0030", markersize=4,
+                label="logged (the chapter's points)")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("loss")
+    if len(losses) and min(losses) > 0 and max(losses) / min(losses) > 50:
+        ax.set_yscale("log")  # a regression's loss falls from ~30 to under 1: a log axis shows both ends
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def plot_two_losses(
     loss_list_1: Sequence[float],
     loss_list_2: Sequence[float],

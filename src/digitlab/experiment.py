@@ -9,8 +9,9 @@ from .data import MNIST
 from .files import atomic_path, prepare_out_dir
 from .models import create_model
 from .plots import plot_two_losses, save_figure
-from .summary import summary
-from .train import TASKS, RunResult, TrainConfig, run
+from .config import TrainConfig
+from .model_summary import summary
+from .runs import TASK_OUTPUTS, RunResult, run
 
 COLUMNS = ("model", "params", "final loss", "last-epoch mean loss", "wall time (s)", "images/s")
 
@@ -23,7 +24,7 @@ class CompareResult:
 
     @property
     def interrupted(self) -> bool:
-        return any(r.history.interrupted for r in self.runs)
+        return any(r.state.interrupted for r in self.runs)
 
 
 def results_row(result: RunResult) -> dict:
@@ -48,7 +49,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, console=None) -> CompareResult:
+def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, console=None, reporter=None) -> CompareResult:
     """For each config, in the chapter's order: print the summary, then train into out_dir/MODEL.
 
     Then write the two-loss plot (out_dir/compare.png, .svg) and the results table
@@ -62,14 +63,14 @@ def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, consol
     runs: list[RunResult] = []
     for cfg in configs:
         cfg = cfg.resolved()
-        summary(create_model(cfg.model, num_outputs=TASKS[cfg.task]), console=console)
+        summary(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task]), console=console)
         console.print(f"training {cfg.model}: {cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}")
-        runs.append(run(cfg, data, out_dir / cfg.model))
-        if runs[-1].history.interrupted:
+        runs.append(run(cfg, data, out_dir / cfg.model, reporter=reporter))
+        if runs[-1].state.interrupted:
             break
     files = [f for r in runs for f in r.files]
     rows = [results_row(r) for r in runs]
-    if len(runs) == 2 and not runs[-1].history.interrupted:
+    if len(runs) == 2 and not runs[-1].state.interrupted:
         first, second = runs
         labels = (f"Train loss1 ({first.config.model})", f"Train loss2 ({second.config.model})")
         fig = plot_two_losses(first.history.loss_list, second.history.loss_list, labels=labels)

@@ -1,0 +1,212 @@
+"""The training options, declared once: the config dataclass, its presets and its files.
+
+Every field of `TrainConfig` carries its help text, its choices or bounds, and its
+command-line flag. The CLI's options (`train`, `compare`), config files (`--config
+FILE.toml`, a run's `config.toml`) and presets all read that one declaration, so a new
+option is one edit here. This module imports nothing heavy: `digitlab --help` builds its
+options from it without loading torch.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+
+TASKS = ("regress", "classify")
+DEVICES = ("auto", "cpu", "cuda")
+INITS = ("paddle", "torch")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("none", "step", "cosine", "onecycle")
+CONFIG_FILE = "config.toml"
+
+
+def _model_names() -> list[str]:
+    from .models import list_models  # imports torch: only when a model name is checked or shown
+
+    return list_models()
+
+
+def option(default: Any, help: str, *, choices: tuple | Callable[[], list] | None = None,
+           minimum: float | None = None, above: float | None = None, maximum: float | None = None,
+           kind: type | None = None,
+           flag: str | None = None, metavar: str | None = None):
+    """A config field with what the CLI and the config-file reader need to know about it.
+
+    minimum/above/maximum: the value must be >= minimum, > above, <= maximum (and finite).
+    kind: the value's type when the annotation allows None (an int or a float).
+    flag: the command-line flag, when it is not the field name with dashes.
+    """
+    meta = dict(help=help, choices=choices, minimum=minimum, above=above, maximum=maximum, kind=kind, flag=flag,
+                metavar=metavar)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved in its checkpoint and its config.toml.
+
+    None means "the model's own": lr, task and init default per model (the chapter's
+    settings for mlp and cnn).
+    """
+
+    model: str = option("cnn", "the network structure", choices=_model_names)
+    task: str | None = option(
+        None, "regress: one output, squared error against the digit value, as in the chapter; classify: 10 "
+              "logits and cross-entropy (default: regress for mlp and cnn, classify for the others)",
+        choices=TASKS, kind=str)
+    epochs: int = option(10, "passes over the training set", minimum=1)
+    lr: float | None = option(
+        None, "learning rate (default: the model's SGD rate; the chapter's 0.01 for mlp, 0.001 for cnn)",
+        above=0, kind=float)
+    batch_size: int = option(64, "images per batch", minimum=1)
+    optimizer: str = option("sgd", "sgd as in the chapter; momentum is SGD with Nesterov momentum 0.9",
+                            choices=OPTIMIZERS)
+    schedule: str = option(
+        "none", "learning-rate schedule over the whole run: step divides by 10 at 50%% and 75%%; cosine "
+                "anneals to 0; onecycle warms up for 25%% then anneals", choices=SCHEDULES)
+    weight_decay: float = option(0.0, "L2 penalty", minimum=0)
+    augment: bool = option(False, "train on randomly rotated (+-10 degrees) and shifted (+-2 px) digits")
+    val_split: int = option(
+        0, "hold out N training images (stratified by digit, seeded) to validate on after every epoch; the "
+           "best checkpoint is kept by validation accuracy (at most a tenth of the training set)",
+        minimum=0, metavar="N")
+    patience: int = option(0, "stop when validation accuracy has not improved for N epochs; 0: never",
+                           minimum=0, metavar="N")
+    seed: int = option(0, "seeds the weights, the shuffling, the validation split and the augmentation; the "
+                          "same seed on a CPU gives the same losses, bit for bit", minimum=0, maximum=2**32 - 1)
+    device: str = option("auto", "auto uses CUDA when PyTorch sees a GPU", choices=DEVICES)
+    max_batches: int | None = option(
+        None, "stop each epoch after N batches, for a quick smoke run (default: whole epochs)",
+        minimum=1, kind=int, flag="--batches", metavar="N")
+    log_every: int = option(200, "print and record the loss every N batches", minimum=1, metavar="N")
+    init: str | None = option(
+        None, "initial weights: paddle, as the chapter's code starts; torch, PyTorch's defaults (default: "
+              "paddle for mlp and cnn, torch for the others)", choices=INITS, kind=str)
+    fast_mlp: bool = option(
+        True, "train the sigmoid mlp with plain SGD through its hand-written gradient (the same numbers as "
+              "autograd, about 2.5x faster); --no-fast-mlp uses autograd")
+    tensorboard: bool = option(False, "also write TensorBoard event files into RUN/tensorboard "
+                                      "(needs the tensorboard extra)")
+
+    def resolved(self) -> TrainConfig:
+        """Check every field and fill in the model's defaults; raises UserError on a bad value."""
+        for f in fields(self):
+            check_value(f.name, getattr(self, f.name))
+        from .models import default_init, default_lr, default_task
+
+        return replace(self, task=self.task or default_task(self.model),
+                       lr=default_lr(self.model) if self.lr is None else self.lr,
+                       init=self.init or default_init(self.model))
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def value_type(name: str) -> type:
+    """The Python type of a field's value: bool, int, float or str."""
+    f = FIELDS[name]
+    return f.metadata["kind"] or type(f.default)
+
+
+def problem(name: str, value: Any) -> str | None:
+    """What is wrong with `value` for field `name`, in a few words, or None if it is fine."""
+    f = FIELDS[name]
+    meta = f.metadata
+    if value is None:
+        return None if f.default is None else "needs a value"
+    kind = value_type(name)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (float, int) if kind is float else kind):
+        return f"must be {_kind_name(kind)}, got {value!r}"
+    choices = meta["choices"]
+    if choices is not None:
+        allowed = choices() if callable(choices) else choices
+        if value not in allowed:
+            return f"invalid choice: {value!r} (choose from {', '.join(allowed)})"
+    if kind in (int, float):
+        number = "a number " if kind is float else ""
+        if meta["above"] is not None and not (math.isfinite(value) and value > meta["above"]):
+            return f"must be {number}above {meta['above']:g}, got {value}"
+        if meta["minimum"] is not None and not (math.isfinite(value) and value >= meta["minimum"]):
+            return f"must be {meta['minimum']:g} or more, got {value}"
+        if meta["maximum"] is not None and not value <= meta["maximum"]:
+            return f"must be {meta['maximum']:,} or less, got {value}"
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+    return None
+
+
+def check_value(name: str, value: Any) -> Any:
+    """Raise UserError ('epochs: must be 1 or more, got 0') unless `value` suits field `name`; returns it."""
+    wrong = problem(name, value)
+    if wrong:
+        raise UserError(f"{name}: {wrong}")
+    return value
+
+
+def _kind_name(kind: type) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[kind]
+
+
+# ---------------------------------------------------------------------------- presets
+
+# Named recipes; explicit options override them. Accuracy and wall time of each are
+# measured by benchmarks/accuracy.py and benchmarks/time_to_99.py (see the README).
+VAL_SPLIT = 5_000  # the classification presets validate on 5,000 of the 60,000 training images
+PRESETS: dict[str, dict] = {
+    "chapter": {},
+    "fast": dict(model="convnet_small", task="classify", epochs=1, batch_size=128, optimizer="adam",
+                 lr=0.01, schedule="onecycle", val_split=VAL_SPLIT),
+    "best": dict(model="convnet", task="classify", epochs=20, batch_size=128, optimizer="adamw",
+                 lr=0.003, weight_decay=0.05, schedule="onecycle", augment=True, val_split=VAL_SPLIT),
+}
+
+
+def preset_config(name: str, model: str | None = None, **overrides) -> TrainConfig:
+    """A preset's config, with `overrides` (only the options a user set) on top."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    values = {**PRESETS[name], **({"model": model} if model else {}), **overrides}
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"unknown option '{unknown[0]}'; the options are: {', '.join(FIELDS)}")
+    return TrainConfig(**values).resolved()
+
+
+# ---------------------------------------------------------------------------- files
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The options in a TOML file, checked key by key (an unknown key or a bad value names the key)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"no config file at '{path}'") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the config file ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    for key, value in table.items():
+        if key not in FIELDS:
+            raise UserError(f"{path}: unknown option '{key}'; the options are: {', '.join(FIELDS)}")
+        wrong = problem(key, value)
+        if wrong:
+            raise UserError(f"{path}: {key}: {wrong}")
+    return table
+
+
+def config_toml(config: TrainConfig) -> str:
+    """The config as TOML, one `name = value` line per field; None (TOML has no null) is left out."""
+    import tomli_w
+
+    values = {k: v for k, v in asdict(config).items() if v is not None}
+    return "# digitlab training options; `digitlab train --config THIS_FILE` runs them again\n" + tomli_w.dumps(values)
+

@@ -1,0 +1,348 @@
+"""The training loop: the chapter's `train(model)` as one visible function, and its state.
+
+The chapter (section 2.4) trains each structure with plain SGD on the squared error
+against the digit value, for 10 epochs of 64-image batches, and records the batch loss
+every 200 batches. `fit` is that loop. Everything a run needs to continue later is one
+object, `TrainState`, which `fit` takes and gives back; output leaves the loop through
+one `Reporter`, which records nothing, so silencing it changes no figure.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .optim import lr_factor, set_lr
+
+BAR_EVERY = 16  # steps between progress-bar updates: one per step would cost the mlp ~10% of its speed
+
+
+@dataclass
+class History:
+    """What one training run measured. Epochs count from 0, as the chapter's log lines do."""
+
+    loss_list: list[float] = field(default_factory=list)  # the chapter's: one loss every log_every batches
+    log_points: list[tuple[int, int]] = field(default_factory=list)  # (epoch, batch) of each of those
+    log_steps: list[int] = field(default_factory=list)  # and its index in batch_loss
+    batch_loss: list[float] = field(default_factory=list)  # every batch
+    epochs: list[dict] = field(default_factory=list)  # one row per complete epoch (see EPOCH_COLUMNS)
+    images: int = 0
+    seconds: float = 0.0  # training only: validation is not counted
+
+    @property
+    def epoch_mean_loss(self) -> list[float]:
+        return [row["train_loss"] for row in self.epochs]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    @property
+    def final_loss(self) -> float:
+        return self.batch_loss[-1] if self.batch_loss else math.nan
+
+
+EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds", "images_per_second")
+
+
+@dataclass
+class TrainState:
+    """Where a run is: enough, with the weights and the optimiser's state, to continue it exactly."""
+
+    epoch: int = 0  # the epoch in progress (from 0); equals the number of epochs when the run is done
+    batch: int = 0  # batches of that epoch already done
+    step: int = 0  # optimiser steps so far: the schedule's position
+    shuffle: torch.Tensor | None = None  # the shuffle generator's state at the start of `epoch`
+    best_accuracy: float | None = None  # best validation accuracy so far, and its epoch
+    best_epoch: int | None = None
+    stopped: str | None = None  # why the run ended early: "SIGINT", "SIGTERM" or "patience"
+    history: History = field(default_factory=History)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped in ("SIGINT", "SIGTERM")
+
+
+class Reporter:
+    """Where the loop's output goes. This base class shows nothing; the figures are recorded anyway."""
+
+    def start(self, name: str, total_steps: int, done_steps: int) -> None: ...
+
+    def step(self, done_steps: int, loss: torch.Tensor) -> None: ...
+
+    def logged(self, epoch: int, batch: int, step: int, loss: float) -> None: ...
+
+    def epoch_end(self, row: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ConsoleReporter(Reporter):
+    """The chapter's log lines, a progress bar with the current loss, and a line per epoch."""
+
+    def __init__(self):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("loss {task.fields[loss]}"))
+        self.task, self.done, self.loss = None, 0, None
+
+    def start(self, name, total_steps, done_steps):
+        self.bar.start()
+        self.task = self.bar.add_task(name, total=total_steps, completed=done_steps, loss="-")
+
+    def step(self, done_steps, loss):
+        self.done, self.loss = done_steps, loss
+        if done_steps % BAR_EVERY == 0:
+            self.bar.update(self.task, completed=done_steps, loss=f"{loss.item():.4f}")
+
+    def logged(self, epoch, batch, step, loss):
+        self.bar.console.print(f"epoch: {epoch}, batch: {batch}, loss is: {loss:.7g}", highlight=False)
+
+    def epoch_end(self, row):
+        self._catch_up()
+        line = f"epoch {row['epoch']} done: mean loss {row['train_loss']:.4f}"
+        if row.get("val_accuracy") is not None:
+            line += f", val loss {row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.2%}"
+        self.bar.console.print(line, highlight=False)
+
+    def close(self):
+        self._catch_up()
+        self.bar.stop()
+
+    def _catch_up(self):
+        if self.loss is not None:
+            self.bar.update(self.task, completed=self.done, loss=f"{self.loss.item():.4f}")
+
+
+class Reporters(Reporter):
+    """Several reporters as one (the console and TensorBoard, say)."""
+
+    def __init__(self, *reporters: Reporter):
+        self.reporters = reporters
+
+    def start(self, name, total_steps, done_steps):
+        for r in self.reporters:
+            r.start(name, total_steps, done_steps)
+
+    def step(self, done_steps, loss):
+        for r in self.reporters:
+            r.step(done_steps, loss)
+
+    def logged(self, epoch, batch, step, loss):
+        for r in self.reporters:
+            r.logged(epoch, batch, step, loss)
+
+    def epoch_end(self, row):
+        for r in self.reporters:
+            r.epoch_end(row)
+
+    def close(self):
+        for r in self.reporters:
+            r.close()
+
+
+class TensorBoardReporter(Reporter):
+    """TensorBoard event files: the logged batch losses, and each epoch's losses, accuracy and lr."""
+
+    def __init__(self, log_dir):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            from .errors import UserError
+
+            raise UserError("--tensorboard needs the tensorboard package: pip install 'digitlab[tensorboard]'") from None
+        self.writer = SummaryWriter(str(log_dir))
+
+    def logged(self, epoch, batch, step, loss):
+        self.writer.add_scalar("train/batch_loss", loss, step)
+
+    def epoch_end(self, row):
+        for key in ("train_loss", "val_loss", "val_accuracy", "lr", "images_per_second"):
+            if row.get(key) is not None:
+                self.writer.add_scalar(f"epoch/{key}", row[key], row["epoch"])
+
+    def close(self):
+        self.writer.close()
+
+
+def compute_loss(output: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "regress":
+        # The chapter's F.square_error_cost then mean: the digit value is the target.
+        return F.mse_loss(output.squeeze(1), labels.to(output.dtype))  # (B, 1) -> (B,)
+    return F.cross_entropy(output, labels)  # (B, 10) logits against class indices
+
+
+class _Stop:
+    signal: str | None = None
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step; a second one aborts.
+
+    Stopping between steps, never inside optimizer.step(), is what makes the state that
+    gets saved a complete one.
+    """
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum, frame):
+        if stop.signal:
+            raise KeyboardInterrupt
+        stop.signal = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def fit(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    epochs: int = 10,
+    task: str = "regress",
+    *,
+    state: TrainState | None = None,
+    log_every: int = 200,
+    max_batches: int | None = None,
+    schedule: str = "none",
+    augment: torch.Generator | None = None,
+    validate: Callable[[nn.Module], tuple[float, float]] | None = None,
+    patience: int = 0,
+    fast_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    reporter: Reporter | None = None,
+    save: Callable[[TrainState], None] | None = None,
+    name: str = "training",
+) -> TrainState:
+    """Train from `state` (a fresh one by default) to `epochs`; returns the state it reached.
+
+    schedule: scales each parameter group's base lr per step (see optim.lr_factor).
+    augment: a generator to draw random affine distortions from; None trains on the images as they are.
+    validate: model -> (loss, accuracy) on held-out images, after every epoch; keeps the best epoch,
+        and `patience` epochs without a better accuracy stop the run.
+    fast_step: (images, labels) -> loss, a whole optimiser step that replaces autograd's (fast_mlp.py).
+    save: called with the state at the end of every epoch and when a signal stops the run.
+    """
+    from .data import random_affine
+
+    state = state or TrainState()
+    history = state.history
+    reporter = reporter or Reporter()
+    per_epoch = len(loader) if max_batches is None else min(len(loader), max_batches)
+    total_steps = epochs * per_epoch
+    base_lrs = [group["initial_lr"] if "initial_lr" in group else group["lr"] for group in optimizer.param_groups]
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["initial_lr"] = base  # kept in the optimiser's state, so a resumed run scales the same base
+    if state.shuffle is None:
+        state.shuffle = loader.generator.get_state()
+    losses = torch.empty(per_epoch, device=next(model.parameters()).device)  # one epoch, filled without syncs
+    reporter.start(name, total_steps, state.step)
+    try:
+        with stop_signals() as stop:
+            while state.epoch < epochs and not stop.signal:
+                start, first, images_before = time.perf_counter(), state.batch, history.images
+                model.train()
+                loader.generator.set_state(state.shuffle)
+                for images, labels in loader.batches(start=state.batch, stop=per_epoch):
+                    if schedule != "none":
+                        set_lr(optimizer, base_lrs, lr_factor(schedule, state.step, total_steps))
+                    if augment is not None:
+                        images = random_affine(images, augment)
+                    if fast_step is not None:
+                        loss = fast_step(images, labels)
+                    else:
+                        loss = compute_loss(model(images), labels, task)
+                        optimizer.zero_grad()
+                        loss.backward()
+                        optimizer.step()
+                    losses[state.batch] = loss.detach()
+                    if state.batch % log_every == 0:
+                        history.loss_list.append(loss.item())
+                        history.log_points.append((state.epoch, state.batch))
+                        history.log_steps.append(state.step)
+                        reporter.logged(state.epoch, state.batch, state.step, history.loss_list[-1])
+                    state.batch += 1
+                    state.step += 1
+                    history.images += len(labels)
+                    reporter.step(state.step, loss)
+                    if stop.signal:
+                        break
+                history.batch_loss += losses[first:state.batch].tolist()
+                seconds = time.perf_counter() - start
+                history.seconds += seconds
+                if state.batch < per_epoch:  # a signal stopped the epoch part-way
+                    break
+                row = _end_epoch(state, model, optimizer, per_epoch, validate, patience)
+                row.update(seconds=seconds, images_per_second=(history.images - images_before) / seconds)
+                history.epochs.append(row)
+                reporter.epoch_end(row)
+                state.epoch += 1
+                state.batch = 0
+                state.shuffle = loader.generator.get_state()  # the next epoch's order starts here
+                if save is not None:
+                    save(state)
+                if state.stopped:  # patience ran out
+                    break
+            if stop.signal and not state.stopped:
+                state.stopped = stop.signal
+                if save is not None:
+                    save(state)
+    finally:
+        reporter.close()
+    return state
+
+
+def _end_epoch(state: TrainState, model, optimizer, per_epoch: int, validate, patience: int) -> dict:
+    """The figures of the epoch just completed; validation, the best epoch so far, and patience."""
+    history = state.history
+    row = dict.fromkeys(EPOCH_COLUMNS)
+    row.update(epoch=state.epoch, train_loss=math.fsum(history.batch_loss[-per_epoch:]) / per_epoch,
+               lr=optimizer.param_groups[0]["lr"])
+    if validate is not None:
+        row["val_loss"], row["val_accuracy"] = validate(model)
+        if state.best_accuracy is None or row["val_accuracy"] > state.best_accuracy:
+            state.best_accuracy, state.best_epoch = row["val_accuracy"], state.epoch
+        elif patience and state.epoch - state.best_epoch >= patience:
+            state.stopped = "patience"
+    return row
+
+
+def train(
+    model: nn.Module,
+    loader=None,
+    epochs: int = 10,
+    lr: float = 0.01,
+    task: str = "regress",
+    log_every: int = 200,
+) -> list[float]:
+    """The chapter's `train(model)`: SGD on the squared error; returns the loss list.
+
+    With no loader, the full training set is loaded as `get_mnist_dataloader()` does.
+    """
+    if loader is None:
+        from .data import get_mnist_dataloader
+
+        loader, _ = get_mnist_dataloader(device=next(model.parameters()).device)
+    from .fast_mlp import HandWrittenMLPStep
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    state = fit(model, loader, optimizer, epochs=epochs, task=task, log_every=log_every,
+                fast_step=HandWrittenMLPStep.for_model(model, optimizer, task), reporter=ConsoleReporter(),
+                name=type(model).__name__)
+    return state.history.loss_list

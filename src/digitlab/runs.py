@@ -1,0 +1,412 @@
+"""A run folder: one training run's files, its saved state, and resuming it.
+
+    RUN/config.toml        the resolved options: `digitlab train --config RUN/config.toml` runs them again
+    RUN/model.safetensors  the last weights, with everything needed to rebuild the model
+    RUN/best.safetensors   the weights of the epoch with the best validation accuracy (with --val-split)
+    RUN/state.safetensors  where training stands: weights, optimiser, schedule position, random
+                           generators, epoch and batch, history; written at every epoch's end and
+                           when a signal stops the run, so `--resume RUN` continues it exactly
+    RUN/history.json       every batch's loss, the chapter's loss list, per-epoch figures, results
+    RUN/metrics.csv        one row per epoch: losses, validation accuracy, lr, seconds, images/s
+    RUN/loss.png, .svg     the loss curve
+    RUN/tensorboard/       event files, with --tensorboard
+
+Every file is written atomically (a temporary file, then a rename). The state is
+safetensors plus JSON, as a checkpoint is: loading it runs no pickled code.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import BEST_FILE, WEIGHTS_FILE, save_checkpoint
+from .config import CONFIG_FILE, FIELDS, TrainConfig, check_value, config_toml
+from .data import MNIST, PIXEL_CENTER, PIXEL_SCALE, InMemoryLoader, stratified_split
+from .errors import UserError
+from .fast_mlp import HandWrittenMLPStep
+from .files import atomic_path, prepare_out_dir
+from .loop import EPOCH_COLUMNS, ConsoleReporter, History, Reporter, Reporters, TensorBoardReporter, TrainState, fit
+from .models import create_model, place
+from .optim import make_optimizer
+
+TASK_OUTPUTS = {"regress": 1, "classify": 10}  # task -> output width
+STATE_FILE = "state.safetensors"
+STATE_KEY = "digitlab_state"
+STATE_FORMAT = 1
+HISTORY_FILE = "history.json"
+METRICS_FILE = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"
+MAX_VAL_FRACTION = 10  # validation takes at most a tenth of the training images
+# What `--resume` may change: how long the run goes on, and where it runs. Anything else
+# would make the resumed run a different run.
+RESUMABLE = ("epochs", "patience", "device", "tensorboard")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    return torch.device(device)
+
+
+@dataclass
+class RunResult:
+    config: TrainConfig
+    state: TrainState
+    params: int
+    test_accuracy: float
+    checkpoint: Path  # the checkpoint that was scored on the test set (best, or last without validation)
+    out_dir: Path
+    files: list[Path]
+
+    @property
+    def history(self) -> History:
+        return self.state.history
+
+
+# ---------------------------------------------------------------------------- data
+
+@dataclass(frozen=True)
+class Split:
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor | None
+    val_labels: torch.Tensor | None
+    info: dict  # what the run was trained on, recorded in its files and checked on resume
+
+
+def split_data(data: MNIST, config: TrainConfig) -> tuple[Split, TrainConfig]:
+    """Hold out the validation images; a split over a tenth of the set shrinks to a tenth, with a notice."""
+    n = len(data.train_labels)
+    val = config.val_split
+    if val > n // MAX_VAL_FRACTION:
+        val = n // MAX_VAL_FRACTION
+        print(f"digitlab: validating on {val:,} images, a tenth of the {n:,} training images "
+              f"(--val-split {config.val_split:,} asks for more)", file=sys.stderr)
+        config = replace(config, val_split=val)
+    if val:
+        kept, held_out = stratified_split(data.train_labels, val, config.seed)
+        parts = (data.train_images[kept], data.train_labels[kept], data.train_images[held_out],
+                 data.train_labels[held_out])
+    else:
+        parts = (data.train_images, data.train_labels, None, None)
+    fingerprint = hashlib.sha256()
+    for t in (data.train_labels, data.test_labels, data.train_images[:1000]):
+        fingerprint.update(t.numpy().tobytes())
+    info = {"source": data.source, "sample": data.is_sample, "train": len(parts[1]), "val": val,
+            "test": len(data.test_labels), "fingerprint": fingerprint.hexdigest()[:16]}
+    if config.batch_size > info["train"]:
+        raise UserError(f"batch size {config.batch_size} is larger than the {info['train']:,} training images")
+    return Split(*parts, info=info), config
+
+
+# ---------------------------------------------------------------------------- the state file
+
+def _pack(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able structure for `obj`, with its tensors moved into `tensors` under dotted keys."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"$tensor": key}
+    if isinstance(obj, dict):  # as pairs: the optimiser's state is keyed by int, which JSON would make str
+        return {"$dict": [[k, _pack(v, f"{key}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_pack(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict) and "$tensor" in obj:
+        return tensors[obj["$tensor"]]
+    if isinstance(obj, dict) and "$dict" in obj:
+        return {k: _unpack(v, tensors) for k, v in obj["$dict"]}
+    if isinstance(obj, list):
+        return [_unpack(v, tensors) for v in obj]
+    return obj
+
+
+def _history_dict(history: History) -> dict:
+    return {**asdict(history), "epoch_mean_loss": history.epoch_mean_loss,
+            "images_per_second": history.images_per_second}
+
+
+def history_from(record: dict) -> History:
+    names = {f.name for f in fields(History)}
+    history = History(**{k: v for k, v in record.items() if k in names})
+    history.log_points = [tuple(p) for p in history.log_points]
+    return history
+
+
+def save_state(run_dir: Path, config: TrainConfig, state: TrainState, model, optimizer,
+               augment: torch.Generator | None, data_info: dict) -> Path:
+    """Everything needed to continue the run, in one file written atomically."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    rng = {"shuffle": state.shuffle, "torch": torch.get_rng_state(),
+           "augment": augment.get_state() if augment is not None else None}
+    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        rng["cuda"] = torch.cuda.get_rng_state()
+    record = {
+        "format": STATE_FORMAT,
+        "config": asdict(config),
+        "data": data_info,
+        "position": {k: getattr(state, k) for k in ("epoch", "batch", "step", "best_accuracy", "best_epoch",
+                                                     "stopped")},
+        "history": _history_dict(state.history),
+        "model": _pack(model.state_dict(), "model", tensors),
+        "optimizer": _pack(optimizer.state_dict(), "optimizer", tensors),
+        "rng": _pack(rng, "rng", tensors),
+    }
+    path = run_dir / STATE_FILE
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={STATE_KEY: json.dumps(record)})
+    return path
+
+
+def read_state(run_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(record, tensors) of a run folder's state, with one clear line for anything wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    run_dir = Path(run_dir)
+    path = run_dir / STATE_FILE
+    if not run_dir.is_dir():
+        raise UserError(f"cannot resume '{run_dir}': not a folder; pass a run folder made by `digitlab train`")
+    if not path.is_file():
+        raise UserError(f"cannot resume '{run_dir}': it holds no {STATE_FILE}; pass a run folder made by "
+                        "`digitlab train`")
+    broken = f"cannot resume '{run_dir}': {STATE_FILE} is corrupt"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(STATE_KEY)
+        tensors = load_file(str(path))
+        record = json.loads(raw)
+        if record.get("format") != STATE_FORMAT:
+            raise UserError(f"cannot resume '{run_dir}': state format {record.get('format')!r}, this digitlab "
+                            f"reads format {STATE_FORMAT}; train it again")
+        TrainConfig(**record["config"]).resolved()
+        missing = [k for k in ("data", "position", "history", "model", "optimizer", "rng") if k not in record]
+        if missing:
+            raise KeyError(missing[0])
+        if not all(isinstance(record["position"].get(k), int) for k in ("epoch", "batch", "step")):
+            raise ValueError("no valid epoch, batch and step")
+    except UserError:
+        raise
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"{broken} ({type(e).__name__}: {e}); train it again into a new folder") from None
+    return record, tensors
+
+
+def resume_config(run_dir: str | os.PathLike, given: dict[str, Any]) -> TrainConfig:
+    """The saved run's config with the options a user gave on top; only RESUMABLE ones may differ."""
+    record, _ = read_state(run_dir)
+    saved = TrainConfig(**record["config"])
+    for key, value in given.items():
+        if key not in FIELDS:
+            raise UserError(f"unknown option '{key}'")
+        if key not in RESUMABLE and value != getattr(saved, key):
+            raise UserError(
+                f"cannot resume '{run_dir}' with {key} = {value!r}: the run was trained with {getattr(saved, key)!r}; "
+                f"--resume may change only {', '.join(RESUMABLE)} (start a new run to change the rest)")
+    return replace(saved, **{k: check_value(k, v) for k, v in given.items() if k in RESUMABLE})
+
+
+def _check_resumable(run_dir: Path, config: TrainConfig, record: dict, data_info: dict) -> None:
+    saved = TrainConfig(**record["config"])
+    different = [k for k in FIELDS if k not in RESUMABLE and getattr(config, k) != getattr(saved, k)]
+    if different:
+        k = different[0]
+        raise UserError(f"cannot resume '{run_dir}' with {k} = {getattr(config, k)!r}: the run was trained with "
+                        f"{getattr(saved, k)!r}")
+    if any(data_info[k] != record["data"].get(k) for k in ("train", "val", "test", "fingerprint")):
+        raise UserError(f"cannot resume '{run_dir}': it was trained on other data ({record['data'].get('source')}, "
+                        f"{record['data'].get('train')} training images); pass the same --data-dir")
+    position = record["position"]
+    done, stopped = position["epoch"], position["stopped"]
+    if config.epochs < done:
+        raise UserError(f"cannot resume '{run_dir}' with {config.epochs} epochs: it has already trained {done}")
+    if config.epochs != saved.epochs and saved.schedule != "none":
+        raise UserError(f"cannot extend '{run_dir}' from {saved.epochs} to {config.epochs} epochs: its "
+                        f"{saved.schedule} schedule was planned over {saved.epochs} and would change the steps "
+                        "already taken; start a new run with the epochs you want")
+    if stopped == "patience" and config.patience == saved.patience:
+        raise UserError(f"'{run_dir}' stopped early after epoch {done - 1}: no better validation accuracy for "
+                        f"{saved.patience} epochs; pass a larger --patience (or 0) to train on")
+    if done == config.epochs and stopped != "patience":
+        raise UserError(f"'{run_dir}' has finished all {done} epochs; pass --epochs N (more than {done}) "
+                        "to train it further")
+
+
+# ---------------------------------------------------------------------------- a run
+
+def _checkpoint_meta(config: TrainConfig, state: TrainState, data_info: dict, results: dict | None) -> dict:
+    return {
+        "model": config.model,
+        "task": config.task,
+        "num_outputs": TASK_OUTPUTS[config.task],
+        "normalization": {"center": PIXEL_CENTER, "scale": PIXEL_SCALE},
+        "epochs": len(state.history.epochs),
+        "seed": config.seed,
+        "final_loss": state.history.final_loss,
+        "best_epoch": state.best_epoch,
+        "val_accuracy": state.best_accuracy,
+        "config": asdict(config),
+        "data": data_info,
+        "results": results,
+    }
+
+
+def write_metrics(path: Path, history: History) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=EPOCH_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history.epochs)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+    return path
+
+
+def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool = False,
+        reporter: Reporter | None = None) -> RunResult:
+    """Train one model from a config (or continue the run in `out_dir`), writing its run folder.
+
+    reporter: where the loop's output goes; the console's log lines and progress bar by default.
+    Pass `Reporter()` for silence: what is recorded stays the same.
+    """
+    from .evaluate import evaluate
+    from .plots import plot_run_loss, save_figure
+
+    cfg = config.resolved()
+    split, cfg = split_data(data, cfg)
+    device = resolve_device(cfg.device)
+    out_dir = Path(out_dir)
+    record = tensors = None
+    if resume:
+        record, tensors = read_state(out_dir)
+        _check_resumable(out_dir, cfg, record, split.info)
+    out_dir = prepare_out_dir(out_dir)
+
+    torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
+    model = place(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task], init=cfg.init), device)
+    loader = InMemoryLoader(split.train_images, split.train_labels, cfg.batch_size, seed=cfg.seed, device=device)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    augment = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment else None
+    state = TrainState()
+    if record is not None:
+        state = _restore(record, tensors, model, optimizer, augment, device)
+        state.stopped = None
+    with atomic_path(out_dir / CONFIG_FILE) as tmp:
+        tmp.write_text(config_toml(cfg))
+
+    def validate(m) -> tuple[float, float]:
+        result = evaluate(m, split.val_images, split.val_labels, task=cfg.task)
+        return result.mean_loss, result.accuracy
+
+    def save(s: TrainState) -> None:
+        save_state(out_dir, cfg, s, model, optimizer, augment, split.info)
+        meta = _checkpoint_meta(cfg, s, split.info, None)
+        save_checkpoint(out_dir / WEIGHTS_FILE, model, meta)
+        if s.best_epoch is not None and s.best_epoch == s.epoch - 1 and s.batch == 0:
+            save_checkpoint(out_dir / BEST_FILE, model, meta)
+        write_metrics(out_dir / METRICS_FILE, s.history)
+
+    if reporter is None:
+        reporter = ConsoleReporter()
+    if cfg.tensorboard:
+        reporter = Reporters(reporter, TensorBoardReporter(out_dir / TENSORBOARD_DIR))
+    fast_step = HandWrittenMLPStep.for_model(model, optimizer, cfg.task) if cfg.fast_mlp else None
+    state = fit(model, loader, optimizer, epochs=cfg.epochs, task=cfg.task, state=state, log_every=cfg.log_every,
+                max_batches=cfg.max_batches, schedule=cfg.schedule, augment=augment,
+                validate=validate if split.val_images is not None else None,
+                patience=cfg.patience, fast_step=fast_step, reporter=reporter, save=save, name=cfg.model)
+
+    # The test set is scored once, at the end, on the checkpoint that `evaluate` and `predict` use.
+    scored = out_dir / WEIGHTS_FILE
+    if state.best_epoch is not None and (out_dir / BEST_FILE).is_file():
+        from .checkpoint import read_checkpoint
+
+        scored = out_dir / BEST_FILE
+        best_weights, _ = read_checkpoint(scored)
+        test_model = place(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task]), device)
+        test_model.load_state_dict(best_weights)
+    else:
+        test_model = model
+    final = evaluate(test_model, data.test_images, data.test_labels, task=cfg.task)
+    params = sum(p.numel() for p in model.parameters())
+    history = state.history
+    results = {
+        "test_accuracy": final.accuracy,
+        "test_loss": final.mean_loss,
+        "test_checkpoint": scored.name,
+        "best_epoch": state.best_epoch,
+        "val_accuracy": state.best_accuracy,
+        "epochs_completed": len(history.epochs),
+        "stopped": state.stopped,
+        "interrupted": state.interrupted,
+        "final_loss": history.final_loss,
+        "last_epoch_mean_loss": history.epoch_mean_loss[-1] if history.epochs else None,
+        "seconds": history.seconds,
+        "images_per_second": history.images_per_second,
+        "params": params,
+        "data": split.info,
+    }
+    meta = _checkpoint_meta(cfg, state, split.info, results)
+    files = [out_dir / CONFIG_FILE]
+    if scored.name == BEST_FILE:
+        best_row = history.epochs[state.best_epoch]
+        files.append(save_checkpoint(scored, test_model, {**meta, "epochs": state.best_epoch + 1,
+                                                          "final_loss": best_row["train_loss"]}))
+        last_results = {k: v for k, v in results.items() if not k.startswith("test_")}
+        files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, {**meta, "results": last_results}))
+    else:
+        files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, meta))
+    files.append(out_dir / STATE_FILE)
+    with atomic_path(out_dir / HISTORY_FILE) as tmp:
+        tmp.write_text(json.dumps({**meta, **_history_dict(history)}, indent=1))
+    files.append(out_dir / HISTORY_FILE)
+    files.append(write_metrics(out_dir / METRICS_FILE, history))
+    files += save_figure(plot_run_loss(history, title=f"{cfg.model} ({cfg.task})"), out_dir / "loss")
+    return RunResult(cfg, state, params, final.accuracy, scored, out_dir, files)
+
+
+def _restore(record: dict, tensors: dict, model, optimizer, augment, device) -> TrainState:
+    """Put the saved weights, optimiser state and random generators back; returns the saved position."""
+    try:
+        model.load_state_dict(_unpack(record["model"], tensors))
+        optimizer.load_state_dict(_unpack(record["optimizer"], tensors))
+        rng = _unpack(record["rng"], tensors)
+        torch.set_rng_state(rng["torch"])
+        if augment is not None:
+            augment.set_state(rng["augment"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+        position = record["position"]
+        return TrainState(epoch=position["epoch"], batch=position["batch"], step=position["step"],
+                          shuffle=rng["shuffle"], best_accuracy=position["best_accuracy"],
+                          best_epoch=position["best_epoch"], history=history_from(record["history"]))
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"cannot resume: {STATE_FILE} does not fit this run ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0]}); train it again into a new folder") from None
+
+
+def read_history(path: str | Path) -> dict:
+    """A run's history.json, from the file or its run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / HISTORY_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no training history at '{path}'; pass a run folder made by `digitlab train`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable history file ({e})") from None
