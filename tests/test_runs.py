@@ -1,0 +1,270 @@
+"""Run folders: exact resume after a real signal, config files, validation, best checkpoints, logs."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import ROOT, run_cli
+from digitlab.checkpoint import load_checkpoint
+from digitlab.config import TrainConfig, read_config_file
+from digitlab.errors import UserError
+from digitlab.loop import Reporter
+from digitlab.runs import STATE_FILE, run
+
+
+@pytest.fixture(scope="session")
+def small(mnist):
+    """3,200 training images (50 batches of 64), 1,000 test images: epochs of a fraction of a second."""
+    return replace(mnist, train_images=mnist.train_images[:3200], train_labels=mnist.train_labels[:3200],
+                   test_images=mnist.test_images[:1000], test_labels=mnist.test_labels[:1000], source="subset")
+
+
+class SignalAt(Reporter):
+    """Sends a real signal to this very process after optimiser step `at`, as a user's Ctrl-C would."""
+
+    def __init__(self, at: int, signum: int = signal.SIGINT):
+        self.at, self.signum = at, signum
+
+    def step(self, done_steps, loss):
+        if done_steps == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+def _folder_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# Representative of what a run's state must carry: the hand-written MLP step; Adam's moments with
+# a schedule running across the stop; momentum, BatchNorm, dropout and augmentation's generators;
+# AdamW with weight decay, a step schedule and a validation split.
+RESUME_CASES = {
+    "mlp-sgd-handwritten": TrainConfig(model="mlp", epochs=3, log_every=7),
+    "cnn-adam-onecycle": TrainConfig(model="cnn", task="classify", optimizer="adam", lr=0.002, schedule="onecycle",
+                                     epochs=3, log_every=7),
+    "convnet_small-momentum-cosine-augment": TrainConfig(model="convnet_small", optimizer="momentum", lr=0.02,
+                                                         schedule="cosine", augment=True, epochs=3, log_every=7),
+    "lenet5-adamw-step-val": TrainConfig(model="lenet5", optimizer="adamw", lr=0.003, weight_decay=0.05,
+                                         schedule="step", val_split=320, epochs=3, log_every=7),
+}
+
+
+# Epochs are 50 batches (45 with the validation split): step 70 is mid-epoch; step 90 is mid-epoch or,
+# with validation, an epoch's very last step.
+@pytest.mark.parametrize("stop_at", [70, 90])
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_interrupted_and_resumed_equals_left_alone(small, tmp_path, case, stop_at):
+    config = RESUME_CASES[case]
+    alone = run(config, small, tmp_path / "alone", reporter=Reporter())
+    stopped = run(config, small, tmp_path / "resumed", reporter=SignalAt(stop_at))
+    assert stopped.state.interrupted and stopped.state.stopped == "SIGINT"
+    assert len(stopped.history.batch_loss) == stop_at
+    resumed = run(config, small, tmp_path / "resumed", resume=True, reporter=Reporter())
+    assert resumed.history.batch_loss == alone.history.batch_loss  # bit for bit
+    assert resumed.history.loss_list == alone.history.loss_list
+    assert resumed.history.log_points == alone.history.log_points
+    assert [r["val_accuracy"] for r in resumed.history.epochs] == [r["val_accuracy"] for r in alone.history.epochs]
+    assert resumed.test_accuracy == alone.test_accuracy
+    a, _ = load_checkpoint(tmp_path / "alone" / "model.safetensors")
+    b, _ = load_checkpoint(tmp_path / "resumed" / "model.safetensors")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_extending_a_finished_run_equals_training_longer(small, tmp_path):
+    config = TrainConfig(model="cnn", epochs=2, log_every=7)
+    run(config, small, tmp_path / "two", reporter=Reporter())
+    extended = run(replace(config, epochs=3), small, tmp_path / "two", resume=True, reporter=Reporter())
+    three = run(replace(config, epochs=3), small, tmp_path / "three", reporter=Reporter())
+    assert len(extended.history.epochs) == 3
+    assert extended.history.batch_loss == three.history.batch_loss
+
+
+def test_what_cannot_be_resumed_says_so_and_leaves_the_folder_alone(small, tmp_path):
+    run_dir = tmp_path / "run"
+    config = TrainConfig(model="cnn", task="classify", optimizer="adam", schedule="onecycle", epochs=1, log_every=7)
+    run(config, small, run_dir, reporter=Reporter())
+    before = _folder_digest(run_dir)
+    cases = [
+        (replace(config, epochs=2), "onecycle schedule was planned over 1"),
+        (config, "has finished all 1 epochs; pass --epochs N"),
+        (replace(config, model="mlp"), "with model = 'mlp': the run was trained with 'cnn'"),
+        (replace(config, task="regress"), "with task = 'regress'"),
+        (replace(config, lr=0.5), "with lr = 0.5"),
+    ]
+    for changed, message in cases:
+        with pytest.raises(UserError, match=message):
+            run(changed, small, run_dir, resume=True, reporter=Reporter())
+    with pytest.raises(UserError, match="other data"):
+        run(config, replace(small, train_labels=small.train_labels.roll(1)), run_dir, resume=True)
+    assert _folder_digest(run_dir) == before
+    with pytest.raises(UserError, match="holds no state.safetensors"):
+        run(config, small, tmp_path, resume=True)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / STATE_FILE).write_bytes((run_dir / STATE_FILE).read_bytes()[:500])
+    with pytest.raises(UserError, match="state.safetensors is corrupt"):
+        run(config, small, corrupt, resume=True)
+    assert [p.name for p in corrupt.iterdir()] == [STATE_FILE]
+
+
+def test_patience_stops_early_and_the_best_checkpoint_is_kept(small, tmp_path):
+    # A learning rate too small to change any answer: validation never improves after epoch 0.
+    config = TrainConfig(model="lenet5", epochs=6, lr=1e-9, val_split=320, patience=2)
+    result = run(config, small, tmp_path, reporter=Reporter())
+    assert result.state.stopped == "patience" and result.state.best_epoch == 0
+    assert [r["epoch"] for r in result.history.epochs] == [0, 1, 2]
+    _, meta = load_checkpoint(tmp_path)
+    assert meta["best_epoch"] == 0 and meta["epochs"] == 1
+    with pytest.raises(UserError, match="stopped early after epoch 2"):
+        run(config, small, tmp_path, resume=True)
+    more = run(replace(config, patience=3), small, tmp_path, resume=True, reporter=Reporter())
+    assert [r["epoch"] for r in more.history.epochs] == [0, 1, 2, 3] and more.state.stopped == "patience"
+
+
+def test_validation_split_is_stratified_seeded_and_disjoint(mnist):
+    from digitlab.data import stratified_split
+
+    kept, held = stratified_split(mnist.train_labels, 5000, seed=0)
+    assert len(held) == 5000 and len(kept) == 55000
+    assert len(set(kept.tolist()) | set(held.tolist())) == 60000
+    share = torch.bincount(mnist.train_labels[held].long(), minlength=10).float() / 5000
+    overall = torch.bincount(mnist.train_labels.long(), minlength=10).float() / 60000
+    assert (share - overall).abs().max() < 0.001  # each digit in its share, to within an image
+    assert torch.equal(stratified_split(mnist.train_labels, 5000, seed=0)[1], held)
+    assert not torch.equal(stratified_split(mnist.train_labels, 5000, seed=1)[1], held)
+
+
+def test_metrics_csv_tensorboard_and_a_plot_for_a_short_run(small, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from digitlab.plots import plot_run_loss
+
+    config = TrainConfig(model="convnet_small", epochs=2, max_batches=6, val_split=320, tensorboard=True)
+    result = run(config, small, tmp_path, reporter=Reporter())
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert list(rows[0]) == ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds", "images_per_second"]
+    assert all(float(r["val_accuracy"]) > 0 and float(r["images_per_second"]) > 0 for r in rows)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"train/batch_loss", "epoch/train_loss", "epoch/val_accuracy"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("epoch/val_accuracy")] == [0, 1]
+    # 12 batches, one logged (log_every 200): the plot still draws every batch.
+    ax = plot_run_loss(result.history).axes[0]
+    assert len(ax.lines[0].get_xdata()) == 12 and len(ax.lines[-1].get_xdata()) == 2
+
+
+def test_config_file_reproduces_a_run_and_bad_files_name_the_key(small, tmp_path):
+    config = TrainConfig(model="cnn", task="classify", optimizer="adam", lr=0.002, epochs=1, max_batches=20,
+                         augment=True, seed=5)
+    first = run(config, small, tmp_path / "first", reporter=Reporter())
+    saved = read_config_file(tmp_path / "first" / "config.toml")
+    assert saved["model"] == "cnn" and saved["seed"] == 5 and saved["init"] == "paddle"
+    again = run(TrainConfig(**saved), small, tmp_path / "again", reporter=Reporter())
+    assert again.history.batch_loss == first.history.batch_loss
+
+    for text, fragment in [("epochz = 3", "unknown option 'epochz'"),
+                           ('epochs = "three"', "epochs: must be a whole number, got 'three'"),
+                           ("lr = -1.0", "lr: must be a number above 0"),
+                           ('optimizer = "rmsprop"', "optimizer: invalid choice: 'rmsprop'"),
+                           ("augment = 1", "augment: must be true or false"),
+                           ("epochs = [", "not valid TOML")]:
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text + "\n")
+        with pytest.raises(UserError, match=fragment):
+            read_config_file(bad)
+
+
+# ---------------------------------------------------------------------------- the real command, real signals
+
+TRAIN = ["train", "cnn", "--task", "classify", "--optimizer", "adam", "--lr", "0.002", "--schedule", "cosine",
+         "--augment", "--epochs", "3", "--batches", "40", "--log-every", "1", "--val-split", "1000"]
+
+
+def _start(mnist_dir: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "digitlab", *TRAIN, "--data-dir", str(mnist_dir), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_for(process: subprocess.Popen, prefix: str) -> None:
+    for line in process.stdout:
+        if line.startswith(prefix):
+            return
+    raise AssertionError(f"the run ended before printing {prefix!r}: {process.stderr.read()}")
+
+
+@pytest.fixture(scope="module")
+def left_alone(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("alone") / "run"
+    result = run_cli(*TRAIN, "--data-dir", str(mnist_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "cnn ━" in result.stdout  # the progress bar names the run's model
+    return json.loads((out / "history.json").read_text())
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
+def test_a_real_signal_then_resume_gives_the_same_losses(mnist_dir, tmp_path, left_alone, signum, code):
+    out = tmp_path / "run"
+    process = _start(mnist_dir, out)
+    _wait_for(process, "epoch 0 done")  # the state of epoch 0 is on disk ...
+    _wait_for(process, "epoch: 1, batch: 12,")  # ... and epoch 1 is under way
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    assert not [p for p in out.iterdir() if p.name.endswith(".part")]
+    with safe_open(str(out / STATE_FILE), "pt") as f:
+        state = json.loads(f.metadata()["digitlab_state"])
+    if signum == signal.SIGKILL:  # no chance to save: the state is the end of epoch 0
+        assert (state["position"]["epoch"], state["position"]["batch"]) == (1, 0)
+    else:
+        assert stderr.strip().splitlines()[-1].startswith(f"digitlab: interrupted ({signal.Signals(signum).name})")
+        assert state["position"]["epoch"] == 1 and 13 <= state["position"]["batch"] < 40
+    resumed = run_cli("train", "--resume", str(out), "--data-dir", str(mnist_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["batch_loss"]) == 120
+    assert history["batch_loss"] == left_alone["batch_loss"]  # bit for bit
+    assert history["epochs"][-1]["val_accuracy"] == left_alone["epochs"][-1]["val_accuracy"]
+
+
+def test_resume_errors_on_the_command_line(mnist_dir, tmp_path):
+    from test_cli import _one_error_line
+
+    _one_error_line(run_cli("train", "--resume", str(tmp_path)), "holds no state.safetensors")
+    _one_error_line(run_cli("train", "--resume", str(tmp_path / "absent")), "not a folder")
+    out = tmp_path / "run"
+    assert run_cli("train", "mlp", "--epochs", "1", "--batches", "5", "--data-dir", str(mnist_dir),
+                   "--out", str(out)).returncode == 0
+    before = _folder_digest(out)
+    _one_error_line(run_cli("train", "cnn", "--resume", str(out), "--data-dir", str(mnist_dir)),
+                    "with model = 'cnn': the run was trained with 'mlp'")
+    _one_error_line(run_cli("train", "--resume", str(out), "--lr", "0.1", "--data-dir", str(mnist_dir)),
+                    "--resume may change only epochs, patience, device, tensorboard")
+    _one_error_line(run_cli("train", "--resume", str(out), "--data-dir", str(mnist_dir)), "finished all 1 epochs")
+    assert _folder_digest(out) == before
+    more = run_cli("train", "--resume", str(out), "--epochs", "2", "--data-dir", str(mnist_dir))
+    assert more.returncode == 0, more.stderr
+    assert len(json.loads((out / "history.json").read_text())["epochs"]) == 2
+    config = tmp_path / "c.toml"
+    config.write_text('model = "mlp"\nepochs = 1\nmax_batches = 5\nlr = 0.5\n')
+    again = run_cli("train", "--config", str(config), "--lr", "0.02", "--data-dir", str(mnist_dir),
+                    "--out", str(tmp_path / "from-file"))
+    assert again.returncode == 0, again.stderr
+    saved = read_config_file(tmp_path / "from-file" / "config.toml")
+    assert saved["lr"] == 0.02 and saved["max_batches"] == 5  # the command line wins over the file
+    config.write_text("epochs = 0\n")
+    _one_error_line(run_cli("train", "--config", str(config)), "c.toml: epochs: must be 1 or more, got 0")
