@@ -71,8 +71,9 @@ class TrainConfig:
     weight_decay: float = option(0.0, "L2 penalty", minimum=0)
     augment: bool = option(False, "train on randomly rotated (+-10 degrees) and shifted (+-2 px) digits")
     val_split: int = option(
-        0, "hold out N training images (stratified by digit, seeded) to validate on after every epoch; the "
-           "best checkpoint is kept by validation accuracy (at most a tenth of the training set)",
+        0, "hold out N training images (stratified by digit, seeded, at most a tenth of the set) to validate on "
+           "after every epoch, and keep the best checkpoint by validation accuracy (default: 0; 5000 in the "
+           "fast and best presets)",
         minimum=0, metavar="N")
     patience: int = option(0, "stop when validation accuracy has not improved for N epochs; 0: never",
                            minimum=0, metavar="N")

@@ -135,8 +135,9 @@ def _unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def _history_dict(history: History) -> dict:
-    return {**asdict(history), "epoch_mean_loss": history.epoch_mean_loss,
-            "images_per_second": history.images_per_second}
+    # A shallow dict: dataclasses.asdict would deep-copy 10,000s of floats at every save.
+    return {**{f.name: getattr(history, f.name) for f in fields(History)},
+            "epoch_mean_loss": history.epoch_mean_loss, "images_per_second": history.images_per_second}
 
 
 def history_from(record: dict) -> History:
@@ -276,6 +277,18 @@ def write_metrics(path: Path, history: History) -> Path:
     return path
 
 
+def save_progress(out_dir: Path, config: TrainConfig, state: TrainState, model, optimizer,
+                  augment: torch.Generator | None, data_info: dict) -> None:
+    """What a run writes at every epoch's end and when a signal stops it: the state, the last
+    weights, the best ones when this epoch is the best so far, and metrics.csv."""
+    save_state(out_dir, config, state, model, optimizer, augment, data_info)
+    meta = _checkpoint_meta(config, state, data_info, None)
+    save_checkpoint(out_dir / WEIGHTS_FILE, model, meta)
+    if state.best_epoch is not None and state.best_epoch == state.epoch - 1 and state.batch == 0:
+        save_checkpoint(out_dir / BEST_FILE, model, meta)
+    write_metrics(out_dir / METRICS_FILE, state.history)
+
+
 def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool = False,
         reporter: Reporter | None = None) -> RunResult:
     """Train one model from a config (or continue the run in `out_dir`), writing its run folder.
@@ -313,12 +326,7 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
         return result.mean_loss, result.accuracy
 
     def save(s: TrainState) -> None:
-        save_state(out_dir, cfg, s, model, optimizer, augment, split.info)
-        meta = _checkpoint_meta(cfg, s, split.info, None)
-        save_checkpoint(out_dir / WEIGHTS_FILE, model, meta)
-        if s.best_epoch is not None and s.best_epoch == s.epoch - 1 and s.batch == 0:
-            save_checkpoint(out_dir / BEST_FILE, model, meta)
-        write_metrics(out_dir / METRICS_FILE, s.history)
+        save_progress(out_dir, cfg, s, model, optimizer, augment, split.info)
 
     if reporter is None:
         reporter = ConsoleReporter()
