@@ -251,3 +251,11 @@ def test_hand_written_mlp_training_follows_autograd(mnist):
     assert len(fast) == len(slow) == 200
     assert fast[0] == pytest.approx(slow[0], rel=1e-6)
     assert max(abs(a - b) / b for a, b in zip(fast, slow)) < 1e-3
+
+
+def test_load_checkpoint_places_the_model_as_training_does(tmp_path):
+    model = create_model("cnn", num_outputs=10)
+    save_checkpoint(tmp_path / "m.safetensors", model, {"model": "cnn", "num_outputs": 10, "task": "classify"})
+    loaded, _ = load_checkpoint(tmp_path / "m.safetensors")
+    assert loaded.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # oneDNN's fast layout
+    assert not loaded.training
