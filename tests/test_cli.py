@@ -172,7 +172,7 @@ def test_ctrl_c_saves_the_last_complete_state_and_exits_130(mnist_dir, tmp_path)
     assert meta["results"]["interrupted"] is True and meta["epochs"] == 0
     history = json.loads((out / "history.json").read_text())
     assert 21 <= len(history["batch_loss"]) < 937
-    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "history.json", "loss.png", "loss.svg",
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["config.toml", "history.json", "loss.png", "loss.svg",
                                                      "metrics.csv", "model.safetensors", "state.safetensors"]
 
 

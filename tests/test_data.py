@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import struct
 import hashlib
 import http.server
 import threading
@@ -62,9 +63,65 @@ def test_images_that_are_not_28x28(tmp_path):
 
 def test_broken_gzip(tmp_path):
     path = tmp_path / "broken.gz"
-    path.write_bytes(gzip.compress(b"\x00" * 1000)[:20])
+    whole = gzip.compress(struct.pack(">III", IMAGE_MAGIC, 0, 0)[:4] + struct.pack(">III", 50, 28, 28)
+                          + bytes(range(256)) * 200)
+    path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(DataError, match="broken.gz: broken gzip data"):
         read_idx(path)
+
+
+def _peak_rss_of(code: str) -> tuple[int, str]:
+    """Run `code` in a fresh Python; return its peak resident memory in MB and its stderr.
+
+    The peak is VmHWM, which a new program starts afresh (getrusage's ru_maxrss would carry
+    the forking pytest process's own peak over into the child).
+    """
+    import subprocess
+    import sys
+
+    wrapped = code + ("\nprint([int(l.split()[1]) // 1024 for l in open('/proc/self/status') "
+                      "if l.startswith('VmHWM')][0])")
+    result = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=120)
+    return int(result.stdout.split()[-1]), result.stderr
+
+
+def _gzip_of_zeros(path, header: bytes, megabytes: int) -> None:
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header)
+        block = bytes(1 << 20)
+        for _ in range(megabytes):
+            f.write(block)
+
+
+@pytest.mark.parametrize("header, fragment", [
+    (b"", "bad magic number 0"),  # 2 GB of zeros
+    (struct.pack(">IIII", IMAGE_MAGIC, 2_700_000, 28, 28), "more than any MNIST-style set"),
+])
+def test_a_gzip_bomb_costs_no_memory(tmp_path, header, fragment):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    _gzip_of_zeros(path, header, 2048)
+    assert path.stat().st_size < 10_000_000  # a few MB on disk ...
+    with pytest.raises(DataError, match=fragment):
+        read_idx(path)
+    peak, stderr = _peak_rss_of(
+        f"from digitlab.data import read_idx\ntry:\n    read_idx({str(path)!r})\nexcept Exception as e:\n"
+        "    print(type(e).__name__)")
+    assert peak < 400, stderr  # ... and reading it costs nothing on top of the interpreter and torch (~220 MB)
+
+
+def test_an_empty_set_is_refused(tmp_path):
+    path = write_idx(tmp_path / "labels.gz", LABEL_MAGIC, (0,), b"")
+    with pytest.raises(DataError, match="promises 0 items"):
+        read_idx(path)
+
+
+def test_a_fifo_is_refused_without_hanging(tmp_path):
+    import os
+
+    fifo = tmp_path / "train-images-idx3-ubyte"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="is not a regular file"):
+        read_idx(fifo)
 
 
 def test_count_mismatch_and_label_out_of_range(tmp_path):

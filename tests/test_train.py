@@ -67,7 +67,7 @@ def test_config_rejects_bad_numbers():
 def test_run_writes_a_checkpoint_that_rebuilds_the_model(mnist, tmp_path):
     config = TrainConfig(model="cnn", epochs=1, max_batches=30, seed=1)
     result = run(config, mnist, tmp_path / "run")
-    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    names = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name != ".lock")  # the lock stays, hidden
     assert names == ["config.toml", "history.json", "loss.png", "loss.svg", "metrics.csv", "model.safetensors",
                      "state.safetensors"]  # no temporary files
 
@@ -91,7 +91,7 @@ def test_run_writes_a_checkpoint_that_rebuilds_the_model(mnist, tmp_path):
 
 def test_checkpoint_errors_are_one_clear_line(tmp_path):
     model = create_model("mlp")
-    path = save_checkpoint(tmp_path / "m.safetensors", model, {"model": "mlp", "num_outputs": 1})
+    path = save_checkpoint(tmp_path / "m.safetensors", model, {"model": "mlp", "num_outputs": 1, "task": "regress"})
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(path.read_bytes()[:100])
     with pytest.raises(UserError, match="cut.safetensors: not a readable checkpoint"):
@@ -104,7 +104,7 @@ def test_checkpoint_errors_are_one_clear_line(tmp_path):
     save_file({"w": torch.zeros(1)}, str(foreign))
     with pytest.raises(UserError, match="without digitlab metadata"):
         read_checkpoint(foreign)
-    mismatch = save_checkpoint(tmp_path / "x.safetensors", model, {"model": "cnn", "num_outputs": 1})
+    mismatch = save_checkpoint(tmp_path / "x.safetensors", model, {"model": "cnn", "num_outputs": 1, "task": "regress"})
     with pytest.raises(UserError, match="weights do not fit model 'cnn'"):
         load_checkpoint(mismatch)
     with pytest.raises(UserError, match="no checkpoint at"):
@@ -113,7 +113,7 @@ def test_checkpoint_errors_are_one_clear_line(tmp_path):
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     model = create_model("mlp")
-    path = save_checkpoint(tmp_path / "m.safetensors", model, {"model": "mlp", "num_outputs": 1})
+    path = save_checkpoint(tmp_path / "m.safetensors", model, {"model": "mlp", "num_outputs": 1, "task": "regress"})
     before = path.read_bytes()
     with pytest.raises(RuntimeError):
         with atomic_path(path) as tmp:
@@ -214,7 +214,7 @@ def test_classification_run_validates_each_epoch_and_keeps_the_best(mnist, tmp_p
 def test_hand_written_mlp_gradients_match_autograd(mnist, task):
     from digitlab.fast_mlp import mlp_gradients
     from digitlab.loop import compute_loss
-    from digitlab.runs import TASK_OUTPUTS as TASKS
+    from digitlab.config import TASK_OUTPUTS as TASKS
 
     torch.manual_seed(0)
     model = create_model("mlp", num_outputs=TASKS[task])

@@ -1,6 +1,24 @@
-"""`python -m digitlab`, the same as the `digitlab` command."""
+"""`python -m digitlab` and the `digitlab` command.
+
+Signals are taken over first thing, before the CLI and its libraries load, so that
+Ctrl-C at any moment ends in one line and exit code 130 (143 for SIGTERM).
+"""
 import sys
 
-from .cli import main
+from . import signals
 
-sys.exit(main())
+
+def main() -> int:
+    signals.install()
+    try:
+        from .cli import main as cli_main
+
+        return cli_main()
+    except KeyboardInterrupt as e:  # during start-up; cli_main handles its own
+        name = getattr(e, "name", "SIGINT")
+        print(f"digitlab: interrupted ({name})", file=sys.stderr)
+        return signals.EXIT_CODES.get(name, 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

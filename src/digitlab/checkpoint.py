@@ -7,12 +7,13 @@ name and output width, the pixel normalisation, and the results of the run.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .files import atomic_path
+from .files import one_line, write_safetensors
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"  # a run's last weights
@@ -32,14 +33,9 @@ def resolve(path: str | os.PathLike) -> Path:
 
 def save_checkpoint(path: str | os.PathLike, model, meta: dict[str, Any]) -> Path:
     """Write weights and metadata atomically: a crash leaves the old file or none, never half."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT_VERSION, **meta}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    return path
+    return write_safetensors(path, tensors, {META_KEY: json.dumps(meta, allow_nan=False)})
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
@@ -58,14 +54,46 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
         raise UserError(f"{path}: a safetensors file without digitlab metadata; it was not written by digitlab")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise UserError(f"{path}: corrupt digitlab metadata; train again to rebuild it") from None
+    return state, checked_meta(meta, path)
+
+
+def checked_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """The metadata, if every value that rebuilding and reporting use is possible; else one UserError.
+
+    Checked before anything is built, so a tiny file that claims a 10^8-wide output layer
+    costs nothing: the output width must be the one its task has.
+    """
+    from .config import TASK_OUTPUTS
+    from .models import list_models
+
+    def bad(what: str) -> UserError:
+        return UserError(f"{path}: impossible checkpoint metadata: {what}; train again to rebuild it")
+
+    if not isinstance(meta, dict):
+        raise bad(f"a {type(meta).__name__} instead of a table")
     if meta.get("format") != FORMAT_VERSION:
-        raise UserError(
-            f"{path}: checkpoint format {meta.get('format')!r}, this digitlab reads format {FORMAT_VERSION}; "
-            "train again with this version"
-        )
-    return state, meta
+        raise UserError(f"{path}: checkpoint format {one_line(repr(meta.get('format')))[:40]}, this digitlab reads "
+                        f"format {FORMAT_VERSION}; train again with this version")
+    if meta.get("model") not in list_models():
+        raise bad(f"model {one_line(repr(meta.get('model')))[:60]} is not one of {', '.join(list_models())}")
+    task = meta.get("task")
+    if task not in TASK_OUTPUTS:
+        raise bad(f"task {one_line(repr(task))[:60]} is not one of {', '.join(TASK_OUTPUTS)}")
+    outputs = meta.get("num_outputs")
+    if type(outputs) is not int or outputs != TASK_OUTPUTS[task]:
+        raise bad(f"num_outputs {one_line(repr(outputs))[:60]}; a {task} model has {TASK_OUTPUTS[task]}")
+    norm = meta.get("normalization")
+    if norm is not None and not (isinstance(norm, dict) and set(norm) == {"center", "scale"} and all(
+            type(v) in (int, float) and math.isfinite(v) for v in norm.values()) and norm["scale"] > 0):
+        raise bad("normalization must be {center, scale} with a scale above 0")
+    for key, kinds in (("epochs", (int,)), ("best_epoch", (int,)), ("val_accuracy", (int, float))):
+        if meta.get(key) is not None and (type(meta[key]) not in kinds or not math.isfinite(meta[key])):
+            raise bad(f"{key} {one_line(repr(meta[key]))[:60]}")
+    if meta.get("results") is not None and not isinstance(meta["results"], dict):
+        raise bad("results must be a table")
+    return meta
 
 
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
@@ -75,10 +103,7 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
     from .models import create_model, place
 
     state, meta = read_checkpoint(path)
-    try:
-        model = create_model(meta["model"], num_outputs=meta["num_outputs"])
-    except (KeyError, TypeError):
-        raise UserError(f"{resolve(path)}: checkpoint metadata lacks the model name or output width") from None
+    model = create_model(meta["model"], num_outputs=meta["num_outputs"])  # both checked by read_checkpoint
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -110,7 +110,10 @@ def _add_training_options(p: argparse.ArgumentParser, default_out: str, resume: 
                            help=help_text)
     _add_data_dir(p)
     p.add_argument("--out", type=Path, default=None,
-                   help=f"folder for the checkpoint, loss history and plots (default: {default_out})")
+                   help=f"folder for the checkpoint, loss history and plots (default: {default_out}, or "
+                        f"{default_out}-2, -3, ... when that holds a run already)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out holds already (default: refuse, and keep it)")
 
 
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
@@ -228,7 +231,7 @@ def _config(model: str | None, args: argparse.Namespace):
 def cmd_summary(args: argparse.Namespace) -> int:
     from .model_summary import summary
     from .models import create_model, default_task
-    from .runs import TASK_OUTPUTS
+    from .config import TASK_OUTPUTS
 
     task = args.task or default_task(args.model)
     summary(create_model(args.model, num_outputs=TASK_OUTPUTS[task]), console=_console())
@@ -241,20 +244,21 @@ def _report_files(files) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .runs import resume_config, run
+    from .runs import fresh_run_dir, resume_config, run
 
     if args.resume is not None:
-        if args.preset or args.config or args.out:
-            raise UserError("--resume continues a run as it was configured; drop --preset, --config and --out")
+        if args.preset or args.config or args.out or args.overwrite:
+            raise UserError("--resume continues a run as it was configured; drop --preset, --config, --out "
+                            "and --overwrite")
         config, out = resume_config(args.resume, _given(args, args.model)), args.resume
     else:
         config = _config(args.model, args)
-        out = args.out or Path("runs") / config.model
+        out = args.out or fresh_run_dir(Path("runs") / config.model)
     data = _load_data(args.data_dir)
-    result = run(config, data, out, resume=args.resume is not None)
+    result = run(config, data, out, resume=args.resume is not None, overwrite=args.overwrite)
     h = result.history
     print(f"{config.model}: {h.images:,} images in {h.seconds:.1f} s ({h.images_per_second:,.0f} images/s), "
-          f"final loss {h.final_loss:.4f}, test accuracy {result.test_accuracy:.2%} ({result.checkpoint.name})")
+          f"final loss {h.final_loss if h.final_loss is None else round(h.final_loss, 4)}, test accuracy {result.test_accuracy:.2%} ({result.checkpoint.name})")
     if result.state.stopped == "patience":
         print(f"stopped early: no better validation accuracy for {config.patience} epochs after epoch "
               f"{result.state.best_epoch}")
@@ -262,25 +266,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _interrupted(result.state.stopped)
 
 
-EXIT_SIGNAL = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": 143}  # 128 + the signal's number, as shells report it
-
-
 def _interrupted(stopped: str | None) -> int:
-    if stopped in EXIT_SIGNAL:
+    from .signals import EXIT_CODES
+
+    if stopped in EXIT_CODES:
         print(f"digitlab: interrupted ({stopped}): saved the state after the last complete batch; "
               "continue with --resume", file=sys.stderr)
-        return EXIT_SIGNAL[stopped]
+        return EXIT_CODES[stopped]
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .experiment import compare
+    from .runs import fresh_run_dir
 
     if args.models[0] == args.models[1]:
         raise UserError(f"compare needs two different models, got '{args.models[0]}' twice")
     configs = [_config(name, args) for name in args.models]
     data = _load_data(args.data_dir)
-    result = compare(configs, data, args.out or Path("runs/compare"), console=_console())
+    result = compare(configs, data, args.out or fresh_run_dir(Path("runs/compare")), console=_console(),
+                     overwrite=args.overwrite)
     _report_files(result.files)
     stopped = [r.state.stopped for r in result.runs if r.state.interrupted]
     return _interrupted(stopped[0] if stopped else None)
@@ -332,7 +337,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .checkpoint import describe, load_checkpoint
-    from .files import atomic_path, prepare_out_dir
+    from .files import atomic_path, one_line, prepare_out_dir
     from .predict import expand_inputs, predict_files
 
     model, meta = load_checkpoint(args.checkpoint)
@@ -345,7 +350,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictions = predict_files(model, meta, files)
     for p in predictions:
         if p.error:
-            print(f"digitlab: error: {p.error}", file=sys.stderr)
+            print(f"digitlab: error: {one_line(p.error)}", file=sys.stderr)
         elif args.save_preprocessed:
             target = args.save_preprocessed / f"{Path(p.file).stem}.28x28.png"
             with atomic_path(target) as tmp:
@@ -399,15 +404,20 @@ def _save(fig, stem: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from . import signals
+    from .files import one_line
+
+    signals.install()
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as e:
-        print(f"digitlab: error: {e}", file=sys.stderr)
+        print(f"digitlab: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("digitlab: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        name = getattr(e, "name", "SIGINT")
+        print(f"digitlab: interrupted ({name})", file=sys.stderr)
+        return signals.EXIT_CODES.get(name, EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

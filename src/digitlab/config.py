@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from .errors import UserError
 
-TASKS = ("regress", "classify")
+TASK_OUTPUTS = {"regress": 1, "classify": 10}  # task -> output width
+TASKS = tuple(TASK_OUTPUTS)
 DEVICES = ("auto", "cpu", "cuda")
 INITS = ("paddle", "torch")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import NUM_CLASSES, normalize
+from .errors import UserError
 
 EVAL_BATCH = 250  # under inference_mode: 250 beat 64, 1000 and 10000 here (benchmarks/cnn_variants.py), and divides 10,000
 
@@ -100,6 +101,9 @@ def model_outputs(model: nn.Module, images: torch.Tensor, batch_size: int = EVAL
             for i in range(0, len(images), batch_size)
         ])
     model.train(was_training)
+    if not bool(torch.isfinite(outputs).all()):  # a diverged or damaged model answers NaN for every digit
+        raise UserError("the model's outputs are NaN or infinite: its weights are broken (from a run that "
+                        "diverged?); train it again, with a lower --lr")
     return outputs
 
 

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import MNIST
-from .files import atomic_path, prepare_out_dir
+from .files import prepare_out_dir, write_text
 from .models import create_model
 from .plots import plot_two_losses, save_figure
 from .config import TrainConfig
 from .model_summary import summary
-from .runs import TASK_OUTPUTS, RunResult, run
+from .config import TASK_OUTPUTS
+from .runs import RunResult, run
 
 COLUMNS = ("model", "params", "final loss", "last-epoch mean loss", "wall time (s)", "images/s")
 
@@ -32,7 +33,7 @@ def results_row(result: RunResult) -> dict:
     return {
         "model": result.config.model,
         "params": result.params,
-        "final loss": round(h.final_loss, 4),
+        "final loss": None if h.final_loss is None else round(h.final_loss, 4),
         "last-epoch mean loss": round(h.epoch_mean_loss[-1], 4) if h.epoch_mean_loss else None,
         "wall time (s)": round(h.seconds, 2),
         "images/s": round(h.images_per_second),
@@ -49,7 +50,8 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, console=None, reporter=None) -> CompareResult:
+def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, console=None, reporter=None,
+            overwrite: bool = False) -> CompareResult:
     """For each config, in the chapter's order: print the summary, then train into out_dir/MODEL.
 
     Then write the two-loss plot (out_dir/compare.png, .svg) and the results table
@@ -65,7 +67,7 @@ def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, consol
         cfg = cfg.resolved()
         summary(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task]), console=console)
         console.print(f"training {cfg.model}: {cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}")
-        runs.append(run(cfg, data, out_dir / cfg.model, reporter=reporter))
+        runs.append(run(cfg, data, out_dir / cfg.model, overwrite=overwrite, reporter=reporter))
         if runs[-1].state.interrupted:
             break
     files = [f for r in runs for f in r.files]
@@ -75,11 +77,8 @@ def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, consol
         labels = (f"Train loss1 ({first.config.model})", f"Train loss2 ({second.config.model})")
         fig = plot_two_losses(first.history.loss_list, second.history.loss_list, labels=labels)
         files += save_figure(fig, out_dir / "compare")
-    with atomic_path(out_dir / "results.md") as tmp:
-        tmp.write_text(markdown_table(rows))
-    with atomic_path(out_dir / "results.json") as tmp:
-        tmp.write_text(json.dumps({"data": data.source, "rows": rows}, indent=1))
-    files += [out_dir / "results.md", out_dir / "results.json"]
+    files.append(write_text(out_dir / "results.md", markdown_table(rows)))
+    files.append(write_text(out_dir / "results.json", json.dumps({"data": data.source, "rows": rows}, indent=1)))
 
     table = Table(title="results")
     for column in COLUMNS:

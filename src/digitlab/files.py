@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import UserError
 
@@ -29,6 +30,47 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def one_line(text: str) -> str:
+    """`text` with control characters (a newline in a file name, say) shown escaped, as repr() would."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write `path` through `write(temporary_path)`, atomically.
+
+    A full disk, a read-only folder or any other OS error becomes one UserError line that
+    names the file; the temporary file is removed, so nothing is left half-written.
+    """
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            write(tmp)
+    except OSError as e:
+        reason = (e.strerror or str(e) or type(e).__name__).lower()
+        raise UserError(f"cannot write '{one_line(str(path))}': {reason}; free some space or choose another "
+                        "folder") from None
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str]) -> Path:
+    """safetensors' save_file, atomically; its Rust I/O errors become OSErrors (and so one line)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            code = errno.ENOSPC if "os error 28" in str(e) else errno.EIO
+            raise OSError(code, os.strerror(code)) from None
+
+    return write_atomic(path, write)
+
+
 def prepare_out_dir(path: str | os.PathLike) -> Path:
     """Create `path` if needed and prove it is writable, before any long work starts."""
     path = Path(path)
@@ -39,5 +81,6 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
         os.unlink(probe)
     except OSError as e:
         reason = e.strerror or type(e).__name__
-        raise UserError(f"cannot write to output folder '{path}': {reason}; pick another with --out") from None
+        raise UserError(f"cannot write to output folder '{one_line(str(path))}': {reason}; pick another with "
+                        "--out") from None
     return path

@@ -8,10 +8,7 @@ one `Reporter`, which records nothing, so silencing it changes no figure.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import signals
+from .errors import UserError
 from .optim import lr_factor, set_lr
 
 BAR_EVERY = 16  # steps between progress-bar updates: one per step would cost the mlp ~10% of its speed
@@ -46,8 +45,8 @@ class History:
         return self.images / self.seconds if self.seconds else 0.0
 
     @property
-    def final_loss(self) -> float:
-        return self.batch_loss[-1] if self.batch_loss else math.nan
+    def final_loss(self) -> float | None:
+        return self.batch_loss[-1] if self.batch_loss else None
 
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds", "images_per_second")
@@ -182,33 +181,8 @@ def compute_loss(output: torch.Tensor, labels: torch.Tensor, task: str) -> torch
     return F.cross_entropy(output, labels)  # (B, 10) logits against class indices
 
 
-class _Stop:
-    signal: str | None = None
-
-
-@contextlib.contextmanager
-def stop_signals():
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step; a second one aborts.
-
-    Stopping between steps, never inside optimizer.step(), is what makes the state that
-    gets saved a complete one.
-    """
-    stop = _Stop()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop  # signal handlers can only be set from the main thread
-        return
-
-    def handler(signum, frame):
-        if stop.signal:
-            raise KeyboardInterrupt
-        stop.signal = signal.Signals(signum).name
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+class Diverged(UserError):
+    """The loss became NaN or infinite: training cannot go on from here."""
 
 
 def fit(
@@ -252,10 +226,11 @@ def fit(
     if state.shuffle is None:
         state.shuffle = loader.generator.get_state()
     losses = torch.empty(per_epoch, device=next(model.parameters()).device)  # one epoch, filled without syncs
+    check_every = BAR_EVERY  # a check per step would cost the mlp 6% of its speed (and a GPU a sync)
     reporter.start(name, total_steps, state.step)
     try:
-        with stop_signals() as stop:
-            while state.epoch < epochs and not stop.signal:
+        with signals.graceful():
+            while state.epoch < epochs and not signals.received():
                 start, first, images_before = time.perf_counter(), state.batch, history.images
                 model.train()
                 loader.generator.set_state(state.shuffle)
@@ -272,6 +247,8 @@ def fit(
                         loss.backward()
                         optimizer.step()
                     losses[state.batch] = loss.detach()
+                    if (state.batch + 1) % check_every == 0:
+                        _check_finite(losses, max(first, state.batch + 1 - check_every), state, optimizer)
                     if state.batch % log_every == 0:
                         history.loss_list.append(loss.item())
                         history.log_points.append((state.epoch, state.batch))
@@ -281,8 +258,9 @@ def fit(
                     state.step += 1
                     history.images += len(labels)
                     reporter.step(state.step, loss)
-                    if stop.signal:
+                    if signals.received():
                         break
+                _check_finite(losses, first, state, optimizer, end=state.batch)
                 history.batch_loss += losses[first:state.batch].tolist()
                 seconds = time.perf_counter() - start
                 history.seconds += seconds
@@ -299,13 +277,22 @@ def fit(
                     save(state)
                 if state.stopped:  # patience ran out
                     break
-            if stop.signal and not state.stopped:
-                state.stopped = stop.signal
+            if signals.received() and not state.stopped:
+                state.stopped = signals.received()
                 if save is not None:
                     save(state)
     finally:
         reporter.close()
     return state
+
+
+def _check_finite(losses: torch.Tensor, start: int, state: TrainState, optimizer, end: int | None = None) -> None:
+    """Raise Diverged if any of this epoch's losses from `start` on is NaN or infinite."""
+    window = losses[start:state.batch + 1 if end is None else end]
+    if not bool(torch.isfinite(window).all()):
+        batch = start + int((~torch.isfinite(window)).nonzero()[0])
+        raise Diverged(f"diverged at epoch {state.epoch}, batch {batch}: the loss became {float(losses[batch])}; "
+                       f"try a lower --lr (this run's: {optimizer.param_groups[0]['lr']:g})")
 
 
 def _end_epoch(state: TrainState, model, optimizer, per_epoch: int, validate, patience: int) -> dict:

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from .files import atomic_path
+from .files import write_atomic
 
 # The chapter's colours: a magenta solid line and a light-pink dashed one.
 COLOR_1, COLOR_2 = "#e4007f", "#f19ec2"
@@ -26,9 +26,7 @@ def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
     paths = []
     for fmt in FORMATS:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=100, bbox_inches="tight")
-        paths.append(path)
+        paths.append(write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=100, bbox_inches="tight")))
     return paths
 
 

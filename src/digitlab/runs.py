@@ -16,35 +16,40 @@ safetensors plus JSON, as a checkpoint is: loading it runs no pickled code.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from .checkpoint import BEST_FILE, WEIGHTS_FILE, save_checkpoint
-from .config import CONFIG_FILE, FIELDS, TrainConfig, check_value, config_toml
+from .config import CONFIG_FILE, FIELDS, TASK_OUTPUTS, TrainConfig, check_value, config_toml
 from .data import MNIST, PIXEL_CENTER, PIXEL_SCALE, InMemoryLoader, stratified_split
 from .errors import UserError
 from .fast_mlp import HandWrittenMLPStep
-from .files import atomic_path, prepare_out_dir
+from .files import PART_SUFFIX, one_line, prepare_out_dir, write_safetensors, write_text
 from .loop import EPOCH_COLUMNS, ConsoleReporter, History, Reporter, Reporters, TensorBoardReporter, TrainState, fit
 from .models import create_model, place
 from .optim import make_optimizer
 
-TASK_OUTPUTS = {"regress": 1, "classify": 10}  # task -> output width
 STATE_FILE = "state.safetensors"
 STATE_KEY = "digitlab_state"
 STATE_FORMAT = 1
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
+LOCK_FILE = ".lock"
+# Everything a run (and `evaluate` on it) writes into its folder; --overwrite removes these.
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, BEST_FILE, STATE_FILE, HISTORY_FILE, METRICS_FILE, "loss.png", "loss.svg",
+             "confusion.png", "confusion.svg", "worst.png", "worst.svg", TENSORBOARD_DIR)
 MAX_VAL_FRACTION = 10  # validation takes at most a tenth of the training images
 # What `--resume` may change: how long the run goes on, and where it runs. Anything else
 # would make the resumed run a different run.
@@ -72,6 +77,66 @@ class RunResult:
     @property
     def history(self) -> History:
         return self.state.history
+
+
+# ---------------------------------------------------------------------------- the folder
+
+def holds_run(folder: Path) -> bool:
+    """Whether `folder` holds (part of) a run already, or a comparison's results."""
+    return any((folder / name).exists() for name in (*RUN_FILES, "results.json"))
+
+
+def fresh_run_dir(base: str | os.PathLike) -> Path:
+    """`base` if it holds no run yet, else the first of base-2, base-3, ... that holds none."""
+    base = Path(base)
+    candidate, n = base, 1
+    while holds_run(candidate):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+@contextlib.contextmanager
+def claim(out_dir: Path, *, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """Make `out_dir` this run's own for as long as the block runs.
+
+    Refuses a folder that holds another run (unless `overwrite`, which removes that run's
+    files first) and one that another process is training into (a lock), sweeps stale
+    temporary files a killed run left, and if the block fails before a state was saved,
+    removes what it wrote (and the folder, if it made it): no half-written run is left.
+    """
+    from filelock import FileLock, Timeout
+
+    created = not out_dir.exists()
+    out_dir = prepare_out_dir(out_dir)
+    lock = FileLock(out_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"'{one_line(str(out_dir))}' is in use: another digitlab run is writing into it; wait "
+                        "for it to finish or choose another --out") from None
+    try:
+        if not resume and holds_run(out_dir):
+            if not overwrite:
+                raise UserError(f"'{one_line(str(out_dir))}' holds a run already; pass --overwrite to replace it, "
+                                "--resume to continue it, or --out for another folder")
+            for name in RUN_FILES:
+                path = out_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        for litter in out_dir.glob(f".*{PART_SUFFIX}"):  # from a run killed while it saved
+            litter.unlink(missing_ok=True)
+        try:
+            yield out_dir
+        except BaseException:
+            if not (out_dir / STATE_FILE).exists():
+                for name in RUN_FILES:
+                    path = out_dir / name
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                if created:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------------------- data
@@ -150,8 +215,6 @@ def history_from(record: dict) -> History:
 def save_state(run_dir: Path, config: TrainConfig, state: TrainState, model, optimizer,
                augment: torch.Generator | None, data_info: dict) -> Path:
     """Everything needed to continue the run, in one file written atomically."""
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {}
     rng = {"shuffle": state.shuffle, "torch": torch.get_rng_state(),
            "augment": augment.get_state() if augment is not None else None}
@@ -168,10 +231,7 @@ def save_state(run_dir: Path, config: TrainConfig, state: TrainState, model, opt
         "optimizer": _pack(optimizer.state_dict(), "optimizer", tensors),
         "rng": _pack(rng, "rng", tensors),
     }
-    path = run_dir / STATE_FILE
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={STATE_KEY: json.dumps(record)})
-    return path
+    return write_safetensors(run_dir / STATE_FILE, tensors, {STATE_KEY: json.dumps(record, allow_nan=False)})
 
 
 def read_state(run_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -272,9 +332,7 @@ def write_metrics(path: Path, history: History) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=EPOCH_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history.epochs)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue())
-    return path
+    return write_text(path, buffer.getvalue())
 
 
 def save_progress(out_dir: Path, config: TrainConfig, state: TrainState, model, optimizer,
@@ -289,16 +347,14 @@ def save_progress(out_dir: Path, config: TrainConfig, state: TrainState, model, 
     write_metrics(out_dir / METRICS_FILE, state.history)
 
 
-def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool = False,
+def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
         reporter: Reporter | None = None) -> RunResult:
     """Train one model from a config (or continue the run in `out_dir`), writing its run folder.
 
+    overwrite: replace a run that `out_dir` holds already (else that is refused).
     reporter: where the loop's output goes; the console's log lines and progress bar by default.
     Pass `Reporter()` for silence: what is recorded stays the same.
     """
-    from .evaluate import evaluate
-    from .plots import plot_run_loss, save_figure
-
     cfg = config.resolved()
     split, cfg = split_data(data, cfg)
     device = resolve_device(cfg.device)
@@ -307,7 +363,15 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
     if resume:
         record, tensors = read_state(out_dir)
         _check_resumable(out_dir, cfg, record, split.info)
-    out_dir = prepare_out_dir(out_dir)
+    with claim(out_dir, resume=resume, overwrite=overwrite) as out_dir:
+        return _train(cfg, data, split, out_dir, device, record, tensors, reporter)
+
+
+def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, device: torch.device, record: dict | None,
+           tensors: dict | None, reporter: Reporter | None) -> RunResult:
+    """The body of `run`, in a folder it has claimed."""
+    from .evaluate import evaluate
+    from .plots import plot_run_loss, save_figure
 
     torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
     model = place(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task], init=cfg.init), device)
@@ -318,8 +382,7 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
     if record is not None:
         state = _restore(record, tensors, model, optimizer, augment, device)
         state.stopped = None
-    with atomic_path(out_dir / CONFIG_FILE) as tmp:
-        tmp.write_text(config_toml(cfg))
+    write_text(out_dir / CONFIG_FILE, config_toml(cfg))
 
     def validate(m) -> tuple[float, float]:
         result = evaluate(m, split.val_images, split.val_labels, task=cfg.task)
@@ -379,9 +442,8 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
     else:
         files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, meta))
     files.append(out_dir / STATE_FILE)
-    with atomic_path(out_dir / HISTORY_FILE) as tmp:
-        tmp.write_text(json.dumps({**meta, **_history_dict(history)}, indent=1))
-    files.append(out_dir / HISTORY_FILE)
+    files.append(write_text(out_dir / HISTORY_FILE, json.dumps({**meta, **_history_dict(history)}, indent=1,
+                                                               allow_nan=False)))
     files.append(write_metrics(out_dir / METRICS_FILE, history))
     files += save_figure(plot_run_loss(history, title=f"{cfg.model} ({cfg.task})"), out_dir / "loss")
     return RunResult(cfg, state, params, final.accuracy, scored, out_dir, files)

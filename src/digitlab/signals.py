@@ -1,0 +1,73 @@
+"""Ctrl-C (SIGINT) and SIGTERM: stop cleanly at any moment, never with a traceback.
+
+Outside training, a signal unwinds the command at once with `Interrupted`, which the CLI
+turns into one line and exit code 130 (143 for SIGTERM). Inside `graceful()` (the training
+loop), the first signal only sets a flag: the loop finishes its step, saves, and stops; a
+second signal unwinds at once. The flag is process-wide, so a signal that arrives while
+some library code swallows the exception is still seen by the next training loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report it
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by a signal outside a graceful section; `name` is 'SIGINT' or 'SIGTERM'."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+_received: str | None = None  # the first signal since the flag was last consumed
+_graceful = 0  # how deep inside graceful() sections the main thread is
+
+
+def _handler(signum, frame):
+    global _received
+    first = _received is None
+    name = signal.Signals(signum).name
+    _received = _received or name
+    if not (_graceful and first):
+        raise Interrupted(name)
+
+
+def install() -> None:
+    """Handle SIGINT and SIGTERM from now on (the CLI calls this first thing)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in HANDLED:
+            signal.signal(s, _handler)
+
+
+def received() -> str | None:
+    """The signal that asked to stop, if any ('SIGINT' or 'SIGTERM')."""
+    return _received
+
+
+@contextlib.contextmanager
+def graceful():
+    """Within this block, a first signal only asks to stop (see `received()`); a second unwinds.
+
+    Outside the main thread no handler can be set, and signals keep their old meaning.
+    Leaving the block consumes the request: the caller has acted on it.
+    """
+    global _graceful, _received
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in HANDLED}
+    for s in HANDLED:
+        signal.signal(s, _handler)
+    _graceful += 1
+    try:
+        yield
+    finally:
+        _graceful -= 1
+        _received = None
+        for s, h in previous.items():
+            signal.signal(s, h)
