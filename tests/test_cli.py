@@ -82,7 +82,8 @@ def test_compare_is_the_chapter_experiment(mnist_dir, tmp_path):
     assert [r["params"] for r in rows] == [7971, 11521]
     assert all(r["images/s"] > 0 and r["wall time (s)"] > 0 and r["final loss"] > 0 for r in rows)
     table = (out / "results.md").read_text()
-    assert table.startswith("| model | params | final loss | last-epoch mean loss | wall time (s) | images/s |")
+    assert table.startswith("| model | params | final loss | last-epoch mean loss | test accuracy | wall time (s) |")
+    assert all(0 < float(r["test accuracy"].rstrip("%")) <= 100 for r in rows)
     assert Image.open(out / "compare.png").size[0] > 500
 
 

@@ -61,7 +61,7 @@ def test_predict_reads_realistic_photos(best_model, photos, tmp_path):
     agree = np.mean([a["digit"] == labels[a["file"].split("/")[-1]] for a in answers])
     assert agree >= 0.95, f"only {agree:.0%} of the photos read right"
     seen = sorted(p.name for p in (tmp_path / "seen").iterdir())
-    assert len(seen) == N_PHOTOS and seen[0] == "photo000.28x28.png"
+    assert len(seen) == N_PHOTOS and seen[0].startswith("photo000.") and seen[0].endswith(".28x28.png")
     assert Image.open(tmp_path / "seen" / seen[0]).size == (28, 28)
 
     # The naive way, shrinking the whole picture to 28x28, reads far fewer of the same photos.
@@ -137,3 +137,63 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     result = run_cli("predict", str(bad), str(tmp_path / "x.png"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "not a readable checkpoint" in result.stderr
+
+
+def _a_seven(size: int = 200) -> np.ndarray:
+    """A '7' as ink strength in [0, 1] on a size x size page: a top bar and a slanted stroke."""
+    page = Image.new("L", (size, size), 0)
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(page)
+    w = size // 12
+    draw.line([(size * 0.25, size * 0.22), (size * 0.75, size * 0.22)], fill=255, width=w)
+    draw.line([(size * 0.75, size * 0.22), (size * 0.42, size * 0.8)], fill=255, width=w)
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(np.asarray(page, dtype=np.float32) / 255, 1.5)  # a pen's soft edge
+
+
+def test_save_preprocessed_names_never_collide_and_all_bad_leaves_no_folder(best_model, tmp_path):
+    ink = _a_seven()
+    for rel in ("a/x.png", "a/x.jpg", "b/x.png"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        Image.fromarray((255 - ink * 200).astype(np.uint8)).save(tmp_path / rel)
+    seen = tmp_path / "seen"
+    result = run_cli("predict", str(best_model), str(tmp_path / "a"), str(tmp_path / "b" / "x.png"),
+                     "--save-preprocessed", str(seen))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in seen.iterdir()) == ["a_x.jpg.28x28.png", "a_x.png.28x28.png", "b_x.png.28x28.png"]
+    (tmp_path / "junk.png").write_text("not an image")
+    result = run_cli("predict", str(best_model), str(tmp_path / "junk.png"), "--save-preprocessed",
+                     str(tmp_path / "never"))
+    assert result.returncode == 2 and not (tmp_path / "never").exists()
+
+
+def test_sixteen_bit_greys_are_read_at_full_depth(best_model, tmp_path):
+    ink = _a_seven()
+    # A pencil 7 in a 16-bit scan: paper at 40,000, ink 8,000 darker, out of 65,535. Pillow's
+    # own squeeze to 8 bits clips everything above 255: a white page, "no digit found".
+    page = (40000 - ink * 8000).astype(np.uint16)
+    path = tmp_path / "faint16.png"
+    Image.fromarray(page).save(path)
+    assert Image.open(path).mode.startswith("I")
+    grey = load_grey(path)
+    assert len(np.unique(np.round(grey * 65535))) > 20  # the anti-aliased edge survives
+    result = run_cli("predict", str(best_model), str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["digit"] == 7
+
+
+def test_a_pipe_and_a_newline_in_a_name_get_one_line(best_model, tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    result = run_cli("predict", str(best_model), str(fifo), timeout=60)  # must not hang
+    assert result.returncode == 2 and "not a regular file" in result.stderr
+    odd = tmp_path / "two\nlines.png"
+    odd.write_text("not an image")
+    result = run_cli("predict", str(best_model), str(odd))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("digitlab: error")]
+    assert len(errors) == 1 and "two\\nlines.png: not an image" in errors[0]
+    assert result.stderr.strip().splitlines() == errors

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worst", type=non_negative_int, default=24, metavar="N",
                    help="how many misclassified test digits to draw, most confidently wrong first (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the results as JSON (accuracy as a fraction)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="score a model on digits it was trained on (the offline sample, for a model trained on "
+                        "the full set); refused by default, because that measures memory, not accuracy")
     p.set_defaults(func=cmd_evaluate)
 
     p = commands.add_parser("predict", help="read digits from your own photos, scans or drawings")
@@ -176,11 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_plot_loss)
     k = kinds.add_parser("compare", help="two runs' losses in the chapter's style")
     k.add_argument("runs", type=Path, nargs=2, metavar="RUN", help="two run folders (or history.json files)")
-    k.add_argument("--out", type=Path, default=Path("compare"),
+    k.add_argument("--out", type=Path, default=Path("runs/plots/compare"),
                    help="file name without extension; writes .png and .svg (default: %(default)s)")
     k.set_defaults(func=cmd_plot_compare)
     k = kinds.add_parser("sigmoid", help="the chapter's sigmoid curve")
-    k.add_argument("--out", type=Path, default=Path("sigmoid"),
+    k.add_argument("--out", type=Path, default=Path("runs/plots/sigmoid"),
                    help="file name without extension; writes .png and .svg (default: %(default)s)")
     k.set_defaults(func=cmd_plot_sigmoid)
     return parser
@@ -244,6 +247,7 @@ def _report_files(files) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .evaluate import SAMPLE_WORDS
     from .runs import fresh_run_dir, resume_config, run
 
     if args.resume is not None:
@@ -257,6 +261,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = _load_data(args.data_dir)
     result = run(config, data, out, resume=args.resume is not None, overwrite=args.overwrite)
     h = result.history
+    if data.is_sample:
+        print(f"note: figures from {SAMPLE_WORDS}, not comparable with full-MNIST figures")
     print(f"{config.model}: {h.images:,} images in {h.seconds:.1f} s ({h.images_per_second:,.0f} images/s), "
           f"final loss {h.final_loss if h.final_loss is None else round(h.final_loss, 4)}, test accuracy {result.test_accuracy:.2%} ({result.checkpoint.name})")
     if result.state.stopped == "patience":
@@ -297,18 +303,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .checkpoint import describe, load_checkpoint, resolve
-    from .evaluate import evaluate
+    from .evaluate import data_note, evaluate
     from .files import prepare_out_dir
     from .plots import plot_confusion, plot_digit_grid, save_figure
 
     model, meta = load_checkpoint(args.checkpoint)
-    print(f"checkpoint: {describe(args.checkpoint, meta)}", file=sys.stderr if args.json else sys.stdout)
-    data = _load_data(args.data_dir, stream=sys.stderr if args.json else None)
+    info = sys.stderr if args.json else sys.stdout
+    print(f"checkpoint: {describe(args.checkpoint, meta)}", file=info)
+    data = _load_data(args.data_dir, stream=info)
+    note = data_note(meta, data, allow_overlap=args.allow_overlap)
+    if note:
+        print(note, file=info)
     out = prepare_out_dir(args.out or resolve(args.checkpoint).parent)
     result = evaluate(model, data.test_images, data.test_labels, meta["task"],
                       normalization=meta.get("normalization"))
     report = {"model": meta["model"], "task": meta["task"], "checkpoint": str(resolve(args.checkpoint)),
-              "data": data.source, **result.as_dict()}
+              "data": data.source, "sample": data.is_sample, "note": note, **result.as_dict()}
     title = f"{meta['model']} ({meta['task']}): {result.accuracy:.2%} of {len(result.labels):,}"
     files = save_figure(plot_confusion(report["confusion"], title=title), out / "confusion")
     worst = result.worst(args.worst)
@@ -337,24 +347,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .checkpoint import describe, load_checkpoint
-    from .files import atomic_path, one_line, prepare_out_dir
-    from .predict import expand_inputs, predict_files
+    from .files import one_line, prepare_out_dir, write_atomic
+    from .predict import expand_inputs, predict_files, preprocessed_names
 
     model, meta = load_checkpoint(args.checkpoint)
     print(f"checkpoint: {describe(args.checkpoint, meta)}", file=sys.stderr if args.json else sys.stdout)
     files = expand_inputs(args.inputs)
     if not files:
-        raise UserError("no image files in " + ", ".join(args.inputs) + "; give PNG, JPEG, BMP or WebP files")
-    if args.save_preprocessed:
-        prepare_out_dir(args.save_preprocessed)
+        raise UserError("no image files in " + ", ".join(map(one_line, args.inputs)) + "; give PNG, JPEG, BMP "
+                        "or WebP files")
     predictions = predict_files(model, meta, files)
     for p in predictions:
         if p.error:
             print(f"digitlab: error: {one_line(p.error)}", file=sys.stderr)
-        elif args.save_preprocessed:
-            target = args.save_preprocessed / f"{Path(p.file).stem}.28x28.png"
-            with atomic_path(target) as tmp:
-                Image.fromarray(p.image).save(tmp, format="PNG")
+    if args.save_preprocessed and any(p.error is None for p in predictions):  # no empty folder for nothing
+        prepare_out_dir(args.save_preprocessed)
+        for p, name in zip(predictions, preprocessed_names(files)):
+            if p.error is None:
+                write_atomic(args.save_preprocessed / name,
+                             lambda tmp, image=p.image: Image.fromarray(image).save(tmp, format="PNG"))
     if args.json:
         print(json.dumps([p.as_dict() for p in predictions], indent=1))
     else:
@@ -374,17 +385,19 @@ def cmd_plot_loss(args: argparse.Namespace) -> int:
 
     history = read_history(args.run)
     run_dir = args.run if args.run.is_dir() else args.run.parent
-    _save(plot_run_loss(history_from(history), title=history.get("model")), args.out or run_dir / "loss")
+    _save(plot_run_loss(history_from(history, args.run), title=str(history.get("model"))),
+          args.out or run_dir / "loss")
     return 0
 
 
 def cmd_plot_compare(args: argparse.Namespace) -> int:
     from .plots import plot_two_losses
-    from .runs import read_history
+    from .runs import history_from, read_history
 
     first, second = (read_history(run) for run in args.runs)
+    losses = [history_from(h, run).loss_list for h, run in zip((first, second), args.runs)]
     labels = (f"Train loss1 ({first.get('model')})", f"Train loss2 ({second.get('model')})")
-    _save(plot_two_losses(first["loss_list"], second["loss_list"], labels=labels), args.out)
+    _save(plot_two_losses(*losses, labels=labels), args.out)
     return 0
 
 

@@ -62,14 +62,14 @@ class TrainConfig:
     epochs: int = option(10, "passes over the training set", minimum=1)
     lr: float | None = option(
         None, "learning rate (default: the model's SGD rate; the chapter's 0.01 for mlp, 0.001 for cnn)",
-        above=0, kind=float)
+        above=0, maximum=100, kind=float)
     batch_size: int = option(64, "images per batch", minimum=1)
     optimizer: str = option("sgd", "sgd as in the chapter; momentum is SGD with Nesterov momentum 0.9",
                             choices=OPTIMIZERS)
     schedule: str = option(
         "none", "learning-rate schedule over the whole run: step divides by 10 at 50%% and 75%%; cosine "
                 "anneals to 0; onecycle warms up for 25%% then anneals", choices=SCHEDULES)
-    weight_decay: float = option(0.0, "L2 penalty", minimum=0)
+    weight_decay: float = option(0.0, "L2 penalty", minimum=0, maximum=10)
     augment: bool = option(False, "train on randomly rotated (+-10 degrees) and shifted (+-2 px) digits")
     val_split: int = option(
         0, "hold out N training images (stratified by digit, seeded, at most a tenth of the set) to validate on "

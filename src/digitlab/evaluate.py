@@ -121,3 +121,31 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, task:
     predictions = predicted_digits(outputs, task)
     accuracy = (predictions == labels).double().mean().item()
     return Evaluation(accuracy, loss.item(), labels, predictions, outputs, seconds)
+
+
+SAMPLE_WORDS = "the 5,000-digit offline sample (4,000 train / 1,000 test)"
+
+
+def data_note(meta: dict, data, allow_overlap: bool = False) -> str | None:
+    """What a reader of the score must know about the data, or None; refuses a misleading score.
+
+    The offline sample's 5,000 digits are MNIST *training* images. A model trained on the full
+    set has seen them, so scoring it on them measures memory, not accuracy: refused unless
+    `allow_overlap`. Other mismatches are scored with a note.
+    """
+    from .data import fingerprint
+
+    trained = meta.get("data") if isinstance(meta.get("data"), dict) else None
+    if trained is None:
+        return "note: this checkpoint does not record its training data; the score may not be comparable"
+    if trained.get("fingerprint") == fingerprint(data):
+        return f"note: figures from {SAMPLE_WORDS}, not comparable with full-MNIST figures" if data.is_sample else None
+    if data.is_sample and not trained.get("sample"):
+        if not allow_overlap:
+            raise UserError(f"this model was trained on {trained.get('source')}, which holds the offline sample's "
+                            "5,000 digits: scoring it on them would measure memory, not accuracy; pass --data-dir "
+                            "with the full MNIST set (or --allow-overlap to score it anyway)")
+        return "warning: scored on digits this model was trained on (--allow-overlap): the figure is not a test score"
+    if trained.get("sample"):
+        return f"note: this model was trained on {SAMPLE_WORDS} and is scored on {data.source}"
+    return f"note: this model was trained on other data ({trained.get('source')})"

@@ -12,9 +12,10 @@ from .plots import plot_two_losses, save_figure
 from .config import TrainConfig
 from .model_summary import summary
 from .config import TASK_OUTPUTS
+from .evaluate import SAMPLE_WORDS
 from .runs import RunResult, run
 
-COLUMNS = ("model", "params", "final loss", "last-epoch mean loss", "wall time (s)", "images/s")
+COLUMNS = ("model", "params", "final loss", "last-epoch mean loss", "test accuracy", "wall time (s)", "images/s")
 
 
 @dataclass
@@ -35,6 +36,8 @@ def results_row(result: RunResult) -> dict:
         "params": result.params,
         "final loss": None if h.final_loss is None else round(h.final_loss, 4),
         "last-epoch mean loss": round(h.epoch_mean_loss[-1], 4) if h.epoch_mean_loss else None,
+        # A regression model's answer is its output rounded to a digit (see evaluate.predicted_digits).
+        "test accuracy": f"{result.test_accuracy:.2%}",
         "wall time (s)": round(h.seconds, 2),
         "images/s": round(h.images_per_second),
     }
@@ -77,10 +80,12 @@ def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, consol
         labels = (f"Train loss1 ({first.config.model})", f"Train loss2 ({second.config.model})")
         fig = plot_two_losses(first.history.loss_list, second.history.loss_list, labels=labels)
         files += save_figure(fig, out_dir / "compare")
-    files.append(write_text(out_dir / "results.md", markdown_table(rows)))
-    files.append(write_text(out_dir / "results.json", json.dumps({"data": data.source, "rows": rows}, indent=1)))
+    note = f"Figures from {SAMPLE_WORDS}, not comparable with full-MNIST figures.\n\n" if data.is_sample else ""
+    files.append(write_text(out_dir / "results.md", note + markdown_table(rows)))
+    files.append(write_text(out_dir / "results.json", json.dumps(
+        {"data": data.source, "sample": data.is_sample, "rows": rows}, indent=1)))
 
-    table = Table(title="results")
+    table = Table(title="results" + (f" (on {SAMPLE_WORDS}: not comparable with full MNIST)" if data.is_sample else ""))
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:

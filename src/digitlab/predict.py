@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .files import one_line
 
 MAX_PIXELS = 40_000_000  # refuse larger images before decoding them
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -40,33 +42,51 @@ class ImageError(UserError):
 
 
 def load_grey(path: str | os.PathLike) -> np.ndarray:
-    """Any PNG/JPEG/BMP/WebP as float32 grey in [0, 1]; RGBA composited onto white."""
+    """Any PNG/JPEG/BMP/WebP/GIF/TIFF as float32 grey in [0, 1]; RGBA composited onto white.
+
+    16-bit and floating-point greys are read at their full depth: squeezing them to 8 bits
+    first can collapse a faint drawing to two levels.
+    """
     path = Path(path)
+    name = one_line(str(path))
     too_big = f"is over {MAX_PIXELS // 1_000_000} megapixels; crop or shrink it first"
+    if not path.is_file():  # a FIFO or a device would hang the reader
+        raise ImageError(f"{name}: {'not a regular file' if path.exists() else 'no such file'}")
     try:
         with warnings.catch_warnings():
-            # Pillow's own bomb check (a warning from 89 MP) would add a second line; ours is stricter.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im_file = Image.open(path)
-        with im_file as im:
-            if im.width * im.height > MAX_PIXELS:  # the header is read, the pixels are not yet
-                raise ImageError(f"{path}: {im.width}x{im.height} {too_big}")
-            im.load()
-            im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(white, im)
-            grey = im.convert("L")
+            # Pillow's own warnings (its bomb check from 89 MP, EXIF and TIFF oddities) would reach the
+            # user as library noise; what matters becomes one ImageError line below.
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:  # the header is read, the pixels are not yet
+                    raise ImageError(f"{name}: {im.width}x{im.height} {too_big}")
+                im.load()
+                im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+                return _grey(im)
     except Image.DecompressionBombError:  # over 178 MP: Pillow refuses before we can look
-        raise ImageError(f"{path}: the image {too_big}") from None
+        raise ImageError(f"{name}: the image {too_big}") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image Pillow can read (PNG, JPEG, BMP, WebP ...)") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        if isinstance(e, FileNotFoundError):
-            raise ImageError(f"{path}: no such file") from None
-        raise ImageError(f"{path}: broken or truncated image ({e})") from None
-    return np.asarray(grey, dtype=np.float32) / 255.0
+        raise ImageError(f"{name}: not an image Pillow can read (PNG, JPEG, BMP, WebP ...)") from None
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, TypeError, IndexError, struct.error, EOFError,
+            MemoryError, ZeroDivisionError, KeyError, AttributeError) as e:  # truncated or corrupt data
+        raise ImageError(f"{name}: broken or truncated image ({one_line(str(e))[:120]})") from None
+
+
+def _grey(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(im, dtype=np.float32)
+        top = 65535.0 if im.mode.startswith("I;16") or values.max() > 255 else 255.0
+        if im.mode == "F":  # floats: their own range
+            low, high = float(values.min()), float(values.max())
+            return (values - low) / (high - low) if high > low else np.zeros_like(values)
+        return np.clip(values / top, 0, 1)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -145,16 +165,37 @@ def naive_resize(grey: np.ndarray) -> np.ndarray:
 
 
 def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
-    """Files as given, folders as their image files (sorted); a missing path is an error."""
+    """Files as given, folders as their image files (sorted); a missing path or a non-file is an error."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             files += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.exists():
+        elif p.is_file():
             files.append(p)
+        elif p.exists():
+            raise UserError(f"'{one_line(str(p))}' is not a regular file or a folder (a pipe or a device?)")
         else:
-            raise UserError(f"no such file or folder: '{p}'")
+            raise UserError(f"no such file or folder: '{one_line(str(p))}'")
     return files
+
+
+def preprocessed_names(files: list[Path]) -> list[str]:
+    """A distinct file name for each input's 28x28 picture: `x.png.28x28.png`, or with as much of
+    its folder path as tells it apart (`a_x.png...` and `b_x.png...`)."""
+    parts = [Path(os.path.abspath(f)).parts for f in files]
+    depth = 1
+    while depth < max((len(p) for p in parts), default=1):
+        names = ["_".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            break
+        depth += 1
+    names = ["_".join(p[-depth:]) for p in parts]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:  # the same file given twice
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return [f"{name}.28x28.png" for name in unique]
 
 
 @dataclass

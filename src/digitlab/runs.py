@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import os
@@ -32,7 +31,7 @@ import torch
 
 from .checkpoint import BEST_FILE, WEIGHTS_FILE, save_checkpoint
 from .config import CONFIG_FILE, FIELDS, TASK_OUTPUTS, TrainConfig, check_value, config_toml
-from .data import MNIST, PIXEL_CENTER, PIXEL_SCALE, InMemoryLoader, stratified_split
+from .data import MNIST, PIXEL_CENTER, PIXEL_SCALE, InMemoryLoader, fingerprint, stratified_split
 from .errors import UserError
 from .fast_mlp import HandWrittenMLPStep
 from .files import PART_SUFFIX, one_line, prepare_out_dir, write_safetensors, write_text
@@ -165,11 +164,8 @@ def split_data(data: MNIST, config: TrainConfig) -> tuple[Split, TrainConfig]:
                  data.train_labels[held_out])
     else:
         parts = (data.train_images, data.train_labels, None, None)
-    fingerprint = hashlib.sha256()
-    for t in (data.train_labels, data.test_labels, data.train_images[:1000]):
-        fingerprint.update(t.numpy().tobytes())
     info = {"source": data.source, "sample": data.is_sample, "train": len(parts[1]), "val": val,
-            "test": len(data.test_labels), "fingerprint": fingerprint.hexdigest()[:16]}
+            "test": len(data.test_labels), "fingerprint": fingerprint(data)}
     if config.batch_size > info["train"]:
         raise UserError(f"batch size {config.batch_size} is larger than the {info['train']:,} training images")
     return Split(*parts, info=info), config
@@ -205,9 +201,30 @@ def _history_dict(history: History) -> dict:
             "epoch_mean_loss": history.epoch_mean_loss, "images_per_second": history.images_per_second}
 
 
-def history_from(record: dict) -> History:
-    names = {f.name for f in fields(History)}
-    history = History(**{k: v for k, v in record.items() if k in names})
+def history_from(record: Any, source: str | os.PathLike = "history") -> History:
+    """A History from a history.json's contents (or a state's), checked: one line if it is not one."""
+    def numbers(key: str) -> list:
+        values = record.get(key, [])
+        if not isinstance(values, list) or not all(type(v) in (int, float) for v in values):
+            raise UserError(f"{one_line(str(source))}: '{key}' is not a list of numbers; not a digitlab history")
+        return values
+
+    if not isinstance(record, dict) or "loss_list" not in record:
+        raise UserError(f"{one_line(str(source))}: not a digitlab training history (no loss_list); pass a run "
+                        "folder made by `digitlab train`")
+    loss_list, batch_loss, log_steps = numbers("loss_list"), numbers("batch_loss"), numbers("log_steps")
+    if not batch_loss:  # an older history: the logged losses are all there is
+        batch_loss, log_steps = loss_list, list(range(len(loss_list)))
+    epochs = record.get("epochs", [])
+    return History(loss_list=loss_list, batch_loss=batch_loss, log_steps=log_steps,
+                   log_points=[tuple(p) for p in record.get("log_points", []) if isinstance(p, list)],
+                   epochs=epochs if isinstance(epochs, list) else [],
+                   images=record.get("images", 0), seconds=record.get("seconds", 0.0))
+
+
+def _saved_history(record: dict) -> History:
+    """The History a state file holds, field by field, exactly as it was."""
+    history = History(**{f.name: record[f.name] for f in fields(History)})
     history.log_points = [tuple(p) for p in history.log_points]
     return history
 
@@ -463,7 +480,7 @@ def _restore(record: dict, tensors: dict, model, optimizer, augment, device) -> 
         position = record["position"]
         return TrainState(epoch=position["epoch"], batch=position["batch"], step=position["step"],
                           shuffle=rng["shuffle"], best_accuracy=position["best_accuracy"],
-                          best_epoch=position["best_epoch"], history=history_from(record["history"]))
+                          best_epoch=position["best_epoch"], history=_saved_history(record["history"]))
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise UserError(f"cannot resume: {STATE_FILE} does not fit this run ({type(e).__name__}: "
                         f"{str(e).splitlines()[0]}); train it again into a new folder") from None
@@ -475,8 +492,8 @@ def read_history(path: str | Path) -> dict:
     if path.is_dir():
         path = path / HISTORY_FILE
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"no training history at '{path}'; pass a run folder made by `digitlab train`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable history file ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{one_line(str(path))}: not a readable history file ({one_line(str(e))[:100]})") from None
