@@ -29,19 +29,19 @@ def test_full_set_reads_with_the_documented_statistics(mnist):
     assert not mnist.is_sample
 
 
-def test_raw_and_gzipped_files_read_the_same(mnist_dir, tmp_path):
-    gz = mnist_dir / "t10k-labels-idx1-ubyte.gz"
+def test_raw_and_gzipped_files_read_the_same(digits_dir, tmp_path):
+    gz = digits_dir / "t10k-labels-idx1-ubyte.gz"
     raw = tmp_path / "t10k-labels-idx1-ubyte"
     raw.write_bytes(gzip.decompress(gz.read_bytes()))
     assert torch.equal(read_idx(gz), read_idx(raw))
-    assert read_idx(raw)[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # the well-known first test digits
+    assert len(read_idx(raw)) == 1000 and read_idx(raw).max() == 9
 
 
-def test_truncated_file_names_the_file_and_the_defect(mnist_dir, tmp_path):
-    whole = gzip.decompress((mnist_dir / "t10k-images-idx3-ubyte.gz").read_bytes())
+def test_truncated_file_names_the_file_and_the_defect(digits_dir, tmp_path):
+    whole = gzip.decompress((digits_dir / "t10k-images-idx3-ubyte.gz").read_bytes())
     cut = tmp_path / "t10k-images-idx3-ubyte"
     cut.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: truncated: the header promises 10,000 items"):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: truncated: the header promises 1,000 items"):
         read_idx(cut)
     tiny = tmp_path / "tiny"
     tiny.write_bytes(b"\x00\x00\x08")

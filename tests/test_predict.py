@@ -33,6 +33,14 @@ def best_model(mnist, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def digits_model(digits, tmp_path_factory):
+    """The best recipe for three epochs on the 4,000 small-set digits: a model every machine can make."""
+    out = tmp_path_factory.mktemp("digits-model")
+    run(preset_config("best", epochs=3), digits, out, reporter=Reporter())
+    return out
+
+
+@pytest.fixture(scope="session")
 def photos(mnist, tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")
     rng = np.random.default_rng(0)
@@ -74,9 +82,9 @@ def test_predict_reads_realistic_photos(best_model, photos, tmp_path):
     assert naive_agree < agree - 0.4, (naive_agree, agree)
 
 
-def test_preprocess_centres_the_digit_like_mnist(mnist):
+def test_preprocess_centres_the_digit_like_mnist(digits):
     rng = np.random.default_rng(1)
-    image = np.asarray(synthetic_photo(mnist.test_images[0].numpy(), rng).convert("L"), dtype=np.float32) / 255
+    image = np.asarray(synthetic_photo(digits.test_images[0].numpy(), rng).convert("L"), dtype=np.float32) / 255
     digit = preprocess(image)
     assert digit.shape == (28, 28) and digit.dtype == np.uint8
     ys, xs = np.nonzero(digit > 30)
@@ -88,7 +96,7 @@ def test_preprocess_centres_the_digit_like_mnist(mnist):
     assert digit[0].max() == 0 and digit[:, 0].max() == 0  # clean background, as in MNIST
 
 
-def test_bad_pictures_get_one_line_each(best_model, tmp_path):
+def test_bad_pictures_get_one_line_each(digits_model, tmp_path):
     (tmp_path / "notes.png").write_text("this is not an image")
     Image.new("L", (400, 300), 230).save(tmp_path / "blank.png")
     good = Image.new("L", (200, 200), 235)
@@ -96,12 +104,12 @@ def test_bad_pictures_get_one_line_each(best_model, tmp_path):
     good.save(tmp_path / "one.png")
     whole = (tmp_path / "one.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
-    result = run_cli("predict", str(best_model), str(tmp_path), "--json")
+    result = run_cli("predict", str(digits_model), str(tmp_path), "--json")
     assert result.returncode == 2  # some inputs were bad ...
     answers = {a["file"].split("/")[-1]: a for a in json.loads(result.stdout)}
     assert answers["one.png"]["digit"] == 1  # ... and the good one was still read
     lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith(f"checkpoint: {best_model / 'best.safetensors'} (best validation accuracy")
+    assert lines[0].startswith(f"checkpoint: {digits_model / 'best.safetensors'} (best validation accuracy")
     errors = lines[1:]
     assert len(errors) == 3 and "Traceback" not in result.stderr
     assert any("blank.png: no digit found" in e for e in errors)
@@ -153,23 +161,23 @@ def _a_seven(size: int = 200) -> np.ndarray:
     return ndimage.gaussian_filter(np.asarray(page, dtype=np.float32) / 255, 1.5)  # a pen's soft edge
 
 
-def test_save_preprocessed_names_never_collide_and_all_bad_leaves_no_folder(best_model, tmp_path):
+def test_save_preprocessed_names_never_collide_and_all_bad_leaves_no_folder(digits_model, tmp_path):
     ink = _a_seven()
     for rel in ("a/x.png", "a/x.jpg", "b/x.png"):
         (tmp_path / rel).parent.mkdir(exist_ok=True)
         Image.fromarray((255 - ink * 200).astype(np.uint8)).save(tmp_path / rel)
     seen = tmp_path / "seen"
-    result = run_cli("predict", str(best_model), str(tmp_path / "a"), str(tmp_path / "b" / "x.png"),
+    result = run_cli("predict", str(digits_model), str(tmp_path / "a"), str(tmp_path / "b" / "x.png"),
                      "--save-preprocessed", str(seen))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in seen.iterdir()) == ["a_x.jpg.28x28.png", "a_x.png.28x28.png", "b_x.png.28x28.png"]
     (tmp_path / "junk.png").write_text("not an image")
-    result = run_cli("predict", str(best_model), str(tmp_path / "junk.png"), "--save-preprocessed",
+    result = run_cli("predict", str(digits_model), str(tmp_path / "junk.png"), "--save-preprocessed",
                      str(tmp_path / "never"))
     assert result.returncode == 2 and not (tmp_path / "never").exists()
 
 
-def test_sixteen_bit_greys_are_read_at_full_depth(best_model, tmp_path):
+def test_sixteen_bit_greys_are_read_at_full_depth(digits_model, tmp_path):
     ink = _a_seven()
     # A pencil 7 in a 16-bit scan: paper at 40,000, ink 8,000 darker, out of 65,535. Pillow's
     # own squeeze to 8 bits clips everything above 255: a white page, "no digit found".
@@ -179,21 +187,21 @@ def test_sixteen_bit_greys_are_read_at_full_depth(best_model, tmp_path):
     assert Image.open(path).mode.startswith("I")
     grey = load_grey(path)
     assert len(np.unique(np.round(grey * 65535))) > 20  # the anti-aliased edge survives
-    result = run_cli("predict", str(best_model), str(path), "--json")
+    result = run_cli("predict", str(digits_model), str(path), "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)[0]["digit"] == 7
 
 
-def test_a_pipe_and_a_newline_in_a_name_get_one_line(best_model, tmp_path):
+def test_a_pipe_and_a_newline_in_a_name_get_one_line(digits_model, tmp_path):
     import os
 
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
-    result = run_cli("predict", str(best_model), str(fifo), timeout=60)  # must not hang
+    result = run_cli("predict", str(digits_model), str(fifo), timeout=60)  # must not hang
     assert result.returncode == 2 and "not a regular file" in result.stderr
     odd = tmp_path / "two\nlines.png"
     odd.write_text("not an image")
-    result = run_cli("predict", str(best_model), str(odd))
+    result = run_cli("predict", str(digits_model), str(odd))
     errors = [line for line in result.stderr.splitlines() if line.startswith("digitlab: error")]
     assert len(errors) == 1 and "two\\nlines.png: not an image" in errors[0]
     assert result.stderr.strip().splitlines() == errors

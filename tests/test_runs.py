@@ -24,10 +24,10 @@ from digitlab.runs import STATE_FILE, run
 
 
 @pytest.fixture(scope="session")
-def small(mnist):
+def small(digits):
     """3,200 training images (50 batches of 64), 1,000 test images: epochs of a fraction of a second."""
-    return replace(mnist, train_images=mnist.train_images[:3200], train_labels=mnist.train_labels[:3200],
-                   test_images=mnist.test_images[:1000], test_labels=mnist.test_labels[:1000], source="subset")
+    return replace(digits, train_images=digits.train_images[:3200], train_labels=digits.train_labels[:3200],
+                   source="subset")
 
 
 class SignalAt(Reporter):
@@ -132,17 +132,18 @@ def test_patience_stops_early_and_the_best_checkpoint_is_kept(small, tmp_path):
     assert [r["epoch"] for r in more.history.epochs] == [0, 1, 2, 3] and more.state.stopped == "patience"
 
 
-def test_validation_split_is_stratified_seeded_and_disjoint(mnist):
+def test_validation_split_is_stratified_seeded_and_disjoint(digits):
     from digitlab.data import stratified_split
 
-    kept, held = stratified_split(mnist.train_labels, 5000, seed=0)
-    assert len(held) == 5000 and len(kept) == 55000
-    assert len(set(kept.tolist()) | set(held.tolist())) == 60000
-    share = torch.bincount(mnist.train_labels[held].long(), minlength=10).float() / 5000
-    overall = torch.bincount(mnist.train_labels.long(), minlength=10).float() / 60000
-    assert (share - overall).abs().max() < 0.001  # each digit in its share, to within an image
-    assert torch.equal(stratified_split(mnist.train_labels, 5000, seed=0)[1], held)
-    assert not torch.equal(stratified_split(mnist.train_labels, 5000, seed=1)[1], held)
+    labels = digits.train_labels
+    kept, held = stratified_split(labels, 400, seed=0)
+    assert len(held) == 400 and len(kept) == 3600
+    assert len(set(kept.tolist()) | set(held.tolist())) == 4000
+    share = torch.bincount(labels[held].long(), minlength=10).float() / 400
+    overall = torch.bincount(labels.long(), minlength=10).float() / 4000
+    assert (share - overall).abs().max() <= 1 / 400  # each digit in its share, to within an image
+    assert torch.equal(stratified_split(labels, 400, seed=0)[1], held)
+    assert not torch.equal(stratified_split(labels, 400, seed=1)[1], held)
 
 
 def test_metrics_csv_tensorboard_and_a_plot_for_a_short_run(small, tmp_path):
@@ -190,11 +191,11 @@ def test_config_file_reproduces_a_run_and_bad_files_name_the_key(small, tmp_path
 # ---------------------------------------------------------------------------- the real command, real signals
 
 TRAIN = ["train", "cnn", "--task", "classify", "--optimizer", "adam", "--lr", "0.002", "--schedule", "cosine",
-         "--augment", "--epochs", "3", "--batches", "40", "--log-every", "1", "--val-split", "1000"]
+         "--augment", "--epochs", "3", "--batches", "40", "--log-every", "1", "--val-split", "400"]
 
 
-def _start(mnist_dir: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "digitlab", *TRAIN, "--data-dir", str(mnist_dir), "--out", str(out)],
+def _start(digits_dir: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "digitlab", *TRAIN, "--data-dir", str(digits_dir), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -207,18 +208,18 @@ def _wait_for(process: subprocess.Popen, prefix: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def left_alone(mnist_dir, tmp_path_factory):
+def left_alone(digits_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("alone") / "run"
-    result = run_cli(*TRAIN, "--data-dir", str(mnist_dir), "--out", str(out))
+    result = run_cli(*TRAIN, "--data-dir", str(digits_dir), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "cnn ━" in result.stdout  # the progress bar names the run's model
     return json.loads((out / "history.json").read_text())
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
-def test_a_real_signal_then_resume_gives_the_same_losses(mnist_dir, tmp_path, left_alone, signum, code):
+def test_a_real_signal_then_resume_gives_the_same_losses(digits_dir, tmp_path, left_alone, signum, code):
     out = tmp_path / "run"
-    process = _start(mnist_dir, out)
+    process = _start(digits_dir, out)
     _wait_for(process, "epoch 0 done")  # the state of epoch 0 is on disk ...
     _wait_for(process, "epoch: 1, batch: 12,")  # ... and epoch 1 is under way
     process.send_signal(signum)
@@ -233,7 +234,7 @@ def test_a_real_signal_then_resume_gives_the_same_losses(mnist_dir, tmp_path, le
     else:
         assert stderr.strip().splitlines()[-1].startswith(f"digitlab: interrupted ({signal.Signals(signum).name})")
         assert state["position"]["epoch"] == 1 and 13 <= state["position"]["batch"] < 40
-    resumed = run_cli("train", "--resume", str(out), "--data-dir", str(mnist_dir))
+    resumed = run_cli("train", "--resume", str(out), "--data-dir", str(digits_dir))
     assert resumed.returncode == 0, resumed.stderr
     history = json.loads((out / "history.json").read_text())
     assert len(history["batch_loss"]) == 120
@@ -241,27 +242,27 @@ def test_a_real_signal_then_resume_gives_the_same_losses(mnist_dir, tmp_path, le
     assert history["epochs"][-1]["val_accuracy"] == left_alone["epochs"][-1]["val_accuracy"]
 
 
-def test_resume_errors_on_the_command_line(mnist_dir, tmp_path):
+def test_resume_errors_on_the_command_line(digits_dir, tmp_path):
     from test_cli import _one_error_line
 
     _one_error_line(run_cli("train", "--resume", str(tmp_path)), "holds no state.safetensors")
     _one_error_line(run_cli("train", "--resume", str(tmp_path / "absent")), "not a folder")
     out = tmp_path / "run"
-    assert run_cli("train", "mlp", "--epochs", "1", "--batches", "5", "--data-dir", str(mnist_dir),
+    assert run_cli("train", "mlp", "--epochs", "1", "--batches", "5", "--data-dir", str(digits_dir),
                    "--out", str(out)).returncode == 0
     before = _folder_digest(out)
-    _one_error_line(run_cli("train", "cnn", "--resume", str(out), "--data-dir", str(mnist_dir)),
+    _one_error_line(run_cli("train", "cnn", "--resume", str(out), "--data-dir", str(digits_dir)),
                     "with model = 'cnn': the run was trained with 'mlp'")
-    _one_error_line(run_cli("train", "--resume", str(out), "--lr", "0.1", "--data-dir", str(mnist_dir)),
+    _one_error_line(run_cli("train", "--resume", str(out), "--lr", "0.1", "--data-dir", str(digits_dir)),
                     "--resume may change only epochs, patience, device, tensorboard")
-    _one_error_line(run_cli("train", "--resume", str(out), "--data-dir", str(mnist_dir)), "finished all 1 epochs")
+    _one_error_line(run_cli("train", "--resume", str(out), "--data-dir", str(digits_dir)), "finished all 1 epochs")
     assert _folder_digest(out) == before
-    more = run_cli("train", "--resume", str(out), "--epochs", "2", "--data-dir", str(mnist_dir))
+    more = run_cli("train", "--resume", str(out), "--epochs", "2", "--data-dir", str(digits_dir))
     assert more.returncode == 0, more.stderr
     assert len(json.loads((out / "history.json").read_text())["epochs"]) == 2
     config = tmp_path / "c.toml"
     config.write_text('model = "mlp"\nepochs = 1\nmax_batches = 5\nlr = 0.5\n')
-    again = run_cli("train", "--config", str(config), "--lr", "0.02", "--data-dir", str(mnist_dir),
+    again = run_cli("train", "--config", str(config), "--lr", "0.02", "--data-dir", str(digits_dir),
                     "--out", str(tmp_path / "from-file"))
     assert again.returncode == 0, again.stderr
     saved = read_config_file(tmp_path / "from-file" / "config.toml")
