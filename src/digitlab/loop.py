@@ -292,7 +292,7 @@ def _check_finite(losses: torch.Tensor, start: int, state: TrainState, optimizer
     if not bool(torch.isfinite(window).all()):
         batch = start + int((~torch.isfinite(window)).nonzero()[0])
         raise Diverged(f"diverged at epoch {state.epoch}, batch {batch}: the loss became {float(losses[batch])}; "
-                       f"try a lower --lr (this run's: {optimizer.param_groups[0]['lr']:g})")
+                       f"try a lower --lr (this run's: {optimizer.param_groups[0].get('initial_lr', 0):g})")
 
 
 def _end_epoch(state: TrainState, model, optimizer, per_epoch: int, validate, patience: int) -> dict:

@@ -35,7 +35,7 @@ from .data import MNIST, PIXEL_CENTER, PIXEL_SCALE, InMemoryLoader, fingerprint,
 from .errors import UserError
 from .fast_mlp import HandWrittenMLPStep
 from .files import PART_SUFFIX, one_line, prepare_out_dir, write_safetensors, write_text
-from .loop import EPOCH_COLUMNS, ConsoleReporter, History, Reporter, Reporters, TensorBoardReporter, TrainState, fit
+from .loop import EPOCH_COLUMNS, ConsoleReporter, Diverged, History, Reporter, Reporters, TensorBoardReporter, TrainState, fit
 from .models import create_model, place
 from .optim import make_optimizer
 
@@ -413,10 +413,15 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, device: t
     if cfg.tensorboard:
         reporter = Reporters(reporter, TensorBoardReporter(out_dir / TENSORBOARD_DIR))
     fast_step = HandWrittenMLPStep.for_model(model, optimizer, cfg.task) if cfg.fast_mlp else None
-    state = fit(model, loader, optimizer, epochs=cfg.epochs, task=cfg.task, state=state, log_every=cfg.log_every,
-                max_batches=cfg.max_batches, schedule=cfg.schedule, augment=augment,
-                validate=validate if split.val_images is not None else None,
-                patience=cfg.patience, fast_step=fast_step, reporter=reporter, save=save, name=cfg.model)
+    try:
+        state = fit(model, loader, optimizer, epochs=cfg.epochs, task=cfg.task, state=state,
+                    log_every=cfg.log_every, max_batches=cfg.max_batches, schedule=cfg.schedule, augment=augment,
+                    validate=validate if split.val_images is not None else None, patience=cfg.patience,
+                    fast_step=fast_step, reporter=reporter, save=save, name=cfg.model)
+    except Diverged as e:
+        if (out_dir / STATE_FILE).exists():
+            raise Diverged(f"{e}; '{one_line(str(out_dir))}' keeps the state of the last epoch before it") from None
+        raise
 
     # The test set is scored once, at the end, on the checkpoint that `evaluate` and `predict` use.
     scored = out_dir / WEIGHTS_FILE
