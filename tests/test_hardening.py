@@ -267,3 +267,27 @@ def test_evaluating_a_model_on_its_own_training_digits_is_refused(digits, tmp_pa
     assert result.returncode == 2 and len(lines) == 1 and "measure memory, not accuracy" in lines[0]
     insisted = run_cli("evaluate", str(out), "--allow-overlap", "--json", env=offline)
     assert insisted.returncode == 0 and "not a test score" in json.loads(insisted.stdout)["note"]
+
+
+def test_libtiff_complaints_do_not_reach_the_terminal(digits_dir, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    page = np.full((60, 48), 235, np.uint8)
+    page[10:50, 22:28] = 20
+    buffer = io.BytesIO()
+    Image.fromarray(page).save(buffer, format="TIFF", compression="tiff_lzw")
+    data = buffer.getvalue()
+    damaged = bytearray(data)
+    damaged[8:40] = bytes(32)  # the LZW strip: libtiff writes "LZWDecode: ..." to descriptor 2 itself
+    (tmp_path / "damaged.tiff").write_bytes(bytes(damaged))
+    (tmp_path / "cut.tiff").write_bytes(data[: len(data) // 3])
+    model = tmp_path / "model"
+    assert run_cli("train", "mlp", "--epochs", "1", "--batches", "3", "--task", "classify",
+                   "--data-dir", str(digits_dir), "--out", str(model)).returncode == 0
+    for name in ("damaged.tiff", "cut.tiff"):
+        result = run_cli("predict", str(model), str(tmp_path / name))
+        assert result.returncode == 2
+        assert [line for line in result.stderr.splitlines() if not line.startswith("digitlab: error")] == []

@@ -15,9 +15,13 @@ MNIST recipe on any picture:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
+import sys
+import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +57,7 @@ def load_grey(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():  # a FIFO or a device would hang the reader
         raise ImageError(f"{name}: {'not a regular file' if path.exists() else 'no such file'}")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _libtiff_quiet(path):
             # Pillow's own warnings (its bomb check from 89 MP, EXIF and TIFF oddities) would reach the
             # user as library noise; what matters becomes one ImageError line below.
             warnings.simplefilter("ignore")
@@ -72,6 +76,31 @@ def load_grey(path: str | os.PathLike) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, TypeError, IndexError, struct.error, EOFError,
             MemoryError, ZeroDivisionError, KeyError, AttributeError) as e:  # truncated or corrupt data
         raise ImageError(f"{name}: broken or truncated image ({one_line(str(e))[:120]})") from None
+
+
+_STDERR_LOCK = threading.Lock()
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+@contextlib.contextmanager
+def _libtiff_quiet(path: Path):
+    """libtiff writes its complaints about a damaged TIFF straight to file descriptor 2, past Python's
+    warnings. For a TIFF, point descriptor 2 elsewhere while it is decoded (a lock keeps threads in
+    turn; other output in that moment is lost, so this is done for TIFFs alone)."""
+    with open(path, "rb") as f:
+        is_tiff = f.read(4) in TIFF_MAGIC
+    if not is_tiff:
+        yield
+        return
+    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _grey(im: Image.Image) -> np.ndarray:
