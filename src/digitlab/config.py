@@ -187,11 +187,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
 
+    from .files import regular_file
+
     path = Path(path)
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"no config file at '{path}'") from None
+        table = tomllib.loads(regular_file(path, "config file").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read the config file ({e})") from None
     except tomllib.TOMLDecodeError as e:

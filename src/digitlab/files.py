@@ -35,6 +35,15 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def regular_file(path: str | os.PathLike, what: str) -> Path:
+    """`path`, if it is a regular file: a pipe or a device would hang the reader. Else one UserError."""
+    path = Path(path)
+    if not path.is_file():
+        problem = "is not a regular file (a pipe or a device?)" if path.exists() else "does not exist"
+        raise UserError(f"{what} '{one_line(str(path))}' {problem}")
+    return path
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Write `path` through `write(temporary_path)`, atomically.
 

@@ -230,7 +230,7 @@ def fit(
     reporter.start(name, total_steps, state.step)
     try:
         with signals.graceful():
-            while state.epoch < epochs and not signals.received():
+            while state.epoch < epochs and not state.stopped and not signals.received():
                 start, first, images_before = time.perf_counter(), state.batch, history.images
                 model.train()
                 loader.generator.set_state(state.shuffle)

@@ -34,7 +34,7 @@ from .config import CONFIG_FILE, FIELDS, TASK_OUTPUTS, TrainConfig, check_value,
 from .data import MNIST, PIXEL_CENTER, PIXEL_SCALE, InMemoryLoader, fingerprint, stratified_split
 from .errors import UserError
 from .fast_mlp import HandWrittenMLPStep
-from .files import PART_SUFFIX, one_line, prepare_out_dir, write_safetensors, write_text
+from .files import PART_SUFFIX, one_line, prepare_out_dir, regular_file, write_safetensors, write_text
 from .loop import EPOCH_COLUMNS, ConsoleReporter, Diverged, History, Reporter, Reporters, TensorBoardReporter, TrainState, fit
 from .models import create_model, place
 from .optim import make_optimizer
@@ -317,12 +317,23 @@ def _check_resumable(run_dir: Path, config: TrainConfig, record: dict, data_info
         raise UserError(f"cannot extend '{run_dir}' from {saved.epochs} to {config.epochs} epochs: its "
                         f"{saved.schedule} schedule was planned over {saved.epochs} and would change the steps "
                         "already taken; start a new run with the epochs you want")
+    if not _finished(run_dir, done):
+        return  # killed after its last epoch, before its final files: resuming writes them
     if stopped == "patience" and config.patience == saved.patience:
         raise UserError(f"'{run_dir}' stopped early after epoch {done - 1}: no better validation accuracy for "
                         f"{saved.patience} epochs; pass a larger --patience (or 0) to train on")
     if done == config.epochs and stopped != "patience":
         raise UserError(f"'{run_dir}' has finished all {done} epochs; pass --epochs N (more than {done}) "
                         "to train it further")
+
+
+def _finished(run_dir: Path, epochs_done: int) -> bool:
+    """Whether the run wrote its final files (history.json) after the state's last epoch, not on a stop."""
+    try:
+        results = json.loads((run_dir / HISTORY_FILE).read_text(encoding="utf-8")).get("results") or {}
+        return results.get("epochs_completed") == epochs_done and not results.get("interrupted")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # ---------------------------------------------------------------------------- a run
@@ -386,9 +397,8 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
 
 def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, device: torch.device, record: dict | None,
            tensors: dict | None, reporter: Reporter | None) -> RunResult:
-    """The body of `run`, in a folder it has claimed."""
+    """The body of `run`, in a folder it has claimed: build, restore, train."""
     from .evaluate import evaluate
-    from .plots import plot_run_loss, save_figure
 
     torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
     model = place(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task], init=cfg.init), device)
@@ -398,7 +408,8 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, device: t
     state = TrainState()
     if record is not None:
         state = _restore(record, tensors, model, optimizer, augment, device)
-        state.stopped = None
+        if state.stopped != "patience" or cfg.patience != record["config"]["patience"]:
+            state.stopped = None  # a signal's stop is over; a patience stop stands unless patience changed
     write_text(out_dir / CONFIG_FILE, config_toml(cfg))
 
     def validate(m) -> tuple[float, float]:
@@ -423,17 +434,22 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, device: t
             raise Diverged(f"{e}; '{one_line(str(out_dir))}' keeps the state of the last epoch before it") from None
         raise
 
-    # The test set is scored once, at the end, on the checkpoint that `evaluate` and `predict` use.
-    scored = out_dir / WEIGHTS_FILE
-    if state.best_epoch is not None and (out_dir / BEST_FILE).is_file():
-        from .checkpoint import read_checkpoint
+    return _finish(cfg, data, split, out_dir, state, model, device)
 
+
+def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: TrainState, model,
+            device: torch.device) -> RunResult:
+    """Score the test set once, on the checkpoint that `evaluate` and `predict` use (the best one
+    when the run validated), and write the run's final files."""
+    from .checkpoint import read_checkpoint
+    from .evaluate import evaluate
+    from .plots import plot_run_loss, save_figure
+
+    scored, test_model = out_dir / WEIGHTS_FILE, model
+    if state.best_epoch is not None and (out_dir / BEST_FILE).is_file():
         scored = out_dir / BEST_FILE
-        best_weights, _ = read_checkpoint(scored)
         test_model = place(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task]), device)
-        test_model.load_state_dict(best_weights)
-    else:
-        test_model = model
+        test_model.load_state_dict(read_checkpoint(scored)[0])
     final = evaluate(test_model, data.test_images, data.test_labels, task=cfg.task)
     params = sum(p.numel() for p in model.parameters())
     history = state.history
@@ -485,7 +501,8 @@ def _restore(record: dict, tensors: dict, model, optimizer, augment, device) -> 
         position = record["position"]
         return TrainState(epoch=position["epoch"], batch=position["batch"], step=position["step"],
                           shuffle=rng["shuffle"], best_accuracy=position["best_accuracy"],
-                          best_epoch=position["best_epoch"], history=_saved_history(record["history"]))
+                          best_epoch=position["best_epoch"], stopped=position["stopped"],
+                          history=_saved_history(record["history"]))
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise UserError(f"cannot resume: {STATE_FILE} does not fit this run ({type(e).__name__}: "
                         f"{str(e).splitlines()[0]}); train it again into a new folder") from None
@@ -496,9 +513,10 @@ def read_history(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / HISTORY_FILE
+    if not path.exists():
+        raise UserError(f"no training history at '{one_line(str(path))}'; pass a run folder made by "
+                        "`digitlab train`")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"no training history at '{path}'; pass a run folder made by `digitlab train`") from None
+        return json.loads(regular_file(path, "history").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"{one_line(str(path))}: not a readable history file ({one_line(str(e))[:100]})") from None
