@@ -66,13 +66,18 @@ def test_paddle_initialisation():
 def test_inference_max_pool_equals_torch(shape):
     x = torch.randn(shape)
     x[0, 0, :2, :2] = 1.0  # a tie
+    pool = MaxPool2d(2).eval()
+    reference = torch.nn.functional.max_pool2d(x, 2)
     with torch.inference_mode():
-        fast = MaxPool2d(2)(x)
-        reference = torch.nn.functional.max_pool2d(x, 2)
-        channels_last = MaxPool2d(2, 2)(x.contiguous(memory_format=torch.channels_last))
-    assert torch.equal(fast, reference) and torch.equal(channels_last, reference)
+        assert torch.equal(pool(x), reference)
+        assert torch.equal(MaxPool2d(2, 2).eval()(x.contiguous(memory_format=torch.channels_last)), reference)
+    assert torch.equal(pool(x), reference)  # grad mode on: the same path, the same values
+    traced = [torch.jit.trace(pool, x).graph for _ in range(2)]
     with torch.no_grad():
-        assert torch.equal(MaxPool2d(2)(x), reference)
+        traced.append(torch.jit.trace(pool, x).graph)
+    ops = [sorted(n.kind() for n in graph.nodes()) for graph in traced]
+    assert ops[0] == ops[2] and "aten::max_pool2d" not in ops[0]  # the graph does not follow autograd
+    assert "aten::max_pool2d" in {n.kind() for n in torch.jit.trace(MaxPool2d(2), x).graph.nodes()}
 
 
 def test_package_names_are_the_notebook_functions():

@@ -170,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the 28x28 picture the network saw for each input into DIR (default: don't)")
     p.set_defaults(func=cmd_predict)
 
+    p = commands.add_parser("serve", help="a local web page: draw a digit and watch every loaded model read it")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders (or checkpoints) to load")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
+    p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("export", help="write a run's model as ONNX, for onnxruntime and other tools")
+    p.add_argument("run", type=Path, metavar="RUN", help="a run folder (its best checkpoint) or a checkpoint")
+    p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=_opset, default=17, help="ONNX opset, 17 or newer (default: %(default)s)")
+    p.set_defaults(func=cmd_export)
+
     p = commands.add_parser("plot", help="draw a loss curve, a two-run comparison, or the sigmoid")
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     k = kinds.add_parser("loss", help="one run's loss curve")
@@ -187,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file name without extension; writes .png and .svg (default: %(default)s)")
     k.set_defaults(func=cmd_plot_sigmoid)
     return parser
+
+
+def _port(text: str) -> int:
+    return _number(text, int, lambda v: 0 <= v <= 65535, "a port number, 0-65535")
+
+
+def _opset(text: str) -> int:
+    return _number(text, int, lambda v: 17 <= v <= 21, "an opset from 17 to 21")
 
 
 def _version() -> str:
@@ -377,6 +397,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 table.add_row(p.file, str(p.digit), confidence, top)
         _console().print(table)
     return EXIT_USAGE if any(p.error for p in predictions) else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise UserError(f"serve needs the serve extra ({e.name} is missing): pip install 'digitlab[serve]'") from None
+    from . import signals
+
+    serve(args.runs, host=args.host, port=args.port)
+    if signals.received():  # uvicorn stopped on Ctrl-C or SIGTERM, and handed the signal back
+        raise signals.Interrupted(signals.received())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    print(f"wrote {export_onnx(args.run, args.out, opset=args.opset)}")
+    return 0
 
 
 def cmd_plot_loss(args: argparse.Namespace) -> int:

@@ -43,18 +43,19 @@ def init_like_paddle(model: nn.Module) -> nn.Module:
 
 
 class MaxPool2d(nn.MaxPool2d):
-    """nn.MaxPool2d that skips the arg-max indices when no gradient is wanted.
+    """nn.MaxPool2d that, in eval mode, skips the arg-max indices.
 
-    Under inference_mode a 2x2/stride-2 pool becomes three elementwise maxima of strided
-    views: the same values, bit for bit, about 15% faster evaluation of the chapter's cnn
-    on a CPU. In training it is nn.MaxPool2d itself. It keeps the name, so summary tables
-    read as the chapter's.
+    In eval mode a 2x2/stride-2 pool is three elementwise maxima of strided views: the same
+    values, bit for bit, about 15% faster evaluation of the chapter's cnn on a CPU. In
+    training mode it is nn.MaxPool2d itself (whose gradient for tied values training relies
+    on). The switch is the module's mode, never autograd's, so an exported graph is the
+    same whether or not gradients were on. It keeps the name, so summary tables read as
+    the chapter's.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or (self.kernel_size, self.stride, self.padding, self.dilation,
-                                       self.ceil_mode) not in (((2, 2), (2, 2), (0, 0), (1, 1), False),
-                                                               (2, 2, 0, 1, False)):
+        if self.training or (self.kernel_size, self.stride, self.padding, self.dilation,
+                             self.ceil_mode) not in (((2, 2), (2, 2), (0, 0), (1, 1), False), (2, 2, 0, 1, False)):
             return super().forward(x)
         h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2  # floor mode drops an odd last row/column
         x = x[..., :h, :w]

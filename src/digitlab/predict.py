@@ -16,6 +16,7 @@ MNIST recipe on any picture:
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import struct
@@ -45,23 +46,30 @@ class ImageError(UserError):
     """A file that cannot be read as a picture of a digit."""
 
 
-def load_grey(path: str | os.PathLike) -> np.ndarray:
-    """Any PNG/JPEG/BMP/WebP/GIF/TIFF as float32 grey in [0, 1]; RGBA composited onto white.
+def load_grey(source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
+    """Any PNG/JPEG/BMP/WebP/GIF/TIFF file (or its bytes, as uploaded) as float32 grey in [0, 1];
+    RGBA composited onto white.
 
     16-bit and floating-point greys are read at their full depth: squeezing them to 8 bits
-    first can collapse a faint drawing to two levels.
+    first can collapse a faint drawing to two levels. `name` names the picture in errors.
     """
-    path = Path(path)
-    name = one_line(str(path))
     too_big = f"is over {MAX_PIXELS // 1_000_000} megapixels; crop or shrink it first"
-    if not path.is_file():  # a FIFO or a device would hang the reader
-        raise ImageError(f"{name}: {'not a regular file' if path.exists() else 'no such file'}")
+    if isinstance(source, bytes):
+        name, opened, head = name or "upload", io.BytesIO(source), source[:4]
+    else:
+        path = Path(source)
+        name = name or one_line(str(path))
+        if not path.is_file():  # a FIFO or a device would hang the reader
+            raise ImageError(f"{name}: {'not a regular file' if path.exists() else 'no such file'}")
+        with open(path, "rb") as f:
+            head = f.read(4)
+        opened = path
     try:
-        with warnings.catch_warnings(), _libtiff_quiet(path):
+        with warnings.catch_warnings(), _libtiff_quiet(head in TIFF_MAGIC):
             # Pillow's own warnings (its bomb check from 89 MP, EXIF and TIFF oddities) would reach the
             # user as library noise; what matters becomes one ImageError line below.
             warnings.simplefilter("ignore")
-            with Image.open(path) as im:
+            with Image.open(opened) as im:
                 if im.width * im.height > MAX_PIXELS:  # the header is read, the pixels are not yet
                     raise ImageError(f"{name}: {im.width}x{im.height} {too_big}")
                 im.load()
@@ -83,12 +91,10 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 @contextlib.contextmanager
-def _libtiff_quiet(path: Path):
+def _libtiff_quiet(is_tiff: bool):
     """libtiff writes its complaints about a damaged TIFF straight to file descriptor 2, past Python's
     warnings. For a TIFF, point descriptor 2 elsewhere while it is decoded (a lock keeps threads in
     turn; other output in that moment is lost, so this is done for TIFFs alone)."""
-    with open(path, "rb") as f:
-        is_tiff = f.read(4) in TIFF_MAGIC
     if not is_tiff:
         yield
         return

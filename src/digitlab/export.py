@@ -1,0 +1,58 @@
+"""`digitlab export`: a run's model as an ONNX file that needs nothing of digitlab to use.
+
+The graph takes `image`, float32 (N, 1, 28, 28) in pixel units 0-255, white ink on black
+as MNIST stores it (and as `preprocess` returns it), for any batch size N. The model's own
+normalisation is part of the graph, so a user needs no constants. The output is `logits`
+(N, 10) for a classifier, or `value` (N, 1) for the chapter's regression models.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .errors import UserError
+from .files import write_atomic
+
+
+class PixelInput(nn.Module):
+    """The model behind its normalisation: pixels 0-255 in, the model's outputs out."""
+
+    def __init__(self, model: nn.Module, center: float, scale: float):
+        super().__init__()
+        self.model, self.center, self.scale = model, center, scale
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model((image - self.center) / self.scale)  # (N, 1, 28, 28) pixels -> the model's range
+
+
+def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17) -> Path:
+    """Write the run's model (its best checkpoint where it has one) to `out` as ONNX; returns `out`."""
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("export needs the onnx extra: pip install 'digitlab[onnx]'") from None
+    model, meta = load_checkpoint(run)
+    norm = meta.get("normalization") or {"center": 127.5, "scale": 127.5}
+    # Eval mode fixes the graph: dropout off, BatchNorm's running statistics, the index-free pool.
+    wrapped = PixelInput(model.to(memory_format=torch.contiguous_format), **norm).eval()
+    output = "logits" if meta["task"] == "classify" else "value"
+    out = Path(out)
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            # The TorchScript-based exporter: the torch.export-based one would need onnxscript as
+            # well, for the same graph of these small models.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, (torch.zeros(1, 1, 28, 28),), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=["image"], output_names=[output],
+                              dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}})
+        onnx.checker.check_model(onnx.load(str(tmp)))
+
+    if out.parent != Path("") and not out.parent.is_dir():
+        raise UserError(f"cannot write '{out}': its folder does not exist")
+    return write_atomic(out, write)

@@ -1,0 +1,274 @@
+"""`digitlab serve` for real: uvicorn on a free port of 127.0.0.1, its JSON API, a real Chromium
+drawing on the page through Playwright, and `digitlab export` run in onnxruntime."""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import ROOT, run_cli
+from digitlab.config import preset_config
+from digitlab.loop import Reporter
+from digitlab.predict import synthetic_photo
+from digitlab.runs import run
+
+httpx = pytest.importorskip("httpx")
+
+
+@pytest.fixture(scope="module")
+def runs(digits, tmp_path_factory, request):
+    """A classifier that reads hand-drawn digits (the fast recipe; on the full set where there is one)
+    and the chapter's regression cnn."""
+    from conftest import MNIST_DIR
+
+    folder = tmp_path_factory.mktemp("served")
+    if (MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
+        data, epochs = request.getfixturevalue("mnist"), 1
+    else:
+        data, epochs = digits, 6
+    run(preset_config("fast", epochs=epochs, augment=True), data, folder / "convnet_small", reporter=Reporter())
+    run(preset_config("chapter", "cnn", epochs=1), digits, folder / "cnn", reporter=Reporter())
+    return [folder / "convnet_small", folder / "cnn"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "digitlab", "serve", *map(str, runs), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(url + "/api/models", timeout=2).raise_for_status()
+            break
+        except httpx.HTTPError:
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "the server did not start within 60 s"
+            time.sleep(0.3)
+    yield url
+    process.send_signal(signal.SIGINT)  # Ctrl-C stops it: one line, exit 130
+    stdout, stderr = process.communicate(timeout=30)
+    assert f"serving 2 models at {url}/" in stdout
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("digitlab: interrupted")
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _drawn(strokes: list[list[tuple[int, int]]], size: int = 280, width: int = 18) -> bytes:
+    page = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(page)
+    for line in strokes:
+        draw.line(line, fill=0, width=width, joint="curve")
+    return _png(page)
+
+
+SEVEN = [[(70, 60), (210, 60), (120, 230)]]
+
+
+def test_the_api_reads_a_drawing_with_every_model(server):
+    models = httpx.get(server + "/api/models").json()
+    assert [m["model"] for m in models] == ["convnet_small", "cnn"]
+    assert models[0]["params"] == 29178 and 0.9 < models[0]["test_accuracy"] <= 1
+    assert models[1]["task"] == "regress" and models[1]["conv_layers"] == ["conv1", "conv2"]
+    answer = httpx.post(server + "/api/predict", files={"image": ("seven.png", _drawn(SEVEN))}).json()
+    first, chapter = answer["models"]
+    assert first["digit"] == 7 and len(first["probabilities"]) == 10
+    assert abs(sum(first["probabilities"]) - 1) < 1e-3
+    assert "value" in chapter and 0 <= chapter["digit"] <= 9 and "probabilities" not in chapter
+    seen = Image.open(io.BytesIO(__import__("base64").b64decode(answer["image"].split(",", 1)[1])))
+    assert seen.size == (28, 28) and seen.mode == "L"
+    assert [f["layer"] for f in chapter["feature_maps"]] == ["conv1", "conv2"]
+    assert chapter["feature_maps"][0]["shape"] == [20, 28, 28]
+    assert httpx.get(server + "/openapi.json").json()["paths"]["/api/predict"]["post"]
+
+
+def test_bad_uploads_get_a_json_error_and_the_server_goes_on(server, tmp_path):
+    whole = _drawn(SEVEN)
+    huge = Image.new("1", (8000, 6000), 1)  # 48 megapixels, a few kB as PNG
+    cases = [
+        ({"image": ("notes.png", b"this is not an image")}, 400, "not an image"),
+        ({"image": ("cut.png", whole[: len(whole) // 2])}, 400, "broken or truncated"),
+        ({"image": ("blank.png", _png(Image.new("L", (200, 200), 255)))}, 400, "no digit found"),
+        ({"image": ("huge.png", _png(huge))}, 400, "megapixels"),
+        ({"picture": ("seven.png", whole)}, 422, "field named 'image'"),
+        ({"image": ("big.bin", bytes(11 * 1024 * 1024))}, 413, "over 10 MB"),
+    ]
+    for files, status, fragment in cases:
+        response = httpx.post(server + "/api/predict", files=files, timeout=30)
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert fragment in error and "\n" not in error
+        assert httpx.post(server + "/api/predict", files={"image": ("seven.png", whole)}).status_code == 200
+
+    def chunks():  # no Content-Length: counted as it arrives, and cut off at 10 MB
+        yield (b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+               b"Content-Type: image/png\r\n\r\n")
+        for _ in range(12):
+            yield bytes(1024 * 1024)
+        yield b"\r\n--x--\r\n"
+
+    response = httpx.post(server + "/api/predict", content=chunks(), timeout=30,
+                          headers={"content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 413
+    assert httpx.get(server + "/api/models").status_code == 200
+
+
+def test_three_hundred_requests_from_sixteen_clients(server, digits):
+    rng = np.random.default_rng(0)
+    photos = [_png(synthetic_photo(digits.test_images[i].numpy(), rng).convert("L")) for i in range(16)]
+
+    def client(k: int) -> list[int]:
+        with httpx.Client(base_url=server, timeout=120) as http:
+            return [http.post("/api/predict", files={"image": ("p.png", photos[k])}).status_code
+                    for _ in range(300 // 16 + (k < 300 % 16))]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        codes = [code for codes in pool.map(client, range(16)) for code in codes]
+    assert len(codes) == 300 and set(codes) == {200}
+
+
+# ---------------------------------------------------------------------------- a real browser
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install -y chromium)")
+    return path
+
+
+def _draw(page, strokes: list[list[tuple[float, float]]]) -> None:
+    """Mouse strokes on #pad, in fractions of its size."""
+    box = page.locator("#pad").bounding_box()
+    for line in strokes:
+        x, y = line[0]
+        page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"])
+        page.mouse.down()
+        for (x0, y0), (x1, y1) in zip(line, line[1:]):
+            for t in np.linspace(0, 1, 12)[1:]:
+                page.mouse.move(box["x"] + (x0 + t * (x1 - x0)) * box["width"],
+                                box["y"] + (y0 + t * (y1 - y0)) * box["height"])
+        page.mouse.up()
+
+
+DRAWINGS = {
+    "1": [[(0.5, 0.15), (0.5, 0.85)]],
+    "7": [[(0.25, 0.2), (0.75, 0.2), (0.42, 0.85)]],
+    "0": [[(0.5, 0.15), (0.72, 0.3), (0.75, 0.6), (0.55, 0.85), (0.35, 0.75), (0.28, 0.45), (0.36, 0.22),
+           (0.5, 0.15)]],
+}
+
+
+def test_a_real_browser_draws_and_uploads(server, digits, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = _chromium()
+    rng = np.random.default_rng(3)
+    photo = tmp_path / "photo.png"
+    synthetic_photo(digits.test_images[int((digits.test_labels == 3).nonzero()[0, 0])].numpy(), rng).save(photo)
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        statuses: list[int] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        # JavaScript errors; Chromium also logs each 4xx answer as a console error, counted apart below
+        page.on("console", lambda m: errors.append(m.text)
+                if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+        page.on("response", lambda r: statuses.append(r.status) if "/api/" in r.url else None)
+        page.goto(server + "/")
+        answers = {}
+        for digit, strokes in DRAWINGS.items():
+            page.click("#clear")
+            _draw(page, strokes)
+            sync_api.expect(page.locator("#answer")).not_to_have_text("", timeout=15000)
+            page.wait_for_timeout(800)  # the reading after the last stroke
+            answers[digit] = page.locator("#answer").inner_text()
+        screenshot_dir = os.environ.get("DIGITLAB_SCREENSHOT_DIR")
+        if screenshot_dir:
+            page.screenshot(path=str(Path(screenshot_dir) / "serve.png"), full_page=True)
+        assert answers == {d: d for d in DRAWINGS}, answers
+        assert page.locator(".model").count() == 2
+        assert page.locator(".model").first.locator(".bar").count() == 10
+        assert page.locator(".maps img").count() == 3 + 2  # convnet_small's 3 conv layers, the cnn's 2
+        page.click("#clear")
+        assert page.locator("#answer").inner_text() == "" and page.locator(".model").count() == 0
+        page.set_input_files("#upload", str(photo))
+        sync_api.expect(page.locator("#answer")).to_have_text("3", timeout=15000)
+        assert page.locator(".model").first.locator(".bar").count() == 10
+        assert page.evaluate("document.getElementById('seen').naturalWidth") == 28
+        browser.close()
+    assert errors == []
+    assert statuses.count(200) >= 6 and set(statuses) <= {200, 400}, statuses
+
+
+# ---------------------------------------------------------------------------- ONNX
+
+def _onnx_check(run_dir: Path, data, tmp_path: Path) -> tuple[float, float]:
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "model.onnx"
+    result = run_cli("export", str(run_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    session = ort.InferenceSession(str(out))
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    pixels = data.test_images.float().unsqueeze(1).numpy()  # (N, 1, 28, 28), 0-255, as MNIST stores them
+    logits = np.concatenate([session.run(None, {"image": pixels[i:i + 1000]})[0] for i in range(0, len(pixels), 1000)])
+    from digitlab.checkpoint import load_checkpoint
+    from digitlab.evaluate import evaluate
+
+    model, meta = load_checkpoint(run_dir)
+    reference = evaluate(model, data.test_images, data.test_labels, meta["task"])
+    assert np.abs(logits - reference.outputs.numpy()).max() < 1e-4
+    accuracy = float((logits.argmax(1) == data.test_labels.numpy()).mean())
+    assert accuracy == reference.accuracy
+    return accuracy, float(np.abs(logits - reference.outputs.numpy()).max())
+
+
+def test_onnx_export_agrees_with_pytorch(runs, digits, tmp_path):
+    _onnx_check(runs[0], digits, tmp_path)
+    out = tmp_path / "value.onnx"
+    assert run_cli("export", str(runs[1]), "--out", str(out)).returncode == 0
+    import onnx
+
+    graph = onnx.load(str(out)).graph
+    assert [o.name for o in graph.output] == ["value"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # any batch size
+
+
+def test_onnx_on_the_full_test_set(runs, mnist, tmp_path):
+    accuracy, difference = _onnx_check(runs[0], mnist, tmp_path)
+    assert accuracy > 0.98
+
+
+def test_export_does_not_depend_on_grad_mode(runs, tmp_path):
+    import onnx
+
+    from digitlab.export import export_onnx
+
+    export_onnx(runs[1], tmp_path / "a.onnx")
+    with torch.no_grad():
+        export_onnx(runs[1], tmp_path / "b.onnx")
+    ops = [[n.op_type for n in onnx.load(str(tmp_path / f"{k}.onnx")).graph.node] for k in "ab"]
+    assert ops[0] == ops[1] and "MaxPool" not in ops[0]
