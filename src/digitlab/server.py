@@ -116,6 +116,7 @@ class Reader:
                         h.remove()
                 answer = {"name": entry.name, "model": entry.meta["model"], "task": entry.meta["task"],
                           "feature_maps": [{"layer": n, "shape": list(captured[n].shape),
+                                            "shown": min(len(captured[n]), MAX_MAPS),
                                             "grid": png_data_url(feature_grid(captured[n]))} for n, _ in entry.convs]}
                 if entry.meta["task"] == "classify":
                     probabilities = out.softmax(0)
