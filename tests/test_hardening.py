@@ -45,6 +45,8 @@ def _run_files(folder: Path) -> list[str]:
     (["--weight-decay", "1e308"], "--weight-decay: must be 10 or less"),
     (["--seed", "100000000000000000000000"], "--seed: must be 4,294,967,295 or less"),
     (["--seed", "-1"], "--seed: must be 0 or more"),
+    (["--epochs", "1" + "0" * 400], "--epochs: must be 9,223,372,036,854,775,807 or less"),
+    (["--patience", "2"], "early stopping needs validation; give --val-split N"),
 ])
 def test_numbers_out_of_range(args, fragment, tmp_path):
     _one_error_line(run_cli("train", "mlp", *args, "--out", str(tmp_path / "out")), fragment)

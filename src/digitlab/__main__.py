@@ -18,6 +18,10 @@ def main() -> int:
         name = getattr(e, "name", "SIGINT")
         print(f"digitlab: interrupted ({name})", file=sys.stderr)
         return signals.EXIT_CODES.get(name, 130)
+    finally:
+        # The command is over: a signal now would only break the interpreter's own clean-up
+        # (torch's atexit hooks print a traceback). Let the process end with its own answer.
+        signals.ignore()
 
 
 if __name__ == "__main__":

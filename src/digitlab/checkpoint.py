@@ -54,7 +54,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
         raise UserError(f"{path}: a safetensors file without digitlab metadata; it was not written by digitlab")
     try:
         meta = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError, and ints too long to convert, are ValueErrors
         raise UserError(f"{path}: corrupt digitlab metadata; train again to rebuild it") from None
     return state, checked_meta(meta, path)
 
@@ -86,14 +86,18 @@ def checked_meta(meta: Any, path: Path) -> dict[str, Any]:
         raise bad(f"num_outputs {one_line(repr(outputs))[:60]}; a {task} model has {TASK_OUTPUTS[task]}")
     norm = meta.get("normalization")
     if norm is not None and not (isinstance(norm, dict) and set(norm) == {"center", "scale"} and all(
-            type(v) in (int, float) and math.isfinite(v) for v in norm.values()) and norm["scale"] > 0):
+            type(v) in (int, float) and _finite(v) for v in norm.values()) and norm["scale"] > 0):
         raise bad("normalization must be {center, scale} with a scale above 0")
     for key, kinds in (("epochs", (int,)), ("best_epoch", (int,)), ("val_accuracy", (int, float))):
-        if meta.get(key) is not None and (type(meta[key]) not in kinds or not math.isfinite(meta[key])):
+        if meta.get(key) is not None and (type(meta[key]) not in kinds or not _finite(meta[key])):
             raise bad(f"{key} {one_line(repr(meta[key]))[:60]}")
     if meta.get("results") is not None and not isinstance(meta["results"], dict):
         raise bad("results must be a table")
     return meta
+
+
+def _finite(value: int | float) -> bool:
+    return isinstance(value, int) or math.isfinite(value)  # isfinite() overflows on a huge int
 
 
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):

@@ -43,9 +43,9 @@ def _number(text: str, kind: type, ok, requirement: str):
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a {'whole number' if kind is int else 'number'}") from None
-    if not (math.isfinite(value) and ok(value)):
-        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a {'whole number' if kind is int else 'number'}") from None
+    if not ((kind is int or math.isfinite(value)) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text[:40]}")
     return value
 
 
@@ -63,7 +63,7 @@ def _config_value(name: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a {'whole number' if kind is int else 'number'}") from None
+            raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a {'whole number' if kind is int else 'number'}") from None
         wrong = problem(name, value)
         if wrong:
             raise argparse.ArgumentTypeError(wrong)
@@ -123,6 +123,8 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import TASKS
+
     parser = _Parser(
         prog="digitlab",
         description="Learn and compare neural-network structures on handwritten digits (MNIST).",
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("summary", help="print a model's layer table, as the chapter's paddle.summary")
     p.add_argument("model", choices=_ModelNames(), metavar="MODEL", help="one of: %(choices)s")
-    p.add_argument("--task", choices=("regress", "classify"), default=None,
+    p.add_argument("--task", choices=TASKS, default=None,
                    help="regress: 1 output; classify: 10 outputs (default: the model's, regress for mlp and cnn)")
     p.set_defaults(func=cmd_summary)
 
@@ -202,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _port(text: str) -> int:
-    return _number(text, int, lambda v: 0 <= v <= 65535, "a port number, 0-65535")
+    return _number(text, int, lambda v: 1 <= v <= 65535, "a port number, 1-65535")
 
 
 def _opset(text: str) -> int:

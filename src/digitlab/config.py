@@ -98,6 +98,8 @@ class TrainConfig:
         """Check every field and fill in the model's defaults; raises UserError on a bad value."""
         for f in fields(self):
             check_value(f.name, getattr(self, f.name))
+        if self.patience and not self.val_split:
+            raise UserError("patience: early stopping needs validation; give --val-split N as well")
         from .models import default_init, default_lr, default_task
 
         return replace(self, task=self.task or default_task(self.model),
@@ -130,14 +132,18 @@ def problem(name: str, value: Any) -> str | None:
             return f"invalid choice: {value!r} (choose from {', '.join(allowed)})"
     if kind in (int, float):
         number = "a number " if kind is float else ""
-        if meta["above"] is not None and not (math.isfinite(value) and value > meta["above"]):
-            return f"must be {number}above {meta['above']:g}, got {value}"
-        if meta["minimum"] is not None and not (math.isfinite(value) and value >= meta["minimum"]):
-            return f"must be {meta['minimum']:g} or more, got {value}"
+        finite = isinstance(value, int) or math.isfinite(value)  # isfinite() overflows on a huge int
+        shown = value if len(str(value)) <= 40 else f"{str(value)[:20]}... ({len(str(value))} digits)"
+        if meta["above"] is not None and not (finite and value > meta["above"]):
+            return f"must be {number}above {meta['above']:g}, got {shown}"
+        if meta["minimum"] is not None and not (finite and value >= meta["minimum"]):
+            return f"must be {meta['minimum']:g} or more, got {shown}"
         if meta["maximum"] is not None and not value <= meta["maximum"]:
-            return f"must be {meta['maximum']:,} or less, got {value}"
-        if not math.isfinite(value):
+            return f"must be {meta['maximum']:,} or less, got {shown}"
+        if not finite:
             return f"must be a finite number, got {value}"
+        if kind is int and meta["maximum"] is None and value > 2**63 - 1:
+            return f"must be {2**63 - 1:,} or less, got {shown}"
     return None
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
+from .data import PIXEL_CENTER, PIXEL_SCALE
 from .errors import UserError
 from .files import write_atomic
 
@@ -37,7 +38,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17)
     except ImportError:
         raise UserError("export needs the onnx extra: pip install 'digitlab[onnx]'") from None
     model, meta = load_checkpoint(run)
-    norm = meta.get("normalization") or {"center": 127.5, "scale": 127.5}
+    norm = meta.get("normalization") or {"center": PIXEL_CENTER, "scale": PIXEL_SCALE}
     # Eval mode fixes the graph: dropout off, BatchNorm's running statistics, the index-free pool.
     wrapped = PixelInput(model.to(memory_format=torch.contiguous_format), **norm).eval()
     output = "logits" if meta["task"] == "classify" else "value"

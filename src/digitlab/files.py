@@ -56,8 +56,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
             write(tmp)
     except OSError as e:
         reason = (e.strerror or str(e) or type(e).__name__).lower()
-        raise UserError(f"cannot write '{one_line(str(path))}': {reason}; free some space or choose another "
-                        "folder") from None
+        advice = "free some space or choose another folder" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (
+            "choose another folder or file name")
+        raise UserError(f"cannot write '{one_line(str(path))}': {reason}; {advice}") from None
     return path
 
 

@@ -8,6 +8,7 @@ one `Reporter`, which records nothing, so silencing it changes no figure.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -154,13 +155,17 @@ class TensorBoardReporter(Reporter):
     """TensorBoard event files: the logged batch losses, and each epoch's losses, accuracy and lr."""
 
     def __init__(self, log_dir):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            from .errors import UserError
+        self.check_installed()
+        from torch.utils.tensorboard import SummaryWriter
 
-            raise UserError("--tensorboard needs the tensorboard package: pip install 'digitlab[tensorboard]'") from None
         self.writer = SummaryWriter(str(log_dir))
+
+    @staticmethod
+    def check_installed() -> None:
+        try:
+            importlib.import_module("torch.utils.tensorboard")  # imports the tensorboard package
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install 'digitlab[tensorboard]'") from None
 
     def logged(self, epoch, batch, step, loss):
         self.writer.add_scalar("train/batch_loss", loss, step)

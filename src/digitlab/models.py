@@ -262,7 +262,12 @@ def model_entry(name: str) -> ModelEntry:
 
 
 def create_model(name: str, **kw) -> nn.Module:
-    """Build a registered model by name, e.g. `create_model('cnn', num_outputs=10)`."""
+    """Build a registered model by name, e.g. `create_model('cnn', num_outputs=10)`.
+
+    `init=None` means the model's own initial weights (and works for a factory without `init`).
+    """
+    if kw.get("init", "") is None:
+        del kw["init"]
     return model_entry(name).factory(**kw)
 
 
@@ -274,6 +279,8 @@ def default_task(name: str) -> str:
     return model_entry(name).task
 
 
-def default_init(name: str) -> str:
-    """The initial weights a model starts from unless told otherwise (its factory's default)."""
-    return inspect.signature(model_entry(name).factory).parameters["init"].default
+def default_init(name: str) -> str | None:
+    """The initial weights a model starts from unless told otherwise: its factory's `init` default,
+    or None for a factory that takes no `init` (a model registered by a user, say)."""
+    parameter = inspect.signature(model_entry(name).factory).parameters.get("init")
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default

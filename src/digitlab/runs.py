@@ -251,8 +251,11 @@ def save_state(run_dir: Path, config: TrainConfig, state: TrainState, model, opt
     return write_safetensors(run_dir / STATE_FILE, tensors, {STATE_KEY: json.dumps(record, allow_nan=False)})
 
 
-def read_state(run_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(record, tensors) of a run folder's state, with one clear line for anything wrong."""
+def read_state(run_dir: str | os.PathLike, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(record, tensors) of a run folder's state, with one clear line for anything wrong.
+
+    tensors=False reads the JSON record alone (and returns no tensors): enough to check a resume.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -267,8 +270,10 @@ def read_state(run_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(STATE_KEY)
-        tensors = load_file(str(path))
+        loaded = load_file(str(path)) if tensors else {}
         record = json.loads(raw)
+        if not isinstance(record, dict):
+            raise TypeError("the record is not a table")
         if record.get("format") != STATE_FORMAT:
             raise UserError(f"cannot resume '{run_dir}': state format {record.get('format')!r}, this digitlab "
                             f"reads format {STATE_FORMAT}; train it again")
@@ -276,18 +281,21 @@ def read_state(run_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         missing = [k for k in ("data", "position", "history", "model", "optimizer", "rng") if k not in record]
         if missing:
             raise KeyError(missing[0])
-        if not all(isinstance(record["position"].get(k), int) for k in ("epoch", "batch", "step")):
-            raise ValueError("no valid epoch, batch and step")
+        position, data = record["position"], record["data"]
+        if not (isinstance(position, dict) and isinstance(data, dict) and "stopped" in position
+                and all(isinstance(position.get(k), int) for k in ("epoch", "batch", "step"))):
+            raise ValueError("no valid epoch, batch, step and data")
     except UserError:
         raise
-    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
-        raise UserError(f"{broken} ({type(e).__name__}: {e}); train it again into a new folder") from None
-    return record, tensors
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise UserError(f"{broken} ({type(e).__name__}: {one_line(str(e))[:100]}); train it again into a new "
+                        "folder") from None
+    return record, loaded
 
 
 def resume_config(run_dir: str | os.PathLike, given: dict[str, Any]) -> TrainConfig:
     """The saved run's config with the options a user gave on top; only RESUMABLE ones may differ."""
-    record, _ = read_state(run_dir)
+    record, _ = read_state(run_dir, tensors=False)
     saved = TrainConfig(**record["config"])
     for key, value in given.items():
         if key not in FIELDS:
@@ -311,8 +319,9 @@ def _check_resumable(run_dir: Path, config: TrainConfig, record: dict, data_info
                         f"{record['data'].get('train')} training images); pass the same --data-dir")
     position = record["position"]
     done, stopped = position["epoch"], position["stopped"]
-    if config.epochs < done:
-        raise UserError(f"cannot resume '{run_dir}' with {config.epochs} epochs: it has already trained {done}")
+    if config.epochs < done or (config.epochs == done and position["batch"] > 0):
+        trained = f"{done} epochs and part of another" if position["batch"] else f"{done} epochs"
+        raise UserError(f"cannot resume '{run_dir}' with {config.epochs} epochs: it has already trained {trained}")
     if config.epochs != saved.epochs and saved.schedule != "none":
         raise UserError(f"cannot extend '{run_dir}' from {saved.epochs} to {config.epochs} epochs: its "
                         f"{saved.schedule} schedule was planned over {saved.epochs} and would change the steps "
@@ -367,12 +376,13 @@ def save_progress(out_dir: Path, config: TrainConfig, state: TrainState, model, 
                   augment: torch.Generator | None, data_info: dict) -> None:
     """What a run writes at every epoch's end and when a signal stops it: the state, the last
     weights, the best ones when this epoch is the best so far, and metrics.csv."""
-    save_state(out_dir, config, state, model, optimizer, augment, data_info)
     meta = _checkpoint_meta(config, state, data_info, None)
     save_checkpoint(out_dir / WEIGHTS_FILE, model, meta)
     if state.best_epoch is not None and state.best_epoch == state.epoch - 1 and state.batch == 0:
         save_checkpoint(out_dir / BEST_FILE, model, meta)
     write_metrics(out_dir / METRICS_FILE, state.history)
+    # The state last: it is what commits the epoch, so it never names a best checkpoint not yet on disk.
+    save_state(out_dir, config, state, model, optimizer, augment, data_info)
 
 
 def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -388,10 +398,14 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
     device = resolve_device(cfg.device)
     out_dir = Path(out_dir)
     record = tensors = None
+    if cfg.tensorboard:
+        TensorBoardReporter.check_installed()  # before --overwrite removes anything
     if resume:
-        record, tensors = read_state(out_dir)
-        _check_resumable(out_dir, cfg, record, split.info)
+        _check_resumable(out_dir, cfg, read_state(out_dir, tensors=False)[0], split.info)  # nothing touched yet
     with claim(out_dir, resume=resume, overwrite=overwrite) as out_dir:
+        if resume:  # again, under the lock: another process may have moved the run on since
+            record, tensors = read_state(out_dir)
+            _check_resumable(out_dir, cfg, record, split.info)
         return _train(cfg, data, split, out_dir, device, record, tensors, reporter)
 
 
@@ -518,5 +532,5 @@ def read_history(path: str | Path) -> dict:
                         "`digitlab train`")
     try:
         return json.loads(regular_file(path, "history").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise UserError(f"{one_line(str(path))}: not a readable history file ({one_line(str(e))[:100]})") from None

@@ -44,6 +44,13 @@ def install() -> None:
             signal.signal(s, _handler)
 
 
+def ignore() -> None:
+    """From now on SIGINT and SIGTERM do nothing (the command has finished and is exiting)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in HANDLED:
+            signal.signal(s, signal.SIG_IGN)
+
+
 def received() -> str | None:
     """The signal that asked to stop, if any ('SIGINT' or 'SIGTERM')."""
     return _received
