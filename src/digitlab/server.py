@@ -181,6 +181,8 @@ def create_app(runs: list[str | Path]):
     """The FastAPI application for these run folders (or checkpoint files)."""
     if not runs:
         raise UserError("serve needs at least one run folder or checkpoint")
+    from .cli import _version
+
     reader = Reader(load_runs(runs))
     app = FastAPI(title="digitlab", description="Draw a digit; every loaded network reads it.",
                   version=_version())
@@ -205,7 +207,7 @@ def create_app(runs: list[str | Path]):
     @app.post("/api/predict")
     def predict(image: UploadFile = File(..., description="PNG, JPEG, WebP, BMP, GIF or TIFF")) -> JSONResponse:
         """Every loaded model's reading of the picture, the 28x28 image they saw, and feature maps."""
-        data = image.file.read(MAX_BODY + 1)
+        data = image.file.read()  # BodyLimit has already refused anything over MAX_BODY
         if not data:
             return JSONResponse({"error": "the picture is empty"}, status_code=400)
         try:
@@ -215,15 +217,6 @@ def create_app(runs: list[str | Path]):
 
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     return app
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("digitlab")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 8000) -> None:
