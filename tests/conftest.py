@@ -57,6 +57,18 @@ def digits(digits_dir):
     return read_folder(digits_dir)
 
 
+@pytest.fixture(scope="session")
+def digits_model(digits, tmp_path_factory):
+    """The best recipe for three epochs on the 4,000 small-set digits: a model every machine can make."""
+    from digitlab.config import preset_config
+    from digitlab.loop import Reporter
+    from digitlab.runs import run
+
+    out = tmp_path_factory.mktemp("digits-model")
+    run(preset_config("best", epochs=3), digits, out, reporter=Reporter())
+    return out
+
+
 def write_idx(path: Path, magic: int, dims: tuple[int, ...], body: bytes, gz: bool = True) -> Path:
     """Write an IDX file by hand: big-endian magic, one uint32 per dimension, then bytes."""
     raw = struct.pack(f">I{len(dims)}I", magic, *dims) + body

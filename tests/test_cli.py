@@ -208,11 +208,13 @@ def test_evaluate_needs_only_the_checkpoint(digits_dir, tmp_path):
     assert 0.85 < report["accuracy"] < 1  # a fraction, not a percentage
     assert len(report["precision"]) == len(report["recall"]) == 10
     assert sum(report["confusion"][d][d] for d in range(10)) == round(report["accuracy"] * 1000)
+    assert report["temperature"] is None and 0 <= report["calibration_error"] < 0.1  # no validation split
     for name in ("confusion.png", "worst.png"):
         assert Image.open(run_dir / name).format == "PNG"
     text = run_cli("evaluate", str(run_dir / "model.safetensors"), "--data-dir", str(digits_dir),
                    "--out", str(tmp_path / "report"))
     assert text.returncode == 0 and f"{report['accuracy']:.2%}" in text.stdout and "precision" in text.stdout
+    assert f"expected calibration error {report['calibration_error']:.2%}, not calibrated" in text.stdout
     assert (tmp_path / "report" / "confusion.svg").is_file()
 
 

@@ -33,14 +33,6 @@ def best_model(mnist, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def digits_model(digits, tmp_path_factory):
-    """The best recipe for three epochs on the 4,000 small-set digits: a model every machine can make."""
-    out = tmp_path_factory.mktemp("digits-model")
-    run(preset_config("best", epochs=3), digits, out, reporter=Reporter())
-    return out
-
-
-@pytest.fixture(scope="session")
 def photos(mnist, tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")
     rng = np.random.default_rng(0)
@@ -64,8 +56,9 @@ def test_predict_reads_realistic_photos(best_model, photos, tmp_path):
     answers = json.loads(result.stdout)
     assert len(answers) == N_PHOTOS
     for a in answers:
-        assert set(a) == {"file", "digit", "confidence", "top3"}
-        assert a["top3"][0]["digit"] == a["digit"] and 0 < a["confidence"] <= 1
+        assert set(a) == {"file", "text", "sure", "digit", "confidence", "top3", "digits"}
+        assert a["top3"][0]["digit"] == a["digit"] and 0 < a["confidence"] <= 1 and a["text"] == str(a["digit"])
+        assert a["sure"] == (a["confidence"] >= 0.8) and len(a["digits"]) == 1
     agree = np.mean([a["digit"] == labels[a["file"].split("/")[-1]] for a in answers])
     assert agree >= 0.95, f"only {agree:.0%} of the photos read right"
     seen = sorted(p.name for p in (tmp_path / "seen").iterdir())

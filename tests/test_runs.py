@@ -46,14 +46,15 @@ def _folder_digest(folder: Path) -> dict[str, str]:
 
 
 # Representative of what a run's state must carry: the hand-written MLP step; Adam's moments with
-# a schedule running across the stop; momentum, BatchNorm, dropout and augmentation's generators;
+# a schedule running across the stop; momentum, BatchNorm, dropout, augmentation's and the non-digits' generator;
 # AdamW with weight decay, a step schedule and a validation split.
 RESUME_CASES = {
     "mlp-sgd-handwritten": TrainConfig(model="mlp", epochs=3, log_every=7),
     "cnn-adam-onecycle": TrainConfig(model="cnn", task="classify", optimizer="adam", lr=0.002, schedule="onecycle",
                                      epochs=3, log_every=7),
-    "convnet_small-momentum-cosine-augment": TrainConfig(model="convnet_small", optimizer="momentum", lr=0.02,
-                                                         schedule="cosine", augment=True, epochs=3, log_every=7),
+    "convnet_small-momentum-cosine-augment-reject": TrainConfig(
+        model="convnet_small", optimizer="momentum", lr=0.02, schedule="cosine", augment=True, reject=True, epochs=3,
+        log_every=7),
     "lenet5-adamw-step-val": TrainConfig(model="lenet5", optimizer="adamw", lr=0.003, weight_decay=0.05,
                                          schedule="step", val_split=320, epochs=3, log_every=7),
 }

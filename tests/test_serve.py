@@ -3,8 +3,10 @@ drawing on the page through Playwright, and `digitlab export` run in onnxruntime
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,7 +40,7 @@ def runs(digits, tmp_path_factory, request):
         data, epochs = request.getfixturevalue("mnist"), 1
     else:
         data, epochs = digits, 6
-    run(preset_config("fast", epochs=epochs, augment=True), data, folder / "convnet_small", reporter=Reporter())
+    run(preset_config("fast", epochs=epochs), data, folder / "convnet_small", reporter=Reporter())
     run(preset_config("chapter", "cnn", epochs=1), digits, folder / "cnn", reporter=Reporter())
     return [folder / "convnet_small", folder / "cnn"]
 
@@ -49,11 +51,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(runs):
+@contextlib.contextmanager
+def _serving(runs, *options: str):
+    """`digitlab serve RUNS --port P OPTIONS` in a real process; yields its URL, then stops it with Ctrl-C."""
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "digitlab", "serve", *map(str, runs), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    process = subprocess.Popen([sys.executable, "-m", "digitlab", "serve", *map(str, runs), "--port", str(port),
+                                *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -67,9 +70,15 @@ def server(runs):
     yield url
     process.send_signal(signal.SIGINT)  # Ctrl-C stops it: one line, exit 130
     stdout, stderr = process.communicate(timeout=30)
-    assert f"serving 2 models at {url}/" in stdout
+    assert f"serving {len(runs)} models at {url}/" in stdout
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith("digitlab: interrupted")
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    with _serving(runs) as url:
+        yield url
 
 
 def _png(image: Image.Image) -> bytes:
@@ -98,12 +107,21 @@ def test_the_api_reads_a_drawing_with_every_model(server):
     first, chapter = answer["models"]
     assert first["digit"] == 7 and len(first["probabilities"]) == 10
     assert abs(sum(first["probabilities"]) - 1) < 1e-3
+    assert answer["threshold"] == 0.8 and first["calibrated"] is True  # the preset validates, so it is calibrated
+    assert first["sure"] == (max(first["probabilities"]) >= 0.8) and "sure" not in chapter
     assert "value" in chapter and 0 <= chapter["digit"] <= 9 and "probabilities" not in chapter
     seen = Image.open(io.BytesIO(__import__("base64").b64decode(answer["image"].split(",", 1)[1])))
     assert seen.size == (28, 28) and seen.mode == "L"
     assert [f["layer"] for f in chapter["feature_maps"]] == ["conv1", "conv2"]
     assert chapter["feature_maps"][0]["shape"] == [20, 28, 28]
     assert httpx.get(server + "/openapi.json").json()["paths"]["/api/predict"]["post"]
+
+
+def test_below_the_threshold_every_answer_is_not_sure(runs):
+    with _serving(runs, "--threshold", "1") as url:
+        answer = httpx.post(url + "/api/predict", files={"image": ("seven.png", _drawn(SEVEN))}).json()
+    assert answer["threshold"] == 1 and answer["models"][0]["sure"] is False
+    assert answer["models"][0]["digit"] == 7  # the best guess is still given
 
 
 def test_bad_uploads_get_a_json_error_and_the_server_goes_on(server, tmp_path):
@@ -217,6 +235,16 @@ def test_a_real_browser_draws_and_uploads(server, digits, tmp_path):
         assert page.locator(".model").first.locator(".bar").count() == 10
         assert page.locator(".maps img").count() == 3 + 2  # convnet_small's 3 conv layers, the cnn's 2
         page.click("#clear")
+        _draw(page, [[(0.2, 0.5), (0.35, 0.3), (0.45, 0.7), (0.6, 0.25), (0.7, 0.75), (0.8, 0.4)]])  # a scribble
+        page.wait_for_timeout(1500)  # the reading after the last stroke has arrived
+        verdict = page.locator(".model .verdict").first.inner_text()  # "reads 7 (93.1%)" or "not sure: 2 or 7 (..."
+        confidence = float(verdict.split("(")[1].split("%")[0])
+        if confidence < 80:
+            assert re.fullmatch(r"not sure: \d or \d \(\d+\.\d%, below 80\.0%\)", verdict), verdict
+            assert page.locator("#answer-label").inner_text().startswith("first model is not sure: ")
+        else:
+            assert re.fullmatch(r"reads \d \(\d+\.\d%\)", verdict), verdict
+        page.click("#clear")
         assert page.locator("#answer").inner_text() == "" and page.locator(".model").count() == 0
         page.set_input_files("#upload", str(photo))
         sync_api.expect(page.locator("#answer")).to_have_text("3", timeout=15000)
@@ -251,10 +279,14 @@ def _onnx_check(run_dir: Path, data, tmp_path: Path) -> tuple[float, float]:
 
 def test_onnx_export_agrees_with_pytorch(runs, digits, tmp_path):
     _onnx_check(runs[0], digits, tmp_path)
-    out = tmp_path / "value.onnx"
-    assert run_cli("export", str(runs[1]), "--out", str(out)).returncode == 0
     import onnx
 
+    from digitlab.checkpoint import read_checkpoint
+
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert float(props["temperature"]) == read_checkpoint(runs[0])[1]["temperature"]
+    out = tmp_path / "value.onnx"
+    assert run_cli("export", str(runs[1]), "--out", str(out)).returncode == 0
     graph = onnx.load(str(out)).graph
     assert [o.name for o in graph.output] == ["value"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # any batch size

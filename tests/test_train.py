@@ -160,24 +160,78 @@ def test_schedule_reaches_the_optimizer(digits):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 49 / 50)))
 
 
-def test_random_affine_moves_ink_but_keeps_background(digits):
-    from digitlab.data import normalize, random_affine
+def test_distort_is_seeded_keeps_the_background_and_varies_the_pen(digits):
+    from digitlab.augment import Distortion, distort
+    from digitlab.data import normalize
 
     images = normalize(digits.train_images[:256])
-    moved = random_affine(images, torch.Generator().manual_seed(0))
-    again = random_affine(images, torch.Generator().manual_seed(0))
+    moved = distort(images, torch.Generator().manual_seed(0))
+    again = distort(images, torch.Generator().manual_seed(0))
     assert moved.shape == images.shape and torch.equal(moved, again)
-    assert moved.min() >= -1.0001 and moved.max() <= 1.0001
+    assert moved.min() >= -1 and moved.max() <= 1
     assert (moved[:, :, 0, :] == -1).float().mean() > 0.95  # the top row is still background
+    assert not torch.equal(distort(images, torch.Generator().manual_seed(1)), moved)
     ys = torch.arange(28.0).view(1, 1, 28, 1)
 
+    def ink(x):
+        return (x + 1) / 2
+
     def centre_row(x):
-        ink = x + 1
-        return (ink * ys).sum((1, 2, 3)) / ink.sum((1, 2, 3))
+        return (ink(x) * ys).sum((1, 2, 3)) / ink(x).sum((1, 2, 3))
 
     shift = (centre_row(moved) - centre_row(images)).abs()
-    assert 0.2 < shift.mean() < 2.5  # moved by about a pixel, never more than the +-2 px plus rotation
-    assert not torch.equal(random_affine(images, torch.Generator().manual_seed(1)), moved)
+    assert 0.2 < shift.mean() < 3  # moved by about a pixel or two
+    # the pen alone: only thicker strokes add ink, only thinner ones remove it
+    still = dict(degrees=0, shear=0, scale=(1, 1), aspect=0, shift=0, elastic=0)
+    thick = distort(images, torch.Generator().manual_seed(0), Distortion(thicker=0.8, thinner=0, **still))
+    thin = distort(images, torch.Generator().manual_seed(0), Distortion(thicker=0, thinner=0.5, **still))
+    mass = ink(images).sum((1, 2, 3))
+    assert (ink(thick).sum((1, 2, 3)) >= mass - 1e-3).all() and (ink(thick).sum((1, 2, 3)) / mass).max() > 1.5
+    assert (ink(thin).sum((1, 2, 3)) <= mass + 1e-3).all() and (ink(thin).sum((1, 2, 3)) / mass).min() < 0.8
+
+
+def test_non_digits_are_seeded_and_never_a_digit_left_as_it_was(digits):
+    from digitlab.augment import non_digits
+    from digitlab.data import normalize
+
+    images, labels = normalize(digits.train_images[:256]), digits.train_labels[:256]
+    made = non_digits(images, labels, torch.Generator().manual_seed(0))
+    assert made.shape == images.shape and torch.equal(made, non_digits(images, labels, torch.Generator().manual_seed(0)))
+    assert made.min() >= -1 and made.max() <= 1
+    assert ((made - images).abs().amax((1, 2, 3)) > 0.5).all()  # every one differs from its digit
+    symmetric = (labels == 0) | (labels == 1) | (labels == 8)  # these mirrored or turned would still be digits
+    for i in torch.nonzero(symmetric).flatten():
+        assert not torch.equal(made[i], images[i].flip(2)) and not torch.equal(made[i], images[i].rot90(1, (1, 2)))
+
+
+def test_reject_makes_non_digits_unsure_and_keeps_digits_sure(digits, tmp_path):
+    import numpy as np
+
+    from digitlab.calibrate import probabilities
+    from digitlab.checkpoint import load_checkpoint
+    from digitlab.evaluate import model_outputs
+    from digitlab.handwriting import non_digit, on_paper
+    from digitlab.predict import preprocess
+
+    rng = np.random.default_rng(0)
+    others = []
+    for k in range(24):
+        picture, _ = on_paper(non_digit(["smiley", "scribble"][k % 2], rng, []), rng, colour=False)
+        others.append(preprocess(np.asarray(picture, dtype=np.float32) / 255))
+    others = torch.from_numpy(np.stack(others))
+    confidence = {}
+    for reject in (False, True):
+        config = TrainConfig(model="convnet_small", task="classify", optimizer="adam", lr=0.005, epochs=3,
+                             augment=True, reject=reject)
+        result = run(config, digits, tmp_path / str(reject), reporter=Reporter())
+        assert result.test_accuracy > 0.9
+        model = load_checkpoint(result.checkpoint)[0]
+        confidence[reject] = (probabilities(model_outputs(model, others)).max(1).values.mean(),
+                              probabilities(model_outputs(model, digits.test_images)).max(1).values.mean())
+    assert confidence[True][0] < confidence[False][0] - 0.15, confidence  # non-digits: much less sure
+    assert confidence[True][1] > 0.8, confidence  # digits: still sure
+    with pytest.raises(UserError, match="reject: a regression model"):
+        TrainConfig(model="cnn", reject=True).resolved()
 
 
 def test_presets_and_overrides():

@@ -91,6 +91,9 @@ def checked_meta(meta: Any, path: Path) -> dict[str, Any]:
     for key, kinds in (("epochs", (int,)), ("best_epoch", (int,)), ("val_accuracy", (int, float))):
         if meta.get(key) is not None and (type(meta[key]) not in kinds or not _finite(meta[key])):
             raise bad(f"{key} {one_line(repr(meta[key]))[:60]}")
+    t = meta.get("temperature")
+    if t is not None and (type(t) not in (int, float) or not _finite(t) or t <= 0):
+        raise bad(f"temperature {one_line(repr(t))[:60]} (a number above 0)")
     if meta.get("results") is not None and not isinstance(meta["results"], dict):
         raise bad("results must be a table")
     return meta

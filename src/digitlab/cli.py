@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+from .config import THRESHOLD
 from .errors import UserError
 
 EXIT_USAGE = 2
@@ -84,8 +85,9 @@ def _add_training_options(p: argparse.ArgumentParser, default_out: str, resume: 
     from .config import FIELDS, PRESETS, TrainConfig, value_type
 
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                   help="a named recipe: chapter (the course's settings), fast (99%% in seconds on a CPU), "
-                        "best (the most accurate single model); other options override it (default: chapter)")
+                   help="a named recipe: chapter (the course's settings), fast (99%% in about 10 seconds on a "
+                        "CPU, and reads handwriting), best (the most accurate single model, and the one to use for "
+                        "your own handwriting); other options override it (default: chapter)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
                    help="read training options from a TOML file (the names below with underscores, as in a "
                         "run's config.toml); options given here override it")
@@ -162,20 +164,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "the full set); refused by default, because that measures memory, not accuracy")
     p.set_defaults(func=cmd_evaluate)
 
-    p = commands.add_parser("predict", help="read digits from your own photos, scans or drawings")
-    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a run folder or its model.safetensors")
+    p = commands.add_parser("predict", help="read digits and numbers from your own photos, scans or drawings")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                   help="a run folder or its model.safetensors; `digitlab train --preset best` makes the model "
+                        "that reads real handwriting best")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                    help="PNG, JPEG, BMP or WebP files, or folders of them")
     p.add_argument("--json", action="store_true",
-                   help="print a JSON list of {file, digit, confidence, top3} (confidence is null for regression)")
+                   help="print a JSON list of {file, text, sure, digit, confidence, top3, digits}: text is the digits "
+                        "read left to right (the best guess, sure or not), digits has each one's digit, confidence, "
+                        "sure, top3 and box [x0, y0, x1, y1]; digit and top3 are null unless there is one digit, "
+                        "confidence is the whole text's; confidence and sure are null for regression models")
+    p.add_argument("--single", action="store_true",
+                   help="read each picture as one digit, however many blobs of ink it has (default: read every "
+                        "digit in a row, left to right)")
+    p.add_argument("--threshold", type=_threshold, default=THRESHOLD, metavar="P",
+                   help="a digit read with a (calibrated) confidence below P is 'not sure' (default: %(default)s)")
     p.add_argument("--save-preprocessed", type=Path, default=None, metavar="DIR",
-                   help="write the 28x28 picture the network saw for each input into DIR (default: don't)")
+                   help="write the 28x28 pictures the network saw for each input into DIR, side by side when "
+                        "there are several (default: don't)")
     p.set_defaults(func=cmd_predict)
 
     p = commands.add_parser("serve", help="a local web page: draw a digit and watch every loaded model read it")
-    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders (or checkpoints) to load")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="run folders (or checkpoints) to load; the first one answers in large (`digitlab train "
+                        "--preset best` makes the model that reads real handwriting best)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
+    p.add_argument("--threshold", type=_threshold, default=THRESHOLD, metavar="P",
+                   help="an answer with a (calibrated) confidence below P is 'not sure' (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("export", help="write a run's model as ONNX, for onnxruntime and other tools")
@@ -205,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _port(text: str) -> int:
     return _number(text, int, lambda v: 1 <= v <= 65535, "a port number, 1-65535")
+
+
+def _threshold(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v <= 1, "a probability from 0 to 1")
 
 
 def _opset(text: str) -> int:
@@ -287,6 +308,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"note: figures from {SAMPLE_WORDS}, not comparable with full-MNIST figures")
     print(f"{config.model}: {h.images:,} images in {h.seconds:.1f} s ({h.images_per_second:,.0f} images/s), "
           f"final loss {h.final_loss if h.final_loss is None else round(h.final_loss, 4)}, test accuracy {result.test_accuracy:.2%} ({result.checkpoint.name})")
+    c = result.calibration
+    if "temperature" in c:
+        print(f"confidence: temperature {c['temperature']:.3f} fitted on the validation split; expected calibration "
+              f"error on the test set {c['test_ece_uncalibrated']:.2%} before, {c['test_ece']:.2%} after")
+    elif c:
+        print(f"confidence: not calibrated (calibration needs --val-split); expected calibration error on the "
+              f"test set {c['test_ece']:.2%}")
     if result.state.stopped == "patience":
         print(f"stopped early: no better validation accuracy for {config.patience} epochs after epoch "
               f"{result.state.best_epoch}")
@@ -341,6 +369,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       normalization=meta.get("normalization"))
     report = {"model": meta["model"], "task": meta["task"], "checkpoint": str(resolve(args.checkpoint)),
               "data": data.source, "sample": data.is_sample, "note": note, **result.as_dict()}
+    if meta["task"] == "classify":
+        from .calibrate import expected_calibration_error, probabilities
+
+        report["temperature"] = meta.get("temperature")
+        report["calibration_error"] = expected_calibration_error(
+            probabilities(result.outputs, meta.get("temperature")), result.labels)
     title = f"{meta['model']} ({meta['task']}): {result.accuracy:.2%} of {len(result.labels):,}"
     files = save_figure(plot_confusion(report["confusion"], title=title), out / "confusion")
     worst = result.worst(args.worst)
@@ -354,6 +388,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     console = _console()
     console.print(f"{title}; mean loss {result.mean_loss:.4f}")
+    if meta["task"] == "classify":
+        how = (f"with temperature {meta['temperature']:.3f}" if meta.get("temperature") is not None
+               else "not calibrated (no temperature: trained without --val-split, or by an older digitlab)")
+        console.print(f"confidence: expected calibration error {report['calibration_error']:.2%}, {how}")
     table = Table("digit", "precision", "recall", "test images", title="per digit")
     for digit, (p, r) in enumerate(zip(report["precision"], report["recall"])):
         table.add_row(str(digit), f"{p:.4f}", f"{r:.4f}", f"{sum(report['confusion'][digit]):,}")
@@ -378,7 +416,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         raise UserError("no image files in " + ", ".join(map(one_line, args.inputs)) + "; give PNG, JPEG, BMP "
                         "or WebP files")
-    predictions = predict_files(model, meta, files)
+    predictions = predict_files(model, meta, files, single=args.single, threshold=args.threshold)
     for p in predictions:
         if p.error:
             print(f"digitlab: error: {one_line(p.error)}", file=sys.stderr)
@@ -391,13 +429,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([p.as_dict() for p in predictions], indent=1))
     else:
-        table = Table("file", "digit", "confidence", "top 3")
+        table = Table("file", "read", "confidence", "next best")
         for p in predictions:
             if p.error is None:
                 confidence = "-" if p.confidence is None else f"{p.confidence:.1%}"
-                top = ", ".join(str(t["digit"]) for t in p.top3)
-                table.add_row(p.file, str(p.digit), confidence, top)
+                guesses = p.guesses(3)
+                read = p.text if p.sure is not False else f"not sure: {' or '.join(guesses[:2])}"
+                table.add_row(p.file, read, confidence, ", ".join(guesses[1:]))
         _console().print(table)
+        if meta["task"] == "classify" and meta.get("temperature") is None:
+            print("note: this checkpoint has no calibration temperature (trained without --val-split, or by an "
+                  "older digitlab): its confidences are the plain softmax's")
     return EXIT_USAGE if any(p.error for p in predictions) else 0
 
 
@@ -408,7 +450,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"serve needs the serve extra ({e.name} is missing): pip install 'digitlab[serve]'") from None
     from . import signals
 
-    serve(args.runs, host=args.host, port=args.port)
+    serve(args.runs, host=args.host, port=args.port, threshold=args.threshold)
     if signals.received():  # uvicorn stopped on Ctrl-C or SIGTERM, and handed the signal back
         raise signals.Interrupted(signals.received())
     return 0

@@ -401,25 +401,3 @@ def get_mnist_dataloader(
     test = InMemoryLoader(data.test_images, data.test_labels, batch_size, False, False, seed, device)
     return train, test
 
-
-def random_affine(
-    images: torch.Tensor, generator: torch.Generator, degrees: float = 10.0, shift: float = 2.0
-) -> torch.Tensor:
-    """Rotate each image by up to +-`degrees` and shift it by up to +-`shift` pixels.
-
-    images: normalised (B, 1, 28, 28), background -1. One batched affine_grid/grid_sample
-    call, no per-image Python. Random numbers come from `generator` on the CPU, so a seed
-    gives the same augmentation on any device.
-    """
-    b = len(images)
-    angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(degrees)
-    # grid coordinates run from -1 to 1 across the image: one pixel is 2 / 28 of that
-    offset = (torch.rand(b, 2, generator=generator) * 2 - 1) * shift * 2 / COLS
-    cos, sin = angle.cos(), angle.sin()
-    theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1),
-                         torch.stack([sin, cos, offset[:, 1]], 1)], 1)  # (B, 2, 3)
-    theta = theta.to(images.device, images.dtype)
-    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
-    # Sample ink (x + 1, background 0) so that pixels from outside the image are background.
-    moved = torch.nn.functional.grid_sample(images + 1, grid, align_corners=False, padding_mode="zeros")
-    return moved - 1

@@ -3,7 +3,9 @@
 The graph takes `image`, float32 (N, 1, 28, 28) in pixel units 0-255, white ink on black
 as MNIST stores it (and as `preprocess` returns it), for any batch size N. The model's own
 normalisation is part of the graph, so a user needs no constants. The output is `logits`
-(N, 10) for a classifier, or `value` (N, 1) for the chapter's regression models.
+(N, 10) for a classifier, or `value` (N, 1) for the chapter's regression models. A
+calibrated classifier's temperature T is in the file's metadata (`temperature`): its
+calibrated probabilities are softmax(logits / T).
 """
 from __future__ import annotations
 
@@ -52,7 +54,11 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17)
             torch.onnx.export(wrapped, (torch.zeros(1, 1, 28, 28),), str(tmp), dynamo=False, opset_version=opset,
                               input_names=["image"], output_names=[output],
                               dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}})
-        onnx.checker.check_model(onnx.load(str(tmp)))
+        graph = onnx.load(str(tmp))
+        if meta.get("temperature") is not None:  # calibrated confidence: softmax(logits / temperature)
+            onnx.helper.set_model_props(graph, {"temperature": repr(meta["temperature"])})
+            onnx.save(graph, str(tmp))
+        onnx.checker.check_model(graph)
 
     if out.parent != Path("") and not out.parent.is_dir():
         raise UserError(f"cannot write '{out}': its folder does not exist")

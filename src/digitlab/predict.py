@@ -3,15 +3,21 @@
 A network trained on MNIST has only ever seen digits prepared one way (LeCun et al.,
 1998): white ink on black, the digit scaled to fit a 20x20 box with its aspect kept, and
 placed in 28x28 so that its centre of mass sits at the centre. A naive resize of a whole
-photo gives it dark ink on grey paper, tiny and off-centre. `preprocess` repeats the
-MNIST recipe on any picture:
+photo gives it dark ink on grey paper, tiny and off-centre. `find_digits` repeats the
+MNIST recipe on any picture, for every digit in a row:
 
 1. grey scale; transparency composited onto white; EXIF rotation applied;
 2. even out the lighting: subtract a heavily blurred copy (the paper's shade);
 3. decide the ink's polarity: the ink is the minority on either side of Otsu's threshold;
-4. keep the ink (Otsu's threshold, then the connected blobs of real size, not specks);
-5. crop to the ink, scale into 20x20 keeping the aspect ratio;
-6. paste into 28x28 with the centre of mass at the centre.
+4. keep the ink: Otsu's threshold, grown into fainter ink that touches it (hysteresis);
+5. group the connected blobs into digits, left to right (`segment`: broken strokes stay
+   together, specks go, digits joined by a short stroke are cut apart);
+6. crop each digit, scale it into 20x20 keeping the aspect ratio, and paste it into 28x28
+   with its centre of mass at the centre.
+
+`preprocess` does the same for a picture of one digit. `read_digits` gives each prepared
+digit the model's answer, with a confidence calibrated by the checkpoint's temperature and
+a `sure` flag (the confidence reaches the threshold).
 """
 from __future__ import annotations
 
@@ -24,12 +30,13 @@ import sys
 import tempfile
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import THRESHOLD
 from .errors import UserError
 from .files import one_line
 
@@ -37,9 +44,23 @@ MAX_PIXELS = 40_000_000  # refuse larger images before decoding them
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 BOX = 20  # MNIST digits fit a 20x20 box ...
 SIZE = 28  # ... centred in 28x28
-WORK_SIZE = 256  # long side of the working copy: enough detail, bounded cost
-MIN_BLOB = 0.08  # a blob smaller than this fraction of the largest one is noise
+WORK_SIZE = 256  # short side of the working copy: enough detail, bounded cost ...
+MAX_WORK_SIZE = 1024  # ... and its long side at most (a row of digits)
+MIN_BLOB = 0.08  # a blob smaller than this fraction of the largest one is not a stroke of its own ...
+MIN_SPECK = 0.01  # ... but one down to this joins the digit above or below it; smaller ones are noise
+MIN_HEIGHT = 0.4  # a group of ink less tall than this fraction of the tallest is not a digit (a dot, a dash)
+SHARED = 0.3  # blobs whose columns overlap by this fraction of the narrower one's width are one digit
+PART = 0.3  # a blob under this fraction of another's ink joins it when their columns overlap a little ...
+TOUCH = 0.04  # ... or they are at most this fraction of the tallest blob's height apart
+NEAR = 0.15  # a short piece this close to a digit (in heights of the tallest blob) is part of it
+JOINED = 1.15  # ink wider than this times its height may be digits that touch (see _cuts) ...
+SEVERAL = 2.4  # ... and wider than this times its height is
+THIN = 0.3  # a stroke that joins two digits is at most this fraction of their height
+TALL = 0.6  # each side of a cut must be this fraction of the blob's height (not a 5's bar, a 1's flag)
+DIGIT_WIDTH = 0.72  # digits are about this wide per height
+MAX_BLOBS = 100  # more separate strokes than this is no row of digits
 MIN_CONTRAST = 0.08  # ink must differ from the paper by this much (of full scale)
+FAINT = 0.6  # fainter ink down to this fraction of the threshold counts where it touches clear ink
 
 
 class ImageError(UserError):
@@ -154,12 +175,28 @@ def _ink_map(grey: np.ndarray) -> np.ndarray:
     return ink - np.median(ink)
 
 
+@dataclass
+class Found:
+    """One digit found in a picture: the 28x28 the network sees, and its box in the picture."""
+
+    image: np.ndarray  # (28, 28) uint8, ink 255
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the picture's pixels (x1, y1 exclusive)
+
+
 def preprocess(grey: np.ndarray, source: str = "image") -> np.ndarray:
-    """A grey picture (H, W) in [0, 1] -> a 28x28 uint8 MNIST-style digit (ink = 255)."""
+    """A grey picture (H, W) in [0, 1] of one digit -> a 28x28 uint8 MNIST-style digit (ink = 255)."""
+    return find_digits(grey, source, single=True)[0].image
+
+
+def find_digits(grey: np.ndarray, source: str = "image", single: bool = False) -> list[Found]:
+    """The digits in a grey picture (H, W) in [0, 1], left to right, each prepared as MNIST's.
+
+    Connected ink is grouped into digits (`segment`); `single` takes all the ink as one digit.
+    """
     from scipy import ndimage
 
     h, w = grey.shape
-    scale = WORK_SIZE / max(h, w)
+    scale = min(1.0, WORK_SIZE / min(h, w), MAX_WORK_SIZE / max(h, w))
     if scale < 1:  # work on a bounded copy; box filtering keeps thin strokes
         small = Image.fromarray((grey * 255).astype(np.uint8)).resize(
             (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
@@ -168,18 +205,41 @@ def preprocess(grey: np.ndarray, source: str = "image") -> np.ndarray:
     ink = _ink_map(grey)
     if ink.max() < MIN_CONTRAST:
         raise ImageError(f"{source}: no digit found (the page looks blank)")
-    mask = ink > max(otsu_threshold(ink), MIN_CONTRAST / 2)
-    labels, count = ndimage.label(mask)
+    # Hysteresis: ink above Otsu's threshold, grown into fainter ink touching it (a thin or light
+    # stroke stays in one piece).
+    threshold = max(otsu_threshold(ink), MIN_CONTRAST / 2)
+    labels, count = ndimage.label(ink > FAINT * threshold)
+    strong = ink > threshold
+    inked = np.unique(labels[strong])
+    labels, count = ndimage.label(np.isin(labels, inked[inked > 0]))
     if count == 0:
         raise ImageError(f"{source}: no digit found (the page looks blank)")
-    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
-    keep = np.isin(labels, 1 + np.flatnonzero(sizes >= MIN_BLOB * sizes.max()))
-    ys, xs = np.nonzero(keep)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    # Ink strength inside the kept blobs (grown by a pixel for the anti-aliased edge), 0 elsewhere.
-    region = ndimage.binary_dilation(keep, iterations=1)
-    strength = np.clip(ink / np.percentile(ink[keep], 90), 0, 1) * region
-    crop = strength[y0:y1, x0:x1]
+    if single:
+        sizes = _sizes(labels, count)
+        pieces = [np.isin(labels, 1 + np.flatnonzero(sizes >= MIN_BLOB * sizes.max()))]
+    else:
+        pieces = segment(labels, count, source)
+    found = []
+    for keep in pieces:
+        ys, xs = np.nonzero(keep)
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        # Ink strength inside the digit's blobs (grown by a pixel for the anti-aliased edge), 0 elsewhere.
+        region = ndimage.binary_dilation(keep, iterations=1)
+        strength = np.clip(ink / np.percentile(ink[keep], 90), 0, 1) * region
+        box = (int(x0 / scale), int(y0 / scale), min(w, math.ceil(x1 / scale)), min(h, math.ceil(y1 / scale)))
+        found.append(Found(mnist_digit(strength[y0:y1, x0:x1]), box))
+    return found
+
+
+def _sizes(labels: np.ndarray, count: int) -> np.ndarray:
+    return np.bincount(labels.ravel(), minlength=count + 1)[1:]
+
+
+def mnist_digit(crop: np.ndarray) -> np.ndarray:
+    """Ink strength (h, w) in [0, 1], cropped to the digit -> MNIST's 28x28 uint8: scaled into a 20x20
+    box with its aspect kept, then placed so that its centre of mass is at the centre."""
+    from scipy import ndimage
+
     ch, cw = crop.shape
     k = BOX / max(ch, cw)
     size = (max(1, round(cw * k)), max(1, round(ch * k)))
@@ -191,6 +251,121 @@ def preprocess(grey: np.ndarray, source: str = "image") -> np.ndarray:
     cy, cx = ndimage.center_of_mass(canvas)
     canvas = ndimage.shift(canvas, (SIZE / 2 - 0.5 - cy, SIZE / 2 - 0.5 - cx), order=1, mode="constant")
     return np.clip(canvas, 0, 255).round().astype(np.uint8)
+
+
+def segment(labels: np.ndarray, count: int, source: str = "image") -> list[np.ndarray]:
+    """Masks of the digits in a labelled ink mask, left to right.
+
+    1. Blobs of at least MIN_BLOB of the largest one are strokes; blobs whose columns overlap
+       by SHARED of the narrower one's width belong to one digit (a 5 whose bar is written apart,
+       a 4 or a 7 in two strokes), and so does a blob under PART of another's ink that
+       overlaps it a little or touches it.
+    2. Groups shorter than MIN_HEIGHT of the tallest blob join the digit beside them when
+       they are NEAR it (a piece of stroke broken off), and are dropped otherwise.
+    3. Smaller blobs down to MIN_SPECK join the digit whose columns they overlap (the dot a
+       pen leaves); the rest, a full stop among them, are noise.
+    4. A group much wider than tall is two or more digits joined by a stroke: it is cut at the
+       columns with the least ink near the even cuts (see `_cuts`).
+    """
+    from scipy import ndimage
+
+    sizes = _sizes(labels, count)
+    slices = ndimage.find_objects(labels)
+    spans = [(sl[1].start, sl[1].stop) for sl in slices]  # columns of each blob
+    big = [i for i in range(count) if sizes[i] >= MIN_BLOB * sizes.max()]
+    if len(big) > MAX_BLOBS:  # a page of text or a texture, not a row of digits (and pairs of them cost time)
+        raise ImageError(f"{source}: {len(big)} separate marks of similar size; digitlab reads one row of digits: "
+                         "crop the picture to them")
+    group = {i: i for i in big}
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    tallest = max(sl[0].stop - sl[0].start for sl in slices)
+
+    def overlap(a: tuple[int, int], b: tuple[int, int]) -> float:
+        """Shared columns as a fraction of the narrower span; below 0 when apart."""
+        return (min(a[1], b[1]) - max(a[0], b[0])) / max(1, min(a[1] - a[0], b[1] - b[0]))
+
+    def gap(a: tuple[int, int], b: tuple[int, int]) -> int:
+        return max(a[0], b[0]) - min(a[1], b[1])  # columns between them; 0 or less when they overlap
+
+    for n, i in enumerate(big):
+        for j in big[n + 1:]:
+            shared = overlap(spans[i], spans[j])
+            small = min(sizes[i], sizes[j]) < PART * max(sizes[i], sizes[j])
+            if shared >= SHARED or (small and (shared > 0.1 or gap(spans[i], spans[j]) <= TOUCH * tallest)):
+                group[root(j)] = root(i)
+    members: dict[int, list[int]] = {}
+    for i in big:
+        members.setdefault(root(i), []).append(i)
+
+    def span(m: list[int]) -> tuple[int, int]:
+        return min(spans[i][0] for i in m), max(spans[i][1] for i in m)
+
+    def height(m: list[int]) -> int:
+        return max(slices[i][0].stop for i in m) - min(slices[i][0].start for i in m)
+
+    # Short groups are pieces of the digit beside them (a stroke the pen broke off), or else dropped.
+    tall = {r: m for r, m in members.items() if height(m) >= MIN_HEIGHT * tallest}
+    for r, m in members.items():
+        if r not in tall and tall:
+            near = min(tall, key=lambda t: gap(span(m), span(tall[t])))
+            if gap(span(m), span(tall[near])) <= NEAR * tallest:
+                tall[near] = tall[near] + m
+    for i in range(count):
+        if i not in group and sizes[i] >= MIN_SPECK * sizes.max() and tall:
+            best = max(tall, key=lambda r: overlap(spans[i], span(tall[r])))
+            if overlap(spans[i], span(tall[best])) > 0:
+                tall[best] = tall[best] + [i]
+    masks = [np.isin(labels, [i + 1 for i in m]) for m in tall.values()]
+    pieces = []
+    for m in masks:
+        cols = np.nonzero(m.any(0))[0]
+        x0, x1 = cols.min(), cols.max() + 1
+        cuts = _cuts(m[:, x0:x1]) + x0
+        for a, b in zip([x0, *cuts], [*cuts, x1]):
+            piece = np.zeros_like(m)
+            piece[:, a:b] = m[:, a:b]
+            if piece.any():
+                pieces.append(piece)
+    return sorted(pieces, key=lambda p: np.nonzero(p.any(0))[0].mean())
+
+
+def _cuts(mask: np.ndarray) -> np.ndarray:
+    """Columns at which to cut a blob of ink (h, w), cropped to its columns, into digits that touch.
+
+    A blob up to JOINED times as wide as tall is one digit. A wider one holds k = width /
+    (DIGIT_WIDTH x height) digits; each cut goes at the column with the least ink within a
+    third of a digit of the even cut. Below SEVERAL times as wide as tall, a cut is made only
+    where a single short stroke (at most THIN of the height) joins the parts: the middle of a
+    wide 0 has two strokes, its top and its bottom, and stays whole. Either side of a cut must
+    be TALL: a 5's long bar or a 1's long flag is no digit of its own.
+    """
+    rows = np.nonzero(mask.any(1))[0]
+    height, width = rows.max() - rows.min() + 1, mask.shape[1]
+    if width <= JOINED * height:
+        return np.array([], dtype=int)
+    ink = mask.sum(0)
+    k = max(2, round(width / (DIGIT_WIDTH * height)))
+    reach = max(1, width // (3 * k))
+
+    def tall(a: int, b: int) -> bool:  # a digit's part, not a flag or a bar sticking out
+        part = np.nonzero(mask[:, a:b].any(1))[0]
+        return len(part) > 0 and part.max() - part.min() + 1 >= TALL * height
+
+    cuts = []
+    for i in range(1, k):
+        even = i * width // k
+        lo, hi = max(1, even - reach), min(width - 1, even + reach)
+        c = lo + int(np.argmin(ink[lo:hi] + np.abs(np.arange(lo, hi) - even) * 1e-3))
+        runs = np.count_nonzero(np.diff(mask[:, c].astype(np.int8)) == 1) + int(mask[0, c])
+        joined = width > SEVERAL * height or (runs <= 1 and ink[c] <= THIN * height)
+        if joined and tall((i - 1) * width // k, c) and tall(c, (i + 1) * width // k):
+            cuts.append(c)
+    return np.array(cuts, dtype=int)
 
 
 def naive_resize(grey: np.ndarray) -> np.ndarray:
@@ -234,49 +409,120 @@ def preprocessed_names(files: list[Path]) -> list[str]:
 
 
 @dataclass
+class Reading:
+    """One digit as a model read it."""
+
+    digit: int
+    confidence: float | None  # calibrated softmax probability; None for the chapter's regression models
+    sure: bool | None  # confidence >= the threshold; None for regression
+    top3: list[dict]
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the picture
+    image: np.ndarray  # the 28x28 the network saw
+
+    def as_dict(self) -> dict:
+        return {"digit": self.digit, "confidence": self.confidence, "sure": self.sure, "top3": self.top3,
+                "box": list(self.box)}
+
+
+@dataclass
 class Prediction:
+    """What was read in one file: its digits left to right, or an error."""
+
     file: str
-    digit: int | None = None
-    confidence: float | None = None  # softmax probability; None for the chapter's regression models
-    top3: list[dict] | None = None
+    digits: list[Reading] = field(default_factory=list)
     error: str | None = None
-    image: np.ndarray | None = None  # the 28x28 the network saw
+
+    @property
+    def text(self) -> str:
+        return "".join(str(r.digit) for r in self.digits)
+
+    @property
+    def digit(self) -> int | None:
+        """The digit, when the picture holds one; None for several."""
+        return self.digits[0].digit if len(self.digits) == 1 else None
+
+    @property
+    def confidence(self) -> float | None:
+        """The chance that the whole text is right: the digits' confidences multiplied."""
+        if not self.digits or any(r.confidence is None for r in self.digits):
+            return None
+        return float(np.prod([r.confidence for r in self.digits]))
+
+    @property
+    def sure(self) -> bool | None:
+        if not self.digits or any(r.sure is None for r in self.digits):
+            return None
+        return all(r.sure for r in self.digits)
+
+    @property
+    def image(self) -> np.ndarray:
+        """The 28x28 pictures the network saw, side by side."""
+        return np.hstack([r.image for r in self.digits])
+
+    def guesses(self, n: int = 2) -> list[str]:
+        """The n likeliest texts: the best one, then the least sure digit changed to its runner-up."""
+        texts = [self.text]
+        unsure = sorted((r.confidence or 0, i) for i, r in enumerate(self.digits))
+        for _, i in unsure[:n - 1]:
+            alternatives = [t["digit"] for t in self.digits[i].top3[1:]]
+            if alternatives:
+                texts.append(self.text[:i] + str(alternatives[0]) + self.text[i + 1:])
+        return texts
 
     def as_dict(self) -> dict:
         if self.error:
             return {"file": self.file, "error": self.error}
-        return {"file": self.file, "digit": self.digit, "confidence": self.confidence, "top3": self.top3}
+        single = len(self.digits) == 1
+        return {"file": self.file, "text": self.text, "sure": self.sure, "digit": self.digit,
+                "confidence": self.confidence, "top3": self.digits[0].top3 if single else None,
+                "digits": [r.as_dict() for r in self.digits]}
 
 
-def predict_files(model, meta: dict, files: list[Path]) -> list[Prediction]:
-    """Preprocess each file and classify it; a bad file gets an error, the rest go on."""
+def read_digits(model, meta: dict, found: list[Found], threshold: float = THRESHOLD) -> list[Reading]:
+    """Classify prepared digits with a checkpoint's model; confidences use its temperature."""
     import torch
 
+    from .calibrate import probabilities
     from .evaluate import model_outputs
 
-    predictions, images = [], []
-    for f in files:
-        try:
-            images.append(preprocess(load_grey(f), source=str(f)))
-            predictions.append(Prediction(str(f)))
-        except UserError as e:
-            predictions.append(Prediction(str(f), error=str(e)))
-    ok = [p for p in predictions if p.error is None]
-    if not ok:
-        return predictions
-    outputs = model_outputs(model, torch.from_numpy(np.stack(images)), normalization=meta.get("normalization"))
-    for p, image, out in zip(ok, images, outputs):
-        p.image = image
-        if meta["task"] == "classify":
-            probs = out.softmax(0)
+    if not found:
+        return []
+    outputs = model_outputs(model, torch.from_numpy(np.stack([f.image for f in found])),
+                            normalization=meta.get("normalization"))
+    readings = []
+    if meta["task"] == "classify":
+        for f, probs in zip(found, probabilities(outputs, meta.get("temperature"))):
             top = probs.topk(3)
-            p.digit, p.confidence = int(top.indices[0]), float(top.values[0])
-            p.top3 = [{"digit": int(d), "p": round(float(v), 4)} for v, d in zip(top.values, top.indices)]
-        else:  # regression: the nearest digits to the output value
+            confidence = float(top.values[0])
+            readings.append(Reading(int(top.indices[0]), confidence, confidence >= threshold,
+                                    [{"digit": int(d), "p": round(float(v), 4)} for v, d in zip(top.values, top.indices)],
+                                    f.box, f.image))
+    else:  # regression: the nearest digits to the output value
+        for f, out in zip(found, outputs):
             value = float(out[0])
             near = sorted(range(10), key=lambda d: abs(d - value))[:3]
-            p.digit = near[0]
-            p.top3 = [{"digit": d, "distance": round(abs(d - value), 4)} for d in near]
+            readings.append(Reading(near[0], None, None, [{"digit": d, "distance": round(abs(d - value), 4)}
+                                                          for d in near], f.box, f.image))
+    return readings
+
+
+def predict_files(model, meta: dict, files: list[Path], single: bool = False,
+                  threshold: float = THRESHOLD) -> list[Prediction]:
+    """Find and read the digits in each file; a bad file gets an error, the rest go on.
+
+    single: read each picture as one digit, whatever it holds.
+    """
+    predictions, found = [], []
+    for f in files:
+        try:
+            digits = find_digits(load_grey(f), source=str(f), single=single)
+            predictions.append(Prediction(str(f)))
+            found.append(digits)
+        except UserError as e:
+            predictions.append(Prediction(str(f), error=str(e)))
+    readings = iter(read_digits(model, meta, [d for digits in found for d in digits], threshold))
+    for p, digits in zip([p for p in predictions if p.error is None], found):
+        p.digits = [next(readings) for _ in digits]
     return predictions
 
 

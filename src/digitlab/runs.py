@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -72,6 +72,7 @@ class RunResult:
     checkpoint: Path  # the checkpoint that was scored on the test set (best, or last without validation)
     out_dir: Path
     files: list[Path]
+    calibration: dict = field(default_factory=dict)  # temperature and expected calibration errors (classify)
 
     @property
     def history(self) -> History:
@@ -418,7 +419,8 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, device: t
     model = place(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task], init=cfg.init), device)
     loader = InMemoryLoader(split.train_images, split.train_labels, cfg.batch_size, seed=cfg.seed, device=device)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
-    augment = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment else None
+    # one generator draws the distortions and the non-digits, in the order the loop asks for them
+    augment = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment or cfg.reject else None
     state = TrainState()
     if record is not None:
         state = _restore(record, tensors, model, optimizer, augment, device)
@@ -437,10 +439,12 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, device: t
         reporter = ConsoleReporter()
     if cfg.tensorboard:
         reporter = Reporters(reporter, TensorBoardReporter(out_dir / TENSORBOARD_DIR))
-    fast_step = HandWrittenMLPStep.for_model(model, optimizer, cfg.task) if cfg.fast_mlp else None
+    # the hand-written step knows nothing of non-digits: --reject trains through autograd
+    fast_step = HandWrittenMLPStep.for_model(model, optimizer, cfg.task) if cfg.fast_mlp and not cfg.reject else None
     try:
         state = fit(model, loader, optimizer, epochs=cfg.epochs, task=cfg.task, state=state,
-                    log_every=cfg.log_every, max_batches=cfg.max_batches, schedule=cfg.schedule, augment=augment,
+                    log_every=cfg.log_every, max_batches=cfg.max_batches, schedule=cfg.schedule,
+                    augment=augment if cfg.augment else None, outliers=augment if cfg.reject else None,
                     validate=validate if split.val_images is not None else None, patience=cfg.patience,
                     fast_step=fast_step, reporter=reporter, save=save, name=cfg.model)
     except Diverged as e:
@@ -465,6 +469,7 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
         test_model = place(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task]), device)
         test_model.load_state_dict(read_checkpoint(scored)[0])
     final = evaluate(test_model, data.test_images, data.test_labels, task=cfg.task)
+    calibration = _calibrate(test_model, split, final) if cfg.task == "classify" else {}
     params = sum(p.numel() for p in model.parameters())
     history = state.history
     results = {
@@ -482,15 +487,19 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
         "images_per_second": history.images_per_second,
         "params": params,
         "data": split.info,
+        **{k: v for k, v in calibration.items() if k != "temperature"},
     }
     meta = _checkpoint_meta(cfg, state, split.info, results)
+    if "temperature" in calibration:  # fitted to the scored weights: the best ones when the run validated
+        meta["temperature"] = calibration["temperature"]
     files = [out_dir / CONFIG_FILE]
     if scored.name == BEST_FILE:
         best_row = history.epochs[state.best_epoch]
         files.append(save_checkpoint(scored, test_model, {**meta, "epochs": state.best_epoch + 1,
                                                           "final_loss": best_row["train_loss"]}))
         last_results = {k: v for k, v in results.items() if not k.startswith("test_")}
-        files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, {**meta, "results": last_results}))
+        last_meta = {k: v for k, v in meta.items() if k != "temperature"}
+        files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, {**last_meta, "results": last_results}))
     else:
         files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, meta))
     files.append(out_dir / STATE_FILE)
@@ -498,7 +507,21 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
                                                                allow_nan=False)))
     files.append(write_metrics(out_dir / METRICS_FILE, history))
     files += save_figure(plot_run_loss(history, title=f"{cfg.model} ({cfg.task})"), out_dir / "loss")
-    return RunResult(cfg, state, params, final.accuracy, scored, out_dir, files)
+    return RunResult(cfg, state, params, final.accuracy, scored, out_dir, files, calibration)
+
+
+def _calibrate(model, split: Split, test) -> dict:
+    """The test set's expected calibration error, and with a validation split the temperature fitted
+    on it and the test set's error before and after dividing the logits by it."""
+    from .calibrate import expected_calibration_error, fit_temperature, probabilities
+    from .evaluate import model_outputs
+
+    before = expected_calibration_error(probabilities(test.outputs), test.labels)
+    if split.val_images is None:
+        return {"test_ece": before}
+    temperature = fit_temperature(model_outputs(model, split.val_images), split.val_labels)
+    after = expected_calibration_error(probabilities(test.outputs, temperature), test.labels)
+    return {"temperature": temperature, "test_ece_uncalibrated": before, "test_ece": after}
 
 
 def _restore(record: dict, tensors: dict, model, optimizer, augment, device) -> TrainState:

@@ -5,8 +5,9 @@ answers two API calls, which the page itself uses:
 
     GET  /api/models    the loaded runs: model, task, parameter count, test accuracy
     POST /api/predict   a multipart form with `image` (PNG, JPEG, WebP, BMP ...): for each model
-                        its digit and 10 probabilities (or, for a regression model, its value),
-                        its conv layers' feature maps, and the 28x28 picture the networks saw
+                        its digit, whether it is sure, and 10 calibrated probabilities (or, for a
+                        regression model, its value), its conv layers' feature maps, and the
+                        28x28 picture the networks saw
 
 An upload goes through the same preparation as `digitlab predict`. The server reads no
 file a request names; a body over 10 MB is refused (413) before it is read.
@@ -28,6 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from torch import nn
 
 from .checkpoint import describe, load_checkpoint
+from .config import THRESHOLD
 from .errors import UserError
 from .files import one_line
 
@@ -93,11 +95,12 @@ def feature_grid(maps: torch.Tensor) -> np.ndarray:
 class Reader:
     """The loaded models, and one picture read by all of them."""
 
-    def __init__(self, loaded: list[Loaded]):
-        self.loaded = loaded
+    def __init__(self, loaded: list[Loaded], threshold: float = THRESHOLD):
+        self.loaded, self.threshold = loaded, threshold
         self.lock = threading.Lock()  # torch already uses both cores; requests take turns
 
     def read(self, data: bytes) -> dict:
+        from .calibrate import probabilities
         from .evaluate import model_outputs
         from .predict import load_grey, preprocess
 
@@ -119,14 +122,15 @@ class Reader:
                                             "shown": min(len(captured[n]), MAX_MAPS),
                                             "grid": png_data_url(feature_grid(captured[n]))} for n, _ in entry.convs]}
                 if entry.meta["task"] == "classify":
-                    probabilities = out.softmax(0)
-                    answer.update(digit=int(probabilities.argmax()), probabilities=[round(float(p), 5)
-                                                                                    for p in probabilities])
+                    probs = probabilities(out, entry.meta.get("temperature"))
+                    answer.update(digit=int(probs.argmax()), sure=bool(probs.max() >= self.threshold),
+                                  calibrated=entry.meta.get("temperature") is not None,
+                                  probabilities=[round(float(p), 5) for p in probs])
                 else:  # the chapter's regression: one value on the 0-9 scale
                     value = float(out[0])
                     answer.update(digit=int(min(max(round(value), 0), 9)), value=round(value, 4))
                 answers.append(answer)
-        return {"image": png_data_url(digit), "models": answers}
+        return {"image": png_data_url(digit), "threshold": self.threshold, "models": answers}
 
 
 class BodyLimit:
@@ -177,13 +181,14 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body.encode()})
 
 
-def create_app(runs: list[str | Path]):
-    """The FastAPI application for these run folders (or checkpoint files)."""
+def create_app(runs: list[str | Path], threshold: float = THRESHOLD):
+    """The FastAPI application for these run folders (or checkpoint files); an answer below
+    `threshold` confidence is "not sure"."""
     if not runs:
         raise UserError("serve needs at least one run folder or checkpoint")
     from .cli import _version
 
-    reader = Reader(load_runs(runs))
+    reader = Reader(load_runs(runs), threshold)
     app = FastAPI(title="digitlab", description="Draw a digit; every loaded network reads it.",
                   version=_version())
     page = resources.files("digitlab").joinpath("web/index.html").read_text(encoding="utf-8")
@@ -219,13 +224,13 @@ def create_app(runs: list[str | Path]):
     return app
 
 
-def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 8000, threshold: float = THRESHOLD) -> None:
     """Load the runs and serve the page until Ctrl-C."""
     import socket
 
     import uvicorn
 
-    app = create_app(runs)
+    app = create_app(runs, threshold)
     try:  # uvicorn would log a failed bind and exit 1; say it in one line instead
         with socket.create_server((host, port)):
             pass

@@ -1,0 +1,145 @@
+"""Whole numbers and honest confidence: several digits in a row, calibration, "not sure".
+
+The numbers are real MNIST test digits of the small set, set in a row by
+digitlab.handwriting.number and put on paper (dark ink on uneven light, or light ink on a
+dark board) by on_paper, then saved as real image files.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import run_cli
+from digitlab.calibrate import expected_calibration_error, fit_temperature, probabilities
+from digitlab.checkpoint import read_checkpoint
+from digitlab.handwriting import non_digit, number, on_paper
+from digitlab.predict import find_digits, load_grey
+
+N_NUMBERS = 40
+
+
+def _digit_ink(digits, i: int) -> np.ndarray:
+    """Test digit i as ink in [0, 1], 4x larger (a photo's resolution), without MNIST's empty margin."""
+    im = Image.fromarray(digits.test_images[i].numpy()).resize((112, 112), Image.Resampling.BICUBIC)
+    ink = np.asarray(im, dtype=np.float32) / 255
+    rows, cols = np.nonzero(ink.max(1) > 0.2)[0], np.nonzero(ink.max(0) > 0.2)[0]
+    return ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+
+
+@pytest.fixture(scope="module")
+def numbers(digits, tmp_path_factory):
+    """N_NUMBERS pictures of 2-5 digit numbers; {file name: (text, boxes of the digits in the picture)}."""
+    folder = tmp_path_factory.mktemp("numbers")
+    rng = np.random.default_rng(7)
+    truth = {}
+    for k in range(N_NUMBERS):
+        picks = rng.integers(len(digits.test_labels), size=int(rng.integers(2, 6)))
+        ink, boxes = number([_digit_ink(digits, int(i)) for i in picks], rng)
+        picture, (dx, dy) = on_paper(ink, rng, dark_board=k % 4 == 0, margin=(0.2, 0.8))
+        name = f"n{k:02d}.{['png', 'jpg', 'webp'][k % 3]}"
+        picture.save(folder / name, quality=90) if not name.endswith("png") else picture.save(folder / name)
+        truth[name] = ("".join(str(int(digits.test_labels[i])) for i in picks),
+                       [(x0 + dx, y0 + dy, x1 + dx, y1 + dy) for x0, y0, x1, y1 in boxes])
+    return folder, truth
+
+
+def test_each_digit_of_a_number_is_found_in_its_place(numbers):
+    folder, truth = numbers
+    right = 0
+    for name, (text, boxes) in truth.items():
+        found = find_digits(load_grey(folder / name), source=name)
+        if len(found) != len(text):
+            continue
+        # each found box holds the centre of the true digit's box, in order
+        right += all(f.box[0] <= (b[0] + b[2]) / 2 <= f.box[2] and f.box[1] <= (b[1] + b[3]) / 2 <= f.box[3]
+                     for f, b in zip(found, boxes))
+    assert right >= 0.9 * len(truth), f"{right} of {len(truth)} numbers segmented right"  # 37 of 40 when written
+
+
+def test_predict_reads_whole_numbers(digits_model, numbers):
+    folder, truth = numbers
+    result = run_cli("predict", str(digits_model), str(folder), "--json")
+    assert result.returncode == 0, result.stderr
+    answers = {a["file"].split("/")[-1]: a for a in json.loads(result.stdout)}
+    assert set(answers) == set(truth)
+    for a in answers.values():
+        assert a["text"] == "".join(str(d["digit"]) for d in a["digits"])
+        assert a["digit"] is None and a["top3"] is None  # several digits: no single digit
+        assert a["confidence"] == pytest.approx(np.prod([d["confidence"] for d in a["digits"]]), rel=1e-6)
+        assert a["sure"] == all(d["confidence"] >= 0.8 for d in a["digits"])
+        boxes = [d["box"] for d in a["digits"]]
+        assert boxes == sorted(boxes)  # left to right
+    exact = np.mean([answers[n]["text"] == text for n, (text, _) in truth.items()])
+    assert exact >= 0.75, f"only {exact:.0%} of the numbers read exactly"
+    single = json.loads(run_cli("predict", str(digits_model), str(folder), "--json", "--single").stdout)
+    assert all(len(a["digits"]) == 1 and a["digit"] is not None for a in single)  # --single: one digit each
+
+
+def _draw(strokes: list[list[tuple[float, float]]], dots: list[tuple[float, float]] = (), size: int = 240,
+          width: int = 14) -> np.ndarray:
+    """Dark pen strokes (in a unit box) on a light page, as grey in [0, 1]."""
+    page = Image.new("L", (size, size), 235)
+    draw = ImageDraw.Draw(page)
+    for stroke in strokes:
+        draw.line([(x * size, y * size) for x, y in stroke], fill=30, width=width, joint="curve")
+    for x, y in dots:
+        draw.ellipse([x * size - 4, y * size - 4, x * size + 4, y * size + 4], fill=30)
+    return np.asarray(page, dtype=np.float32) / 255
+
+
+def test_broken_strokes_stay_one_digit_and_joined_digits_are_cut():
+    five = [[(0.62, 0.2), (0.4, 0.2)],  # the bar, written apart from the body
+            [(0.37, 0.27), (0.35, 0.5), (0.55, 0.47), (0.65, 0.6), (0.6, 0.78), (0.45, 0.82), (0.33, 0.75)]]
+    assert len(find_digits(_draw(five))) == 1
+    assert len(find_digits(_draw(five, dots=[(0.5, 0.9)]))) == 1  # a dot the pen left under it
+    assert len(find_digits(_draw(five, dots=[(0.9, 0.5)]))) == 1  # a speck of dirt to the side
+    # "00" joined by a short stroke at mid-height: one blob, cut into two digits
+    zeros = [[(0.1 + dx + 0.14 * np.cos(t), 0.5 + 0.22 * np.sin(t)) for t in np.linspace(0, 2 * np.pi, 40)]
+             for dx in (0.14, 0.48)]
+    joined = _draw(zeros + [[(0.38, 0.5), (0.44, 0.5)]])
+    found = find_digits(joined)
+    assert len(found) == 2 and found[0].box[2] <= found[1].box[0] + 16  # cut near the join, left first
+    assert len(find_digits(joined, single=True)) == 1
+
+
+def test_fitted_temperature_undoes_overconfidence():
+    torch.manual_seed(0)
+    true_logits = torch.randn(4000, 10) * 2
+    labels = torch.distributions.Categorical(logits=true_logits).sample()  # labels drawn at the true odds
+    overconfident = true_logits * 2.5
+    t = fit_temperature(overconfident, labels)
+    assert t == pytest.approx(2.5, rel=0.1)
+    before = expected_calibration_error(probabilities(overconfident), labels)
+    after = expected_calibration_error(probabilities(overconfident, t), labels)
+    assert before > 0.1 and after < 0.03
+    assert torch.equal(probabilities(overconfident, t).argmax(1), overconfident.argmax(1))  # same answers
+
+
+def test_a_validated_run_saves_its_temperature_and_both_calibration_errors(digits_model):
+    _, meta = read_checkpoint(digits_model / "best.safetensors")
+    assert 0.05 < meta["temperature"] < 20
+    results = meta["results"]
+    assert 0 <= results["test_ece"] < 0.1 and 0 <= results["test_ece_uncalibrated"] < 0.2
+    _, last = read_checkpoint(digits_model / "model.safetensors")
+    assert "temperature" not in last  # fitted to the best weights, not to the last epoch's
+
+
+def test_not_sure_below_the_threshold_with_the_best_guesses(digits_model, tmp_path):
+    rng = np.random.default_rng(3)
+    picture, _ = on_paper(non_digit("scribble", rng, []), rng, dark_board=False)
+    picture.save(tmp_path / "scribble.png")
+    strict = run_cli("predict", str(digits_model), str(tmp_path / "scribble.png"), "--single", "--threshold", "1")
+    assert strict.returncode == 0, strict.stderr
+    assert "not sure: " in strict.stdout and " or " in strict.stdout
+    loose = json.loads(run_cli("predict", str(digits_model), str(tmp_path / "scribble.png"), "--single",
+                               "--threshold", "0", "--json").stdout)[0]
+    assert loose["sure"] is True and loose["digit"] == loose["top3"][0]["digit"]
+    strict = json.loads(run_cli("predict", str(digits_model), str(tmp_path / "scribble.png"), "--single",
+                                "--threshold", "1", "--json").stdout)[0]
+    assert strict["sure"] is False and strict["digit"] == loose["digit"]  # the best guess is kept
+    bad = run_cli("predict", str(digits_model), str(tmp_path / "scribble.png"), "--threshold", "1.5")
+    assert bad.returncode == 2 and "a probability from 0 to 1" in bad.stderr and "Traceback" not in bad.stderr
