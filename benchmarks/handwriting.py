@@ -77,10 +77,11 @@ def measure(run: Path, hw: Path, data) -> dict:
         which = np.array([r["source"] == source for r in digits])
         out[f"digits_{source}"] = float(right[which].mean()) if which.any() else None
     out["digits"] = float(right.mean())
-    confidence = [p.confidence for p in said]
-    out["hw_ece"] = (ece(torch.tensor(confidence), torch.from_numpy(right))
-                     if meta["task"] == "classify" and None not in confidence else None)
-    sure = np.array([getattr(p, "sure", None) is not False for p in said])  # an older version is always "sure"
+    read = [k for k, p in enumerate(said) if p.error is None and p.confidence is not None]
+    out["hw_ece"] = (ece(torch.tensor([said[k].confidence for k in read]), torch.from_numpy(right[read]))
+                     if meta["task"] == "classify" and read else None)
+    # an older version is always "sure"; a file it could not read is not
+    sure = np.array([p.error is None and getattr(p, "sure", None) is not False for p in said])
     out["sure"] = float(sure.mean()) if meta["task"] == "classify" else None  # regression: no confidence
     out["right_when_sure"] = float(right[sure].mean()) if sure.any() and out["sure"] is not None else None
     numbers = rows(hw / "numbers")

@@ -14,10 +14,15 @@ import torch.nn.functional as F
 
 ECE_BINS = 15
 T_RANGE = (0.05, 20.0)  # a temperature outside this says the held-out logits are degenerate
+MIN_HELD_OUT = 200  # fewer held-out answers than this (or all of them right) cannot fit a temperature
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T that minimises the mean NLL of softmax(logits / T) on these (held-out) answers."""
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """The T that minimises the mean NLL of softmax(logits / T) on these (held-out) answers, or None
+    when they cannot tell: too few, all right (the fit would sharpen without end), or a T outside
+    T_RANGE."""
+    if len(labels) < MIN_HELD_OUT or bool((logits.argmax(1) == labels).all()):
+        return None
     logits, labels = logits.detach().double(), labels.long()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)  # T = exp(log_t) stays positive
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
@@ -30,12 +35,13 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
     optimizer.step(closure)
     t = float(log_t.detach().exp())
-    return min(max(t, T_RANGE[0]), T_RANGE[1])
+    return t if T_RANGE[0] <= t <= T_RANGE[1] else None
 
 
 def probabilities(logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-    """softmax(logits / T) along the last axis; T defaults to 1 (an uncalibrated model)."""
-    return (logits.float() / (temperature or 1.0)).softmax(-1)
+    """softmax(logits / T) along the last axis, in float64 (float32 rounds a clear answer to exactly
+    1, which would pass any threshold); T defaults to 1 (an uncalibrated model)."""
+    return (logits.double() / (temperature or 1.0)).softmax(-1)
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:

@@ -313,8 +313,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"confidence: temperature {c['temperature']:.3f} fitted on the validation split; expected calibration "
               f"error on the test set {c['test_ece_uncalibrated']:.2%} before, {c['test_ece']:.2%} after")
     elif c:
-        print(f"confidence: not calibrated (calibration needs --val-split); expected calibration error on the "
-              f"test set {c['test_ece']:.2%}")
+        why = ("the validation split is too small or all right to fit a temperature (give --val-split 200 or more)"
+               if c.get("calibration") == "skipped" else "calibration needs --val-split")
+        print(f"confidence: not calibrated ({why}); expected calibration error on the test set {c['test_ece']:.2%}")
     if result.state.stopped == "patience":
         print(f"stopped early: no better validation accuracy for {config.patience} epochs after epoch "
               f"{result.state.best_epoch}")
@@ -390,7 +391,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     console.print(f"{title}; mean loss {result.mean_loss:.4f}")
     if meta["task"] == "classify":
         how = (f"with temperature {meta['temperature']:.3f}" if meta.get("temperature") is not None
-               else "not calibrated (no temperature: trained without --val-split, or by an older digitlab)")
+               else "not calibrated (no temperature in this checkpoint: a run's best.safetensors has one when "
+                    "it was trained with --val-split)")
         console.print(f"confidence: expected calibration error {report['calibration_error']:.2%}, {how}")
     table = Table("digit", "precision", "recall", "test images", title="per digit")
     for digit, (p, r) in enumerate(zip(report["precision"], report["recall"])):
@@ -438,8 +440,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 table.add_row(p.file, read, confidence, ", ".join(guesses[1:]))
         _console().print(table)
         if meta["task"] == "classify" and meta.get("temperature") is None:
-            print("note: this checkpoint has no calibration temperature (trained without --val-split, or by an "
-                  "older digitlab): its confidences are the plain softmax's")
+            print("note: this checkpoint has no calibration temperature (a run's best.safetensors has one when it "
+                  "was trained with --val-split): its confidences are the plain softmax's")
     return EXIT_USAGE if any(p.error for p in predictions) else 0
 
 

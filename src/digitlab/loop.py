@@ -254,7 +254,8 @@ def fit(
                         if outliers is None:
                             loss = objective = compute_loss(model(images), labels, task)
                         else:  # the loss logged is the digits' alone, comparable with a run without outliers
-                            unsure = non_digits(images[:len(images) // 4], labels[:len(images) // 4], outliers)
+                            k = max(1, len(images) // 4)
+                            unsure = non_digits(images[:k], labels[:k], outliers)
                             output = model(torch.cat([images, unsure]))
                             loss = compute_loss(output[:len(images)], labels, task)
                             flat = -F.log_softmax(output[len(images):], 1).mean()  # cross-entropy, flat target

@@ -219,6 +219,8 @@ def find_digits(grey: np.ndarray, source: str = "image", single: bool = False) -
         pieces = [np.isin(labels, 1 + np.flatnonzero(sizes >= MIN_BLOB * sizes.max()))]
     else:
         pieces = segment(labels, count, source)
+    if not pieces:
+        raise ImageError(f"{source}: no digit found (only marks too small or too thin to be digits)")
     found = []
     for keep in pieces:
         ys, xs = np.nonzero(keep)
@@ -283,7 +285,7 @@ def segment(labels: np.ndarray, count: int, source: str = "image") -> list[np.nd
             i = group[i]
         return i
 
-    tallest = max(sl[0].stop - sl[0].start for sl in slices)
+    tallest = max(slices[i][0].stop - slices[i][0].start for i in big)  # of the strokes, not of a thin line
 
     def overlap(a: tuple[int, int], b: tuple[int, int]) -> float:
         """Shared columns as a fraction of the narrower span; below 0 when apart."""
@@ -346,7 +348,7 @@ def _cuts(mask: np.ndarray) -> np.ndarray:
     """
     rows = np.nonzero(mask.any(1))[0]
     height, width = rows.max() - rows.min() + 1, mask.shape[1]
-    if width <= JOINED * height:
+    if width <= JOINED * height or height < 2:  # not wide, or a line: nothing to cut
         return np.array([], dtype=int)
     ink = mask.sum(0)
     k = max(2, round(width / (DIGIT_WIDTH * height)))
@@ -360,6 +362,8 @@ def _cuts(mask: np.ndarray) -> np.ndarray:
     for i in range(1, k):
         even = i * width // k
         lo, hi = max(1, even - reach), min(width - 1, even + reach)
+        if hi <= lo:
+            continue
         c = lo + int(np.argmin(ink[lo:hi] + np.abs(np.arange(lo, hi) - even) * 1e-3))
         runs = np.count_nonzero(np.diff(mask[:, c].astype(np.int8)) == 1) + int(mask[0, c])
         joined = width > SEVERAL * height or (runs <= 1 and ink[c] <= THIN * height)
@@ -460,7 +464,8 @@ class Prediction:
         return np.hstack([r.image for r in self.digits])
 
     def guesses(self, n: int = 2) -> list[str]:
-        """The n likeliest texts: the best one, then the least sure digit changed to its runner-up."""
+        """Up to n guesses at the text: the best one, then each of the n - 1 least sure digits in turn
+        changed to its runner-up."""
         texts = [self.text]
         unsure = sorted((r.confidence or 0, i) for i, r in enumerate(self.digits))
         for _, i in unsure[:n - 1]:

@@ -487,7 +487,7 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
         "images_per_second": history.images_per_second,
         "params": params,
         "data": split.info,
-        **{k: v for k, v in calibration.items() if k != "temperature"},
+        **{k: v for k, v in calibration.items() if k.startswith("test_")},
     }
     meta = _checkpoint_meta(cfg, state, split.info, results)
     if "temperature" in calibration:  # fitted to the scored weights: the best ones when the run validated
@@ -520,6 +520,8 @@ def _calibrate(model, split: Split, test) -> dict:
     if split.val_images is None:
         return {"test_ece": before}
     temperature = fit_temperature(model_outputs(model, split.val_images), split.val_labels)
+    if temperature is None:  # too few held-out images, or all of them right
+        return {"test_ece": before, "calibration": "skipped"}
     after = expected_calibration_error(probabilities(test.outputs, temperature), test.labels)
     return {"temperature": temperature, "test_ece_uncalibrated": before, "test_ece": after}
 
