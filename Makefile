@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test,tensorboard,serve,onnx,browser]"
+	$(BIN)/python -m pip install --quiet -e ".[test,tensorboard,serve,onnx,browser,sweep]"
 	touch $@
 
 compare: setup

@@ -185,6 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "there are several (default: don't)")
     p.set_defaults(func=cmd_predict)
 
+    p = commands.add_parser("sweep", help="many runs at once on Optuna: which structure and recipe is best for a budget")
+    p.add_argument("spec", type=Path, metavar="SPEC.toml",
+                   help="[fixed] options every trial shares and [search] options to choose: a list of choices or "
+                        "a range { low = ..., high = ..., log = true }, under the names of a run's config.toml")
+    p.add_argument("--trials", type=_trials, default=10, help="trials this command runs (default: %(default)s)")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="the study's database, shared by every command that joins it, e.g. "
+                        "postgresql://user:password@host/db (default: sqlite:///OUT/study.db)")
+    p.add_argument("--study", default="digitlab", help="the study's name in the storage (default: %(default)s)")
+    p.add_argument("--sampler", choices=("grid", "random", "tpe"), default=None,
+                   help="grid takes the whole product of the lists; random and tpe draw (default: grid when every "
+                        "searched option is a list, else tpe)")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, default=None, help="folder with the four MNIST files")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"),
+                   help="OUT: trials/ (one run folder per trial), trials.csv, study.db (default: %(default)s)")
+    p.set_defaults(func=cmd_sweep)
+
     p = commands.add_parser("serve", help="a local web page: draw a digit and watch every loaded model read it")
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
                    help="run folders (or checkpoints) to load; the first one answers in large (`digitlab train "
@@ -222,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _port(text: str) -> int:
     return _number(text, int, lambda v: 1 <= v <= 65535, "a port number, 1-65535")
+
+
+def _trials(text: str) -> int:
+    return _number(text, int, lambda v: 1 <= v <= 100_000, "a whole number of trials, 1-100000")
 
 
 def _threshold(text: str) -> float:
@@ -443,6 +465,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print("note: this checkpoint has no calibration temperature (a run's best.safetensors has one when it "
                   "was trained with --val-split): its confidences are the plain softmax's")
     return EXIT_USAGE if any(p.error for p in predictions) else 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from .sweep import read_spec, run_sweep
+
+    spec = read_spec(args.spec)
+    if importlib.util.find_spec("optuna") is None:
+        raise UserError("sweep needs the sweep extra (optuna): pip install 'digitlab[sweep]'")
+    data = _load_data(args.data_dir)
+    study = run_sweep(spec, data, args.out, trials=args.trials, storage=args.storage, study=args.study,
+                      sampler=args.sampler, seed=args.seed)
+    done = [t for t in study.trials if t.value is not None]
+    if done:
+        best = max(done, key=lambda t: t.value)
+        print(f"best of {len(done)} finished trials: trial {best.number} ({', '.join(f'{k}={v}' for k, v in best.params.items())}), "
+              f"validation {best.value:.2%}, test {best.user_attrs.get('test_accuracy', float('nan')):.2%}")
+    print(f"wrote {args.out / 'trials.csv'}")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

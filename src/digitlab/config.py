@@ -196,8 +196,8 @@ def preset_config(name: str, model: str | None = None, **overrides) -> TrainConf
 
 # ---------------------------------------------------------------------------- files
 
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The options in a TOML file, checked key by key (an unknown key or a bad value names the key)."""
+def read_toml(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
+    """A TOML file's table; a missing, unreadable or malformed file is one UserError."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -207,11 +207,17 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        table = tomllib.loads(regular_file(path, "config file").read_text(encoding="utf-8"))
+        return tomllib.loads(regular_file(path, what).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read the config file ({e})") from None
+        raise UserError(f"{path}: cannot read the {what} ({e})") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The options in a TOML file, checked key by key (an unknown key or a bad value names the key)."""
+    path = Path(path)
+    table = read_toml(path)
     for key, value in table.items():
         if key not in FIELDS:
             raise UserError(f"{path}: unknown option '{key}'; the options are: {', '.join(FIELDS)}")

@@ -1,0 +1,265 @@
+"""`digitlab sweep SPEC.toml`: many runs at once, on Optuna, with their cost measured.
+
+The spec is a TOML file with two tables, under the training options' config-file names:
+
+    [fixed]                 # options every trial shares
+    task = "classify"
+    epochs = 1
+    [search]                # options the study chooses
+    model = ["mlp", "cnn", "lenet5", "convnet_small"]       # a list: one of these
+    lr = { low = 0.0005, high = 0.05, log = true }           # a range of a number option
+
+Each trial is an ordinary run folder under OUT/trials/ (so `evaluate`, `predict`, `serve`
+and `plot` work on it); its validation accuracy is the objective, and its test accuracy,
+training seconds, training FLOPs (one step counted by torch's FlopCounterMode, times the
+steps taken) and parameter count are the trial's attributes. The study lives in Optuna's
+storage (SQLite in OUT by default, or any database URL), so several commands, on one
+machine or many, can work on one study.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import FIELDS, VAL_SPLIT, TrainConfig, problem, read_toml, value_type
+from .errors import UserError
+from .files import one_line, write_text
+
+SAMPLERS = ("grid", "random", "tpe")
+STUDY = "digitlab"
+RESULT_COLUMNS = ("val_accuracy", "test_accuracy", "train_seconds", "train_flops", "params", "run")
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number option searched between `low` and `high` (on a log scale when `log`)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class Spec:
+    fixed: dict[str, Any]
+    search: dict[str, list | Range]
+
+    @property
+    def all_lists(self) -> bool:
+        return all(isinstance(v, list) for v in self.search.values())
+
+
+def read_spec(path: str | os.PathLike) -> Spec:
+    """The spec in a TOML file, checked key by key: a wrong one is one UserError naming it."""
+    path = Path(path)
+    name = one_line(str(path))
+    table = read_toml(path, "sweep spec")
+    unknown = sorted(set(table) - {"fixed", "search"})
+    if unknown:
+        raise UserError(f"{name}: unknown table [{unknown[0]}]; a sweep spec has [fixed] and [search]")
+    fixed, search = table.get("fixed", {}), table.get("search", {})
+    if not isinstance(fixed, dict) or not isinstance(search, dict):
+        raise UserError(f"{name}: [fixed] and [search] must be tables")
+    if not search:
+        raise UserError(f"{name}: [search] is empty; name at least one option to search, e.g. model = [\"mlp\", \"cnn\"]")
+    for key, value in fixed.items():
+        _known(name, "fixed", key)
+        wrong = problem(key, value)
+        if wrong:
+            raise UserError(f"{name}: [fixed] {key}: {wrong}")
+    checked: dict[str, list | Range] = {}
+    for key, value in search.items():
+        _known(name, "search", key)
+        if key in fixed:
+            raise UserError(f"{name}: {key} is in both [fixed] and [search]; keep it in one")
+        checked[key] = _choices(name, key, value)
+    return Spec(fixed, checked)
+
+
+def _known(name: str, table: str, key: str) -> None:
+    if key not in FIELDS:
+        raise UserError(f"{name}: [{table}] unknown option '{key}'; the options are: {', '.join(FIELDS)}")
+
+
+def _choices(name: str, key: str, value: Any) -> list | Range:
+    where = f"{name}: [search] {key}"
+    if isinstance(value, list):
+        if not value:
+            raise UserError(f"{where}: the list of choices is empty")
+        if len(set(map(repr, value))) != len(value):
+            raise UserError(f"{where}: a choice is listed twice")
+        for v in value:
+            wrong = problem(key, v)
+            if wrong:
+                raise UserError(f"{where}: {wrong}")
+        return value
+    if isinstance(value, dict):
+        extra = sorted(set(value) - {"low", "high", "log"})
+        if extra or not {"low", "high"} <= set(value):
+            raise UserError(f"{where}: a range is {{ low = ..., high = ..., log = true|false }}"
+                            + (f"; unknown key '{extra[0]}'" if extra else ""))
+        kind = value_type(key)
+        if kind not in (int, float):
+            raise UserError(f"{where}: a range needs a number option; give a list of choices instead")
+        low, high, log = value["low"], value["high"], value.get("log", False)
+        for bound in (low, high):
+            wrong = problem(key, bound)
+            if wrong:
+                raise UserError(f"{where}: {wrong}")
+        if not isinstance(log, bool):
+            raise UserError(f"{where}: log must be true or false")
+        if not low < high:
+            raise UserError(f"{where}: low must be below high, got {low} and {high}")
+        if log and low <= 0:
+            raise UserError(f"{where}: a log range needs low above 0, got {low}")
+        return Range(low, high, log)
+    raise UserError(f"{where}: must be a list of choices or a range {{ low = ..., high = ... }}, got {value!r}")
+
+
+def make_sampler(name: str | None, spec: Spec, seed: int):
+    """Optuna's sampler: grid (the default when every searched option is a list) takes the whole
+    product; random and tpe (the default otherwise) draw from lists and ranges."""
+    import optuna
+
+    name = name or ("grid" if spec.all_lists else "tpe")
+    if name == "grid":
+        if not spec.all_lists:
+            ranged = next(k for k, v in spec.search.items() if isinstance(v, Range))
+            raise UserError(f"--sampler grid needs lists of choices; '{ranged}' is a range (use random or tpe)")
+        return optuna.samplers.GridSampler(spec.search, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def suggest(trial, spec: Spec) -> dict[str, Any]:
+    """The trial's values for the searched options."""
+    values = {}
+    for key, choice in spec.search.items():
+        if isinstance(choice, Range):
+            if value_type(key) is int:
+                values[key] = trial.suggest_int(key, int(choice.low), int(choice.high), log=choice.log)
+            else:
+                values[key] = trial.suggest_float(key, choice.low, choice.high, log=choice.log)
+        else:
+            values[key] = trial.suggest_categorical(key, choice)
+    return values
+
+
+def training_flops(config: TrainConfig) -> int:
+    """FLOPs of one training step (forward and backward) at the config's batch size, counted by
+    torch.utils.flop_counter on a fresh model; the data do not change the count."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .config import TASK_OUTPUTS
+    from .loop import compute_loss
+    from .models import create_model
+
+    model = create_model(config.model, num_outputs=TASK_OUTPUTS[config.task], init=config.init)
+    batch = config.batch_size + (max(1, config.batch_size // 4) if config.reject else 0)
+    images = torch.zeros(batch, 1, 28, 28)
+    labels = torch.zeros(config.batch_size, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        output = model(images)
+        compute_loss(output[:config.batch_size], labels, config.task).backward()
+    return int(counter.get_total_flops())
+
+
+def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage: str | None = None,
+              study: str = STUDY, sampler: str | None = None, seed: int = 0, echo=print):
+    """Run `trials` trials of the study (creating it on first use) into OUT/trials/; returns the study."""
+    import optuna
+
+    from .loop import Reporter
+    from .runs import run
+
+    from . import signals
+
+    chosen = make_sampler(sampler, spec, seed)
+    out = Path(out)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is ours to report, in one line
+    try:
+        the_study = _open_study(storage, study, chosen)
+    except UserError:
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+    def objective(trial) -> float:
+        if signals.received():  # a signal between two trials: this one fails at once, and the sweep stops
+            raise signals.Interrupted(signals.received())
+        values = {"val_split": VAL_SPLIT, **spec.fixed, **suggest(trial, spec)}
+        try:
+            config = TrainConfig(**values).resolved()
+        except UserError as e:  # a combination the options refuse (--reject with a regression, ...)
+            trial.set_user_attr("error", str(e))
+            raise optuna.TrialPruned(str(e)) from None
+        folder = out / "trials" / f"{trial.number:04d}"
+        result = run(config, data, folder, overwrite=True, reporter=Reporter())
+        if result.state.stopped in signals.EXIT_CODES:  # Ctrl-C or SIGTERM: this trial fails, the sweep stops
+            raise signals.Interrupted(result.state.stopped)
+        steps = len(result.history.batch_loss)
+        attrs = {"test_accuracy": result.test_accuracy, "train_seconds": result.history.seconds,
+                 "train_flops": training_flops(config) * steps, "params": result.params, "run": str(folder)}
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        objective_value = result.state.best_accuracy if result.state.best_accuracy is not None else result.test_accuracy
+        shown = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+        echo(f"trial {trial.number}: {shown}: val {objective_value:.2%}, test {result.test_accuracy:.2%}, "
+             f"{attrs['train_seconds']:.1f} s, {attrs['train_flops']:.3g} FLOPs")
+        return objective_value
+
+    # A first Ctrl-C or SIGTERM only sets a flag (inside Optuna's own bookkeeping an exception would
+    # corrupt it): the running trial stops at its next step and fails, and no other trial starts.
+    with signals.graceful():
+        try:
+            the_study.optimize(objective, n_trials=trials)
+            late = signals.received()  # after the last trial had finished
+        finally:  # the table shows what the study holds, however the command ends
+            write_trials_csv(the_study, out / "trials.csv", spec)
+    if late:
+        raise signals.Interrupted(late)
+    return the_study
+
+
+def _open_study(storage: str, name: str, sampler, tries: int = 3):
+    """Create the study, or load it if another command did. Two commands creating one new SQLite
+    database at once would both write its tables: a file lock beside it takes them in turn. Any
+    database gets a few tries, in case another machine is creating the same study."""
+    import contextlib
+    import time
+
+    import optuna
+    from filelock import FileLock
+
+    lock = (FileLock(storage[len("sqlite:///"):] + ".lock") if storage.startswith("sqlite:///")
+            else contextlib.nullcontext())
+    for attempt in range(tries):
+        try:
+            with lock:
+                return optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
+                                           direction="maximize", sampler=sampler)
+        except Exception as e:  # a bad URL, a missing driver, a database that does not answer: all say why
+            if attempt == tries - 1:
+                raise UserError(f"cannot open the study at {one_line(storage)}: {one_line(str(e))[:200]}") from None
+            time.sleep(0.5 * (attempt + 1))
+
+
+def write_trials_csv(study, path: Path, spec: Spec) -> Path:
+    """OUT/trials.csv: one row per trial of the whole study (every process's), in trial order."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["trial", "state", *spec.search, *RESULT_COLUMNS])
+    for t in sorted(study.trials, key=lambda t: t.number):
+        attrs = t.user_attrs
+        writer.writerow([t.number, t.state.name, *(t.params.get(k, "") for k in spec.search), t.value
+                         if t.value is not None else "", *(attrs.get(k, "") for k in RESULT_COLUMNS[1:])])
+    return write_text(path, buffer.getvalue())

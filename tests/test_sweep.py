@@ -1,0 +1,142 @@
+"""`digitlab sweep` for real: Optuna studies in SQLite, trials as run folders, FLOPs counted."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_cli
+from digitlab.config import TrainConfig
+from digitlab.sweep import training_flops
+
+pytest.importorskip("optuna")
+
+GRID = """
+[fixed]
+task = "classify"
+optimizer = "adam"
+epochs = 1
+max_batches = 8
+val_split = 400
+[search]
+model = ["mlp", "lenet5"]
+lr = [0.001, 0.01]
+"""
+
+
+def _rows(out) -> list[dict]:
+    with open(out / "trials.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_flops_are_counted_not_estimated():
+    # the chapter's mlp, 784-10-10-1, batch 64: forward 2*64*(7840+100+10) multiply-adds; backward the
+    # weight gradients of all three layers and the input gradients of the last two (the images need none)
+    assert training_flops(TrainConfig(model="mlp").resolved()) == 2 * 64 * (7840 * 2 + 100 * 3 + 10 * 3)
+    with_rejects = training_flops(TrainConfig(model="mlp", task="classify", reject=True, batch_size=64).resolved())
+    assert with_rejects > training_flops(TrainConfig(model="mlp", task="classify", batch_size=64).resolved())
+
+
+def test_a_grid_sweep_runs_every_combination_once(digits_dir, tmp_path):
+    spec = tmp_path / "grid.toml"
+    spec.write_text(GRID)
+    out = tmp_path / "sweep"
+    result = run_cli("sweep", str(spec), "--trials", "4", "--out", str(out), "--data-dir", str(digits_dir))
+    assert result.returncode == 0, result.stderr
+    rows = _rows(out)
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 4
+    assert sorted((r["model"], float(r["lr"])) for r in rows) == [("lenet5", 0.001), ("lenet5", 0.01),
+                                                                  ("mlp", 0.001), ("mlp", 0.01)]
+    assert result.stdout.count("trial ") >= 4 and "best of 4 finished trials" in result.stdout
+    for r in rows:
+        config = TrainConfig(model=r["model"], task="classify", optimizer="adam", lr=float(r["lr"]), epochs=1,
+                             max_batches=8, val_split=400).resolved()
+        assert int(r["train_flops"]) == 8 * training_flops(config)  # 8 steps, each counted
+        assert 0 < float(r["val_accuracy"]) <= 1 and 0 < float(r["test_accuracy"]) <= 1
+        assert (out / "trials" / f"{int(r['trial']):04d}" / "history.json").is_file()
+    lenet, mlp = (next(r for r in rows if r["model"] == m) for m in ("lenet5", "mlp"))
+    assert int(lenet["params"]) > int(mlp["params"]) and int(lenet["train_flops"]) > 10 * int(mlp["train_flops"])
+    # a trial is an ordinary run folder
+    evaluated = run_cli("evaluate", lenet["run"], "--json", "--data-dir", str(digits_dir))
+    assert evaluated.returncode == 0, evaluated.stderr
+
+
+def test_two_commands_join_one_sqlite_study(digits_dir, tmp_path):
+    spec = tmp_path / "grid.toml"
+    spec.write_text(GRID)
+    out = tmp_path / "shared"
+    command = [sys.executable, "-m", "digitlab", "sweep", str(spec), "--trials", "2", "--out", str(out),
+               "--data-dir", str(digits_dir)]
+    out.mkdir()
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for process in (first, second):
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+    rows = _rows(out)  # written by whichever finished last: the whole study
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE"}
+    # the grid is shared out: each command sees the other's trials (Optuna may still give one point to
+    # both when two trials start in the same instant, so one repeat is allowed)
+    assert len({(r["model"], r["lr"]) for r in rows}) >= 3
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('[search]\nmodle = ["mlp"]', "[search] unknown option 'modle'"),
+    ('[search]\nlr = { low = 0.1, high = 0.01 }', "[search] lr: low must be below high"),
+    ('[search]\nlr = { low = 0, high = 0.1, log = true }', "lr: must be a number above 0"),
+    ('[search]\nmodel = { low = 1, high = 2 }', "a range needs a number option"),
+    ('[search]\noptimizer = ["sgd", "rmsprop"]', "[search] optimizer: invalid choice: 'rmsprop'"),
+    ('[search]\nmodel = []', "the list of choices is empty"),
+    ('[fixed]\nepochs = 0\n[search]\nmodel = ["mlp"]', "[fixed] epochs: must be 1 or more"),
+    ('[fixed]\nmodel = "mlp"\n[search]\nmodel = ["cnn"]', "model is in both [fixed] and [search]"),
+    ('[serach]\nmodel = ["mlp"]', "unknown table [serach]"),
+    ('[fixed]\nepochs = 1', "[search] is empty"),
+    ("[search\n", "not valid TOML"),
+])
+def test_bad_specs_get_one_line_naming_the_key(tmp_path, text, fragment):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text + "\n")
+    result = run_cli("sweep", str(spec), "--out", str(tmp_path / "never"))
+    assert result.returncode == 2 and fragment in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_grid_needs_lists(tmp_path, digits_dir):
+    spec = tmp_path / "range.toml"
+    spec.write_text('[search]\nlr = { low = 0.001, high = 0.1, log = true }\n')
+    result = run_cli("sweep", str(spec), "--sampler", "grid", "--out", str(tmp_path / "never"),
+                     "--data-dir", str(digits_dir))
+    assert result.returncode == 2 and "--sampler grid needs lists of choices; 'lr' is a range" in result.stderr
+    assert not (tmp_path / "never").exists()
+    spec.write_text('[search]\nmodel = ["mlp"]\n')
+    result = run_cli("sweep", str(spec), "--storage", "nosuchdb://x", "--out", str(tmp_path / "never"),
+                     "--data-dir", str(digits_dir))
+    assert result.returncode == 2 and "cannot open the study at nosuchdb://x" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+
+
+def test_ctrl_c_fails_the_running_trial_and_a_second_command_finishes_the_study(digits_dir, tmp_path):
+    import signal
+
+    spec = tmp_path / "slow.toml"
+    spec.write_text('[fixed]\ntask = "classify"\nepochs = 20\nmax_batches = 25\n[search]\nmodel = ["mlp", "lenet5"]\n')
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "digitlab", "sweep", str(spec), "--out", str(out), "--data-dir", str(digits_dir)]
+    process = subprocess.Popen(command + ["--trials", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    for line in process.stdout:  # the first trial is done: the second one is training
+        if line.startswith("trial 0:"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "digitlab: interrupted (SIGINT)"
+    assert [r["state"] for r in _rows(out)] == ["COMPLETE", "FAIL"]  # the table is written all the same
+    again = run_cli(*command[3:], "--trials", "1")
+    assert again.returncode == 0, again.stderr
+    rows = _rows(out)
+    assert [r["state"] for r in rows] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert {rows[0]["model"], rows[2]["model"]} == {"mlp", "lenet5"}  # the grid point left is the one run
