@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -140,3 +141,46 @@ def test_ctrl_c_fails_the_running_trial_and_a_second_command_finishes_the_study(
     rows = _rows(out)
     assert [r["state"] for r in rows] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert {rows[0]["model"], rows[2]["model"]} == {"mlp", "lenet5"}  # the grid point left is the one run
+
+
+def test_two_workers_share_the_trials_and_the_cores(digits_dir, tmp_path):
+    spec = tmp_path / "grid.toml"
+    spec.write_text(GRID)
+    out = tmp_path / "sweep"
+    result = run_cli("sweep", str(spec), "--trials", "4", "--workers", "2", "--out", str(out),
+                     "--data-dir", str(digits_dir))
+    assert result.returncode == 0, result.stderr
+    rows = _rows(out)
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE"}
+    assert result.stdout.count("data: ") == 2  # two worker processes, each loading the data once
+    assert "best of 4 finished trials" in result.stdout
+
+
+def test_ctrl_c_reaches_every_worker_once(digits_dir, tmp_path):
+    import signal
+
+    spec = tmp_path / "slow.toml"
+    spec.write_text('[fixed]\ntask = "classify"\nepochs = 30\nmax_batches = 25\n[search]\n'
+                    'model = ["lenet5", "convnet_small"]\nlr = [0.001, 0.002]\n')
+    out = tmp_path / "sweep"
+    process = subprocess.Popen([sys.executable, "-m", "digitlab", "sweep", str(spec), "--trials", "4", "--workers", "2",
+                                "--out", str(out), "--data-dir", str(digits_dir)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import optuna
+
+    deadline = time.monotonic() + 60
+    while True:  # both workers are training a trial
+        try:
+            running = optuna.load_study(study_name="digitlab", storage=f"sqlite:///{out / 'study.db'}").get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        except Exception:  # not created yet
+            running = []
+        if len(running) == 2:
+            break
+        assert time.monotonic() < deadline and process.poll() is None, "the workers did not start"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    states = [r["state"] for r in _rows(out)]
+    assert "FAIL" in states and "RUNNING" not in states  # every worker stopped its trial, none was left behind

@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="[fixed] options every trial shares and [search] options to choose: a list of choices or "
                         "a range { low = ..., high = ..., log = true }, under the names of a run's config.toml")
     p.add_argument("--trials", type=_trials, default=10, help="trials this command runs (default: %(default)s)")
+    p.add_argument("--workers", type=_workers, default=1,
+                   help="processes on this machine, each running its share of the trials with the cores divided "
+                        "among them (default: %(default)s)")
+    p.add_argument("--threads", type=_workers, default=None, help=argparse.SUPPRESS)  # set by --workers
     p.add_argument("--storage", default=None, metavar="URL",
                    help="the study's database, shared by every command that joins it, e.g. "
                         "postgresql://user:password@host/db (default: sqlite:///OUT/study.db)")
@@ -240,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _port(text: str) -> int:
     return _number(text, int, lambda v: 1 <= v <= 65535, "a port number, 1-65535")
+
+
+def _workers(text: str) -> int:
+    return _number(text, int, lambda v: 1 <= v <= 256, "a whole number from 1 to 256")
 
 
 def _trials(text: str) -> int:
@@ -470,14 +478,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from .sweep import read_spec, run_sweep
+    from .sweep import read_spec, run_sweep, run_workers
 
     spec = read_spec(args.spec)
     if importlib.util.find_spec("optuna") is None:
         raise UserError("sweep needs the sweep extra (optuna): pip install 'digitlab[sweep]'")
-    data = _load_data(args.data_dir)
-    study = run_sweep(spec, data, args.out, trials=args.trials, storage=args.storage, study=args.study,
-                      sampler=args.sampler, seed=args.seed)
+    if args.workers > 1:
+        study = run_workers(args, spec)
+    else:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        data = _load_data(args.data_dir)
+        study = run_sweep(spec, data, args.out, trials=args.trials, storage=args.storage, study=args.study,
+                          sampler=args.sampler, seed=args.seed)
     done = [t for t in study.trials if t.value is not None]
     if done:
         best = max(done, key=lambda t: t.value)

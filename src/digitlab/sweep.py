@@ -184,8 +184,7 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
     out = Path(out)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is ours to report, in one line
+    storage = storage or default_storage(out)
     try:
         the_study = _open_study(storage, study, chosen)
     except UserError:
@@ -230,6 +229,52 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
     return the_study
 
 
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{(Path(out) / 'study.db').resolve()}"
+
+
+def run_workers(args, spec: Spec):
+    """`--workers W`: W processes of this command, each with its share of the trials and of the cores,
+    on one study; returns the study once they are all done. Each worker is its own session, so that a
+    Ctrl-C reaches it once, forwarded from here."""
+    import signal
+    import subprocess
+    import sys
+
+    import optuna
+
+    from . import signals
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or default_storage(out)
+    _open_study(storage, args.study, make_sampler(args.sampler, spec, args.seed))  # created once, here
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    shares = [args.trials // args.workers + (k < args.trials % args.workers) for k in range(args.workers)]
+    common = [sys.executable, "-m", "digitlab", "sweep", str(args.spec), "--storage", storage, "--study", args.study,
+              "--seed", str(args.seed), "--out", str(out), "--threads", str(threads)]
+    common += ["--sampler", args.sampler] if args.sampler else []
+    common += ["--data-dir", str(args.data_dir)] if args.data_dir else []
+    workers = [subprocess.Popen(common + ["--trials", str(n)], start_new_session=True) for n in shares if n]
+    try:
+        codes = [w.wait() for w in workers]
+    except signals.Interrupted as e:  # forwarded once; each worker fails its running trial and stops
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(getattr(signal, e.name))
+        for w in workers:
+            w.wait()
+        raise
+    finally:  # the whole study's table, however the workers ended
+        the_study = optuna.load_study(study_name=args.study, storage=storage)
+        write_trials_csv(the_study, out / "trials.csv", spec)
+    failed = [c for c in codes if c != 0]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(workers)} workers failed (exit code {failed[0]}); their trials "
+                        "are in trials.csv, and the same command continues the study")
+    return the_study
+
+
 def _open_study(storage: str, name: str, sampler, tries: int = 3):
     """Create the study, or load it if another command did. Two commands creating one new SQLite
     database at once would both write its tables: a file lock beside it takes them in turn. Any
@@ -240,6 +285,7 @@ def _open_study(storage: str, name: str, sampler, tries: int = 3):
     import optuna
     from filelock import FileLock
 
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is ours to report, in one line
     lock = (FileLock(storage[len("sqlite:///"):] + ".lock") if storage.startswith("sqlite:///")
             else contextlib.nullcontext())
     for attempt in range(tries):
