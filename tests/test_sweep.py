@@ -32,6 +32,14 @@ def _rows(out) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def test_the_pareto_front_keeps_what_nothing_beats():
+    from digitlab.plots import pareto_front
+
+    points = [(10, 0.05), (1, 0.2), (5, 0.1), (6, 0.12), (5, 0.3), (100, 0.05), (50, 0.01)]
+    assert pareto_front(points) == [1, 2, 0, 6]  # cheapest first; (6, 0.12) and the rest are beaten
+    assert pareto_front([]) == []
+
+
 def test_flops_are_counted_not_estimated():
     # the chapter's mlp, 784-10-10-1, batch 64: forward 2*64*(7840+100+10) multiply-adds; backward the
     # weight gradients of all three layers and the input gradients of the last two (the images need none)
@@ -59,6 +67,9 @@ def test_a_grid_sweep_runs_every_combination_once(digits_dir, tmp_path):
         assert (out / "trials" / f"{int(r['trial']):04d}" / "history.json").is_file()
     lenet, mlp = (next(r for r in rows if r["model"] == m) for m in ("lenet5", "mlp"))
     assert int(lenet["params"]) > int(mlp["params"]) and int(lenet["train_flops"]) > 10 * int(mlp["train_flops"])
+    from PIL import Image
+
+    assert Image.open(out / "pareto.png").format == "PNG" and (out / "pareto.svg").is_file()
     # a trial is an ordinary run folder
     evaluated = run_cli("evaluate", lenet["run"], "--json", "--data-dir", str(digits_dir))
     assert evaluated.returncode == 0, evaluated.stderr

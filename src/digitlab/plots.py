@@ -146,3 +146,44 @@ def plot_digit_grid(images: np.ndarray, captions: Sequence[str], title: str | No
     if title:
         fig.suptitle(title)
     return fig
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (cost, error) that no other point beats on both (lower is better),
+    in order of cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_pareto(trials: Sequence[dict], title: str | None = None) -> Figure:
+    """Test error (log axis) against training FLOPs and against wall time, one colour per model,
+    with the Pareto front of each panel drawn and its points labelled: the MNIST Battleground view.
+
+    trials: dicts with model, test_accuracy, train_flops, train_seconds (finished trials only)."""
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    models = sorted({t["model"] for t in trials})
+    colours = {m: f"C{k}" for k, m in enumerate(models)}
+    error = [max(1 - t["test_accuracy"], 1e-4) for t in trials]
+    for ax, key, label in zip(fig.subplots(1, 2), ("train_flops", "train_seconds"),
+                              ("training FLOPs (counted)", "training wall time (s)")):
+        cost = [t[key] for t in trials]
+        for m in models:
+            mine = [i for i, t in enumerate(trials) if t["model"] == m]
+            ax.scatter([cost[i] for i in mine], [error[i] for i in mine], color=colours[m], label=m, alpha=0.8)
+        front = pareto_front(list(zip(cost, error)))
+        ax.step([cost[i] for i in front], [error[i] for i in front], where="post", color="black", lw=1,
+                label="Pareto front")
+        for i in front:
+            ax.annotate(f"{trials[i]['model']} {1 - error[i]:.2%}", (cost[i], error[i]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set(xscale="log", yscale="log", xlabel=label, ylabel="test error")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig

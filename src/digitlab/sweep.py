@@ -223,7 +223,7 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
             the_study.optimize(objective, n_trials=trials)
             late = signals.received()  # after the last trial had finished
         finally:  # the table shows what the study holds, however the command ends
-            write_trials_csv(the_study, out / "trials.csv", spec)
+            write_results(the_study, out, spec)
     if late:
         raise signals.Interrupted(late)
     return the_study
@@ -267,7 +267,7 @@ def run_workers(args, spec: Spec):
         raise
     finally:  # the whole study's table, however the workers ended
         the_study = optuna.load_study(study_name=args.study, storage=storage)
-        write_trials_csv(the_study, out / "trials.csv", spec)
+        write_results(the_study, out, spec)
     failed = [c for c in codes if c != 0]
     if failed:
         raise UserError(f"{len(failed)} of {len(workers)} workers failed (exit code {failed[0]}); their trials "
@@ -297,6 +297,19 @@ def _open_study(storage: str, name: str, sampler, tries: int = 3):
             if attempt == tries - 1:
                 raise UserError(f"cannot open the study at {one_line(storage)}: {one_line(str(e))[:200]}") from None
             time.sleep(0.5 * (attempt + 1))
+
+
+def write_results(study, out: Path, spec: Spec) -> list[Path]:
+    """OUT/trials.csv, and OUT/pareto.png and .svg once two trials have finished."""
+    from .plots import plot_pareto, save_figure
+
+    files = [write_trials_csv(study, out / "trials.csv", spec)]
+    done = [{"model": t.params.get("model", spec.fixed.get("model", "?")), **t.user_attrs}
+            for t in study.trials if t.value is not None and "train_flops" in t.user_attrs]
+    if len(done) >= 2:
+        files += save_figure(plot_pareto(done, title=f"study {study.study_name}: {len(done)} finished trials"),
+                             out / "pareto")
+    return files
 
 
 def write_trials_csv(study, path: Path, spec: Spec) -> Path:
