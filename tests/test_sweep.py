@@ -70,6 +70,15 @@ def test_a_grid_sweep_runs_every_combination_once(digits_dir, tmp_path):
     from PIL import Image
 
     assert Image.open(out / "pareto.png").format == "PNG" and (out / "pareto.svg").is_file()
+    told = run_cli("sweep", "--report", str(out))
+    assert told.returncode == 0, told.stderr
+    best = max(rows, key=lambda r: float(r["val_accuracy"]))
+    assert f"4 finished trials of 4; best: trial {best['trial']} " in told.stdout
+    assert "Pareto front" in told.stdout and "option importance" in told.stdout
+    missing = run_cli("sweep", "--report", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no study in" in missing.stderr and "Traceback" not in missing.stderr
+    no_spec = run_cli("sweep")
+    assert no_spec.returncode == 2 and "sweep needs a SPEC.toml" in no_spec.stderr
     # a trial is an ordinary run folder
     evaluated = run_cli("evaluate", lenet["run"], "--json", "--data-dir", str(digits_dir))
     assert evaluated.returncode == 0, evaluated.stderr

@@ -186,9 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = commands.add_parser("sweep", help="many runs at once on Optuna: which structure and recipe is best for a budget")
-    p.add_argument("spec", type=Path, metavar="SPEC.toml",
+    p.add_argument("spec", type=Path, metavar="SPEC.toml", nargs="?",
                    help="[fixed] options every trial shares and [search] options to choose: a list of choices or "
                         "a range { low = ..., high = ..., log = true }, under the names of a run's config.toml")
+    p.add_argument("--report", type=Path, default=None, metavar="OUT",
+                   help="instead of running trials, report on the study in OUT (or --storage): the best trial, the "
+                        "Pareto front and how much each searched option mattered")
     p.add_argument("--trials", type=_trials, default=10, help="trials this command runs (default: %(default)s)")
     p.add_argument("--workers", type=_workers, default=1,
                    help="processes on this machine, each running its share of the trials with the cores divided "
@@ -478,11 +481,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from .sweep import read_spec, run_sweep, run_workers
+    from .sweep import read_spec, report, run_sweep, run_workers
 
-    spec = read_spec(args.spec)
     if importlib.util.find_spec("optuna") is None:
         raise UserError("sweep needs the sweep extra (optuna): pip install 'digitlab[sweep]'")
+    if args.report is not None:
+        report(args.report, storage=args.storage, study=args.study, console=_console())
+        return 0
+    if args.spec is None:
+        raise UserError("sweep needs a SPEC.toml to run trials (or --report OUT to report on a study)")
+    spec = read_spec(args.spec)
     if args.workers > 1:
         study = run_workers(args, spec)
     else:

@@ -322,3 +322,54 @@ def write_trials_csv(study, path: Path, spec: Spec) -> Path:
         writer.writerow([t.number, t.state.name, *(t.params.get(k, "") for k in spec.search), t.value
                          if t.value is not None else "", *(attrs.get(k, "") for k in RESULT_COLUMNS[1:])])
     return write_text(path, buffer.getvalue())
+
+
+def report(out: str | os.PathLike, *, storage: str | None = None, study: str = STUDY, console=None) -> dict:
+    """Print the study's best trial, its Pareto front (test error against training FLOPs) and the
+    importance of each searched option (Optuna's fANOVA); returns them as a dict."""
+    import optuna
+    from rich.console import Console
+    from rich.table import Table
+
+    from .plots import pareto_front
+
+    console = console or Console(highlight=False)
+    out = Path(out)
+    if storage is None and not (out / "study.db").is_file():
+        raise UserError(f"no study in '{one_line(str(out))}' (no study.db); give the sweep's --out folder, or --storage")
+    storage = storage or default_storage(out)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        the_study = optuna.load_study(study_name=study, storage=storage)
+    except Exception as e:
+        raise UserError(f"cannot read study '{study}' at {one_line(storage)}: {one_line(str(e))[:200]}") from None
+    done = [t for t in the_study.trials if t.value is not None and "train_flops" in t.user_attrs]
+    if not done:
+        raise UserError(f"study '{study}' has no finished trial yet")
+    best = max(done, key=lambda t: t.value)
+
+    def options(t) -> str:
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+
+    console.print(f"{len(done)} finished trials of {len(the_study.trials)}; best: trial {best.number} "
+                  f"({options(best)}): validation {best.value:.2%}, test {best.user_attrs['test_accuracy']:.2%}")
+    front = [done[i] for i in pareto_front([(t.user_attrs["train_flops"], 1 - t.user_attrs["test_accuracy"])
+                                            for t in done])]
+    table = Table("trial", "options", "test accuracy", "training FLOPs", "seconds", "params",
+                  title="Pareto front: no other trial is both cheaper and more accurate")
+    for t in front:
+        a = t.user_attrs
+        table.add_row(str(t.number), options(t), f"{a['test_accuracy']:.2%}", f"{a['train_flops']:.3g}",
+                      f"{a['train_seconds']:.1f}", f"{a['params']:,}")
+    console.print(table)
+    try:
+        importance = optuna.importance.get_param_importances(the_study)
+    except (RuntimeError, ValueError, ImportError) as e:  # too few trials, or one choice only
+        importance = {}
+        console.print(f"option importance: not yet ({one_line(str(e))[:120]})")
+    if importance:
+        table = Table("option", "importance", title="option importance (fANOVA)")
+        for key, value in importance.items():
+            table.add_row(key, f"{value:.2f}")
+        console.print(table)
+    return {"best": best.number, "front": [t.number for t in front], "importance": importance}
