@@ -123,6 +123,21 @@ def test_a_checkpoint_bomb_is_refused_before_anything_is_built(tmp_path):
         assert time.perf_counter() - start < 20
 
 
+def test_a_signal_wrapped_by_a_library_is_still_a_signal():
+    from digitlab import signals
+
+    # what `import torch` did once when Ctrl-C came in the middle of it: a dataclass's __set_name__
+    # turned the Interrupted into a RuntimeError
+    try:
+        try:
+            raise signals.Interrupted("SIGTERM")
+        except KeyboardInterrupt as k:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance") from k
+    except RuntimeError as wrapped:
+        assert signals.cause(wrapped).name == "SIGTERM"
+    assert signals.cause(ValueError("a real bug")) is None
+
+
 def test_ctrl_c_at_any_moment_is_one_line_and_130(digits_dir, tmp_path):
     rng = random.Random(0)
     commands = [["train", "mlp", "--epochs", "3", "--batches", "5", "--data-dir", str(digits_dir)],

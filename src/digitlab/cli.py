@@ -582,6 +582,12 @@ def main(argv: list[str] | None = None) -> int:
         name = getattr(e, "name", "SIGINT")
         print(f"digitlab: interrupted ({name})", file=sys.stderr)
         return signals.EXIT_CODES.get(name, EXIT_INTERRUPTED)
+    except Exception as e:  # a library that wrapped our signal in its own error
+        signal = signals.cause(e)
+        if signal is None:
+            raise
+        print(f"digitlab: interrupted ({signal.name})", file=sys.stderr)
+        return signals.EXIT_CODES.get(signal.name, EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,18 @@ class Interrupted(KeyboardInterrupt):
         self.name = name
 
 
+def cause(error: BaseException) -> Interrupted | None:
+    """The Interrupted behind `error`, if a signal caused it. Some code wraps what it catches: a
+    signal during `import torch` can surface as the RuntimeError of a dataclass's __set_name__."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Interrupted):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 _received: str | None = None  # the first signal since the flag was last consumed
 _graceful = 0  # how deep inside graceful() sections the main thread is
 
