@@ -14,16 +14,12 @@ def main() -> int:
         from .cli import main as cli_main
 
         return cli_main()
-    except KeyboardInterrupt as e:  # during start-up; cli_main handles its own
-        name = getattr(e, "name", "SIGINT")
+    except (KeyboardInterrupt, Exception) as e:  # during start-up; cli_main handles its own
+        name = signals.stopped_by(e)
+        if name is None:
+            raise
         print(f"digitlab: interrupted ({name})", file=sys.stderr)
         return signals.EXIT_CODES.get(name, 130)
-    except Exception as e:  # a library that wrapped the signal while the CLI was loading
-        signal = signals.cause(e)
-        if signal is None:
-            raise
-        print(f"digitlab: interrupted ({signal.name})", file=sys.stderr)
-        return signals.EXIT_CODES.get(signal.name, 130)
     finally:
         # The command is over: a signal now would only break the interpreter's own clean-up
         # (torch's atexit hooks print a traceback). Let the process end with its own answer.

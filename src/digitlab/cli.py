@@ -578,16 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"digitlab: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt as e:
-        name = getattr(e, "name", "SIGINT")
+    except (KeyboardInterrupt, Exception) as e:  # a signal, or a library's error wrapped around one
+        name = signals.stopped_by(e)
+        if name is None:
+            raise
         print(f"digitlab: interrupted ({name})", file=sys.stderr)
         return signals.EXIT_CODES.get(name, EXIT_INTERRUPTED)
-    except Exception as e:  # a library that wrapped our signal in its own error
-        signal = signals.cause(e)
-        if signal is None:
-            raise
-        print(f"digitlab: interrupted ({signal.name})", file=sys.stderr)
-        return signals.EXIT_CODES.get(signal.name, EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

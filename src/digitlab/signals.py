@@ -36,6 +36,15 @@ def cause(error: BaseException) -> Interrupted | None:
     return None
 
 
+def stopped_by(error: BaseException) -> str | None:
+    """'SIGINT' or 'SIGTERM' if `error` is, or wraps, a stop by signal (a bare KeyboardInterrupt is
+    Ctrl-C); None for any other error."""
+    interrupted = cause(error)
+    if interrupted is not None:
+        return interrupted.name
+    return "SIGINT" if isinstance(error, KeyboardInterrupt) else None
+
+
 _received: str | None = None  # the first signal since the flag was last consumed
 _graceful = 0  # how deep inside graceful() sections the main thread is
 
