@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import socket
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,40 @@ def digits_model(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("digits-model")
     run(preset_config("best", epochs=3), digits, out, reporter=Reporter())
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server on 127.0.0.1, started for the tests that need one and stopped after:
+    Debian's postgresql package (CI installs it), run as the postgres user when the tests run as root
+    (the server refuses root). Yields the URL of an empty database, as the README's commands make one."""
+    pytest.importorskip("psycopg", reason="the sweep extra's PostgreSQL driver (psycopg) is missing")
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    bin_dir = found[-1].parent if found else (Path(shutil.which("initdb")).parent if shutil.which("initdb") else None)
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = Path(tempfile.mkdtemp(prefix="digitlab-postgres-"))
+    if as_user:
+        shutil.chown(data, "postgres", "postgres")
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def pg(tool: str, *args: str) -> None:
+        subprocess.run([*as_user, str(bin_dir / tool), *args], check=True, capture_output=True, timeout=120)
+
+    try:
+        pg("initdb", "-D", str(data / "db"), "-U", "digitlab", "--auth=trust", "--no-sync", "-E", "UTF8")
+        pg("pg_ctl", "-D", str(data / "db"), "-l", str(data / "server.log"), "-w", "-t", "60", "start",
+           "-o", f"-h 127.0.0.1 -p {port} -k {data} -F")
+        try:
+            pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "digitlab", "sweeps")
+            yield f"postgresql+psycopg://digitlab@127.0.0.1:{port}/sweeps"
+        finally:
+            pg("pg_ctl", "-D", str(data / "db"), "-m", "fast", "-w", "stop")
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def write_idx(path: Path, magic: int, dims: tuple[int, ...], body: bytes, gz: bool = True) -> Path:

@@ -152,15 +152,41 @@ def test_ctrl_c_fails_the_running_trial_and_a_second_command_finishes_the_study(
         if line.startswith("trial 0:"):
             break
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "digitlab: interrupted (SIGINT)"
-    assert [r["state"] for r in _rows(out)] == ["COMPLETE", "FAIL"]  # the table is written all the same
+    assert "trial 1 stopped: queued to run again when the sweep goes on" in stdout
+    assert [r["state"] for r in _rows(out)] == ["COMPLETE", "FAIL", "WAITING"]  # the table is written all the same
     again = run_cli(*command[3:], "--trials", "1")
     assert again.returncode == 0, again.stderr
     rows = _rows(out)
     assert [r["state"] for r in rows] == ["COMPLETE", "FAIL", "COMPLETE"]
-    assert {rows[0]["model"], rows[2]["model"]} == {"mlp", "lenet5"}  # the grid point left is the one run
+    # the stopped grid point, run again (the signal may have come before trial 1 drew its model)
+    assert rows[2]["retry_of"] == "1" and rows[2]["model"] != rows[0]["model"]
+    assert rows[1]["model"] in ("", rows[2]["model"])
+
+
+def test_a_killed_sweep_is_taken_for_dead_after_its_grace_and_retried(digits_dir, tmp_path):
+    import signal
+
+    spec = tmp_path / "random.toml"
+    spec.write_text('[fixed]\ntask = "classify"\nepochs = 50\nmax_batches = 25\n[search]\n'
+                    'model = ["lenet5"]\nlr = { low = 0.0005, high = 0.05, log = true }\n')
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "digitlab", "sweep", str(spec), "--sampler", "random", "--grace", "2",
+               "--out", str(out), "--data-dir", str(digits_dir)]
+    process = subprocess.Popen(command + ["--trials", "1"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _wait_for_running(out, 1, process)
+    time.sleep(3)  # a few heartbeats
+    process.send_signal(signal.SIGKILL)  # no chance to say goodbye: the trial stays RUNNING in the study
+    process.communicate(timeout=60)
+    time.sleep(3)  # past the grace period
+    again = run_cli(*command[3:], "--trials", "1")
+    assert again.returncode == 0, again.stderr
+    rows = _rows(out)
+    assert [r["state"] for r in rows] == ["FAIL", "COMPLETE"]
+    assert rows[1]["retry_of"] == "0" and rows[1]["lr"] == rows[0]["lr"]  # the same drawn point, run again
 
 
 def test_two_workers_share_the_trials_and_the_cores(digits_dir, tmp_path):
@@ -186,21 +212,56 @@ def test_ctrl_c_reaches_every_worker_once(digits_dir, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "digitlab", "sweep", str(spec), "--trials", "4", "--workers", "2",
                                 "--out", str(out), "--data-dir", str(digits_dir)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    import optuna
-
-    deadline = time.monotonic() + 60
-    while True:  # both workers are training a trial
-        try:
-            running = optuna.load_study(study_name="digitlab", storage=f"sqlite:///{out / 'study.db'}").get_trials(
-                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        except Exception:  # not created yet
-            running = []
-        if len(running) == 2:
-            break
-        assert time.monotonic() < deadline and process.poll() is None, "the workers did not start"
-        time.sleep(0.2)
+    _wait_for_running(out, 2, process)  # both workers are training a trial
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     states = [r["state"] for r in _rows(out)]
     assert "FAIL" in states and "RUNNING" not in states  # every worker stopped its trial, none was left behind
+
+
+def _wait_for_running(out, count: int, process, timeout: float = 60) -> None:
+    """Until `count` trials of the study in OUT are training."""
+    import optuna
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            running = optuna.load_study(study_name="digitlab", storage=f"sqlite:///{out / 'study.db'}").get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        except Exception:  # not created yet
+            running = []
+        if len(running) == count:
+            return
+        assert time.monotonic() < deadline and process.poll() is None, "the trials did not start"
+        time.sleep(0.2)
+
+
+def test_two_machines_join_one_study_through_postgresql(digits_dir, tmp_path, postgres_url):
+    import optuna
+
+    spec = tmp_path / "grid.toml"
+    spec.write_text(GRID)
+    machines = [tmp_path / "machine-a", tmp_path / "machine-b"]  # each its own OUT, one database between them
+    processes = [subprocess.Popen([sys.executable, "-m", "digitlab", "sweep", str(spec), "--trials", "2",
+                                   "--storage", postgres_url, "--study", "grid", "--out", str(out),
+                                   "--data-dir", str(digits_dir)],
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for out in machines]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr
+    trials = optuna.load_study(study_name="grid", storage=postgres_url).trials
+    assert len(trials) == 4 and {t.state.name for t in trials} == {"COMPLETE"}
+    assert len({(t.params["model"], t.params["lr"]) for t in trials}) >= 3  # shared out, as with SQLite
+    ran = {out: sorted(int(p.name) for p in (out / "trials").iterdir()) for out in machines}
+    assert sorted(ran[machines[0]] + ran[machines[1]]) == [0, 1, 2, 3]  # each machine ran its own two
+    assert all(len(numbers) == 2 for numbers in ran.values())
+    last = max(machines, key=lambda out: (out / "trials.csv").stat().st_mtime)
+    assert len(_rows(last)) == 4  # the whole study's table, wherever it is written
+    told = run_cli("sweep", "--report", str(tmp_path), "--storage", postgres_url, "--study", "grid")
+    assert told.returncode == 0 and "4 finished trials of 4" in told.stdout, told.stderr
+    wrong = run_cli("sweep", str(spec), "--storage", postgres_url.rsplit("/", 1)[0] + "/nosuchdb",
+                    "--out", str(tmp_path / "never"), "--data-dir", str(digits_dir))
+    assert wrong.returncode == 2 and "cannot open the study at postgresql+psycopg://" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists()

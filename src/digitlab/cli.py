@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the study's database, shared by every command that joins it, e.g. "
                         "postgresql://user:password@host/db (default: sqlite:///OUT/study.db)")
     p.add_argument("--study", default="digitlab", help="the study's name in the storage (default: %(default)s)")
+    p.add_argument("--grace", type=_seconds, default=60, metavar="SECONDS",
+                   help="a running trial not heard from for this long (its process killed, its machine lost) is "
+                        "failed, and a copy of it queued for the next command (default: %(default)s)")
     p.add_argument("--sampler", choices=("grid", "random", "tpe"), default=None,
                    help="grid takes the whole product of the lists; random and tpe draw (default: grid when every "
                         "searched option is a list, else tpe)")
@@ -255,6 +258,10 @@ def _workers(text: str) -> int:
 
 def _trials(text: str) -> int:
     return _number(text, int, lambda v: 1 <= v <= 100_000, "a whole number of trials, 1-100000")
+
+
+def _seconds(text: str) -> int:
+    return _number(text, int, lambda v: 2 <= v <= 86_400, "a whole number of seconds, 2-86400")
 
 
 def _threshold(text: str) -> float:
@@ -500,7 +507,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         data = _load_data(args.data_dir)
         study = run_sweep(spec, data, args.out, trials=args.trials, storage=args.storage, study=args.study,
-                          sampler=args.sampler, seed=args.seed)
+                          sampler=args.sampler, seed=args.seed, grace=args.grace, bar=args.threads is None)
     done = [t for t in study.trials if t.value is not None]
     if done:
         best = max(done, key=lambda t: t.value)

@@ -15,6 +15,11 @@ training seconds, training FLOPs (one step counted by torch's FlopCounterMode, t
 steps taken) and parameter count are the trial's attributes. The study lives in Optuna's
 storage (SQLite in OUT by default, or any database URL), so several commands, on one
 machine or many, can work on one study.
+
+A trial that stops short is retried: a Ctrl-C or SIGTERM fails the running trial and queues a
+copy of it, which the next command on the study runs first; a process that is killed outright
+(or a machine that is lost) stops beating its heart, and after `grace` seconds the next trial
+any command starts fails the stale one and queues its copy (Optuna's heartbeat).
 """
 from __future__ import annotations
 
@@ -31,7 +36,9 @@ from .files import one_line, write_text
 
 SAMPLERS = ("grid", "random", "tpe")
 STUDY = "digitlab"
-RESULT_COLUMNS = ("val_accuracy", "test_accuracy", "train_seconds", "train_flops", "params", "run")
+RESULT_COLUMNS = ("val_accuracy", "test_accuracy", "train_seconds", "train_flops", "params", "run", "retry_of")
+GRACE = 60  # seconds without a heartbeat after which a running trial is taken for dead
+MAX_RETRY = 3  # copies of one stopped trial, at most
 
 
 @dataclass(frozen=True)
@@ -171,8 +178,10 @@ def training_flops(config: TrainConfig) -> int:
 
 
 def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage: str | None = None,
-              study: str = STUDY, sampler: str | None = None, seed: int = 0, echo=print):
-    """Run `trials` trials of the study (creating it on first use) into OUT/trials/; returns the study."""
+              study: str = STUDY, sampler: str | None = None, seed: int = 0, grace: int = GRACE,
+              bar: bool = True):
+    """Run `trials` trials of the study (creating it on first use) into OUT/trials/, with a line per
+    finished trial and (if `bar`) a progress bar for them all; returns the study."""
     import optuna
 
     from .loop import Reporter
@@ -186,13 +195,15 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or default_storage(out)
     try:
-        the_study = _open_study(storage, study, chosen)
+        the_study = _open_study(storage, study, chosen, grace)
     except UserError:
         if made and not any(out.iterdir()):
             out.rmdir()
         raise
+    running: list[int] = []  # the trial in progress, to queue again if a signal stops it
 
     def objective(trial) -> float:
+        running[:] = [trial.number]
         if signals.received():  # a signal between two trials: this one fails at once, and the sweep stops
             raise signals.Interrupted(signals.received())
         values = {"val_split": VAL_SPLIT, **spec.fixed, **suggest(trial, spec)}
@@ -212,21 +223,70 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
             trial.set_user_attr(key, value)
         objective_value = result.state.best_accuracy if result.state.best_accuracy is not None else result.test_accuracy
         shown = ", ".join(f"{k}={v}" for k, v in trial.params.items())
-        echo(f"trial {trial.number}: {shown}: val {objective_value:.2%}, test {result.test_accuracy:.2%}, "
+        show(f"trial {trial.number}: {shown}: val {objective_value:.2%}, test {result.test_accuracy:.2%}, "
              f"{attrs['train_seconds']:.1f} s, {attrs['train_flops']:.3g} FLOPs")
         return objective_value
 
     # A first Ctrl-C or SIGTERM only sets a flag (inside Optuna's own bookkeeping an exception would
     # corrupt it): the running trial stops at its next step and fails, and no other trial starts.
-    with signals.graceful():
+    with signals.graceful(), SweepBar(trials, show=bar) as progress:
+        show = progress.print
         try:
-            the_study.optimize(objective, n_trials=trials)
+            the_study.optimize(objective, n_trials=trials, callbacks=[lambda *_: progress.advance()])
             late = signals.received()  # after the last trial had finished
+        except signals.Interrupted:
+            for number in _retry(the_study, running):
+                show(f"trial {number} stopped: queued to run again when the sweep goes on (the same command)")
+            raise
         finally:  # the table shows what the study holds, however the command ends
             write_results(the_study, out, spec)
     if late:
         raise signals.Interrupted(late)
     return the_study
+
+
+class SweepBar:
+    """A progress bar over the sweep's trials, with the per-trial lines printed above it."""
+
+    def __init__(self, total: int, show: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("trials"),
+                                 TimeElapsedColumn(), disable=not show)
+        self.task = self.progress.add_task("sweep", total=total)
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def print(self, line: str) -> None:
+        self.progress.console.print(line, highlight=False, markup=False)
+
+    def advance(self, done: int | None = None) -> None:
+        if done is None:
+            self.progress.advance(self.task)
+        else:
+            self.progress.update(self.task, completed=done)
+
+
+def _retry(study, running: list[int]) -> list[int]:
+    """Queue a copy of the trial a signal stopped (it is failed by now), as Optuna's heartbeat does for
+    a trial whose process died: the next trial any command starts on the study is that copy."""
+    import warnings
+
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    stopped = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+               if t.number in running]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for t in stopped:
+            RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, t)
+    return [t.number for t in stopped]
 
 
 def default_storage(out: Path) -> str:
@@ -240,6 +300,7 @@ def run_workers(args, spec: Spec):
     import signal
     import subprocess
     import sys
+    import time
 
     import optuna
 
@@ -248,15 +309,21 @@ def run_workers(args, spec: Spec):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     storage = args.storage or default_storage(out)
-    _open_study(storage, args.study, make_sampler(args.sampler, spec, args.seed))  # created once, here
+    opened = _open_study(storage, args.study, make_sampler(args.sampler, spec, args.seed), args.grace)  # created here
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     shares = [args.trials // args.workers + (k < args.trials % args.workers) for k in range(args.workers)]
     common = [sys.executable, "-m", "digitlab", "sweep", str(args.spec), "--storage", storage, "--study", args.study,
-              "--seed", str(args.seed), "--out", str(out), "--threads", str(threads)]
+              "--seed", str(args.seed), "--out", str(out), "--threads", str(threads), "--grace", str(args.grace)]
     common += ["--sampler", args.sampler] if args.sampler else []
     common += ["--data-dir", str(args.data_dir)] if args.data_dir else []
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+    before = len(opened.get_trials(deepcopy=False, states=finished))
     workers = [subprocess.Popen(common + ["--trials", str(n)], start_new_session=True) for n in shares if n]
     try:
+        with SweepBar(args.trials) as progress:  # the workers print their trials' lines; this counts them
+            while any(w.poll() is None for w in workers):
+                time.sleep(0.5)
+                progress.advance(len(opened.get_trials(deepcopy=False, states=finished)) - before)
         codes = [w.wait() for w in workers]
     except signals.Interrupted as e:  # forwarded once; each worker fails its running trial and stops
         for w in workers:
@@ -275,23 +342,29 @@ def run_workers(args, spec: Spec):
     return the_study
 
 
-def _open_study(storage: str, name: str, sampler, tries: int = 3):
-    """Create the study, or load it if another command did. Two commands creating one new SQLite
-    database at once would both write its tables: a file lock beside it takes them in turn. Any
-    database gets a few tries, in case another machine is creating the same study."""
+def _open_study(storage: str, name: str, sampler, grace: int = GRACE, tries: int = 3):
+    """Create the study, or load it if another command did, with a heartbeat: a trial not heard from
+    for `grace` seconds is failed and queued again. Two commands creating one new SQLite database at
+    once would both write its tables: a file lock beside it takes them in turn. Any database gets a
+    few tries, in case another machine is creating the same study."""
     import contextlib
     import time
+    import warnings
 
     import optuna
     from filelock import FileLock
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is ours to report, in one line
     lock = (FileLock(storage[len("sqlite:///"):] + ".lock") if storage.startswith("sqlite:///")
             else contextlib.nullcontext())
     for attempt in range(tries):
         try:
-            with lock:
-                return optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
+            with lock, warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                database = RDBStorage(storage, heartbeat_interval=max(1, grace // 4), grace_period=grace,
+                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(MAX_RETRY))
+                return optuna.create_study(storage=database, study_name=name, load_if_exists=True,
                                            direction="maximize", sampler=sampler)
         except Exception as e:  # a bad URL, a missing driver, a database that does not answer: all say why
             if attempt == tries - 1:
@@ -318,7 +391,7 @@ def write_trials_csv(study, path: Path, spec: Spec) -> Path:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["trial", "state", *spec.search, *RESULT_COLUMNS])
     for t in sorted(study.trials, key=lambda t: t.number):
-        attrs = t.user_attrs
+        attrs = {**t.user_attrs, "retry_of": t.system_attrs.get("failed_trial", "")}
         writer.writerow([t.number, t.state.name, *(t.params.get(k, "") for k in spec.search), t.value
                          if t.value is not None else "", *(attrs.get(k, "") for k in RESULT_COLUMNS[1:])])
     return write_text(path, buffer.getvalue())
