@@ -202,6 +202,25 @@ def test_two_workers_share_the_trials_and_the_cores(digits_dir, tmp_path):
     assert "best of 4 finished trials" in result.stdout
 
 
+def test_random_draws_are_new_in_a_continued_study_and_in_each_worker(digits_dir, tmp_path):
+    spec = tmp_path / "random.toml"
+    spec.write_text('[fixed]\ntask = "classify"\nmodel = "mlp"\nepochs = 1\nmax_batches = 2\nval_split = 400\n'
+                    '[search]\nlr = { low = 0.0001, high = 0.1, log = true }\n')
+
+    def lrs(out, *extra) -> list[str]:
+        result = run_cli("sweep", str(spec), "--sampler", "random", "--out", str(out), "--data-dir", str(digits_dir),
+                         *extra)
+        assert result.returncode == 0, result.stderr
+        return [r["lr"] for r in _rows(out)]
+
+    first = lrs(tmp_path / "a", "--trials", "1")
+    assert first == lrs(tmp_path / "b", "--trials", "1")  # a new study with the same --seed: the same draw
+    continued = lrs(tmp_path / "a", "--trials", "1")
+    assert continued[0] == first[0] and continued[1] != first[0]  # not the first command's draw again
+    both = lrs(tmp_path / "c", "--trials", "2", "--workers", "2")
+    assert len(set(both)) == 2  # each worker its own draws
+
+
 def test_ctrl_c_reaches_every_worker_once(digits_dir, tmp_path):
     import signal
 

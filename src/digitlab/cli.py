@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes on this machine, each running its share of the trials with the cores divided "
                         "among them (default: %(default)s)")
     p.add_argument("--threads", type=_workers, default=None, help=argparse.SUPPRESS)  # set by --workers
+    p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # which of them, for its sampler's seed
     p.add_argument("--storage", default=None, metavar="URL",
                    help="the study's database, shared by every command that joins it, e.g. "
                         "postgresql://user:password@host/db (default: sqlite:///OUT/study.db)")
@@ -207,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("grid", "random", "tpe"), default=None,
                    help="grid takes the whole product of the lists; random and tpe draw (default: grid when every "
                         "searched option is a list, else tpe)")
-    p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random and tpe: the sampler's seed, mixed with the trials the study already holds and "
+                        "the worker's index, so that a continued study or a second worker draws new points; give "
+                        "each machine its own (a grid runs in one fixed order) (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=None, help="folder with the four MNIST files")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"),
                    help="OUT: trials/ (one run folder per trial), trials.csv, study.db (default: %(default)s)")
@@ -507,7 +511,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         data = _load_data(args.data_dir)
         study = run_sweep(spec, data, args.out, trials=args.trials, storage=args.storage, study=args.study,
-                          sampler=args.sampler, seed=args.seed, grace=args.grace, bar=args.threads is None)
+                          sampler=args.sampler, seed=args.seed, grace=args.grace, worker=args.worker,
+                          bar=args.threads is None)
     done = [t for t in study.trials if t.value is not None]
     if done:
         best = max(done, key=lambda t: t.value)

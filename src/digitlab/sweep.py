@@ -39,6 +39,7 @@ STUDY = "digitlab"
 RESULT_COLUMNS = ("val_accuracy", "test_accuracy", "train_seconds", "train_flops", "params", "run", "retry_of")
 GRACE = 60  # seconds without a heartbeat after which a running trial is taken for dead
 MAX_RETRY = 3  # copies of one stopped trial, at most
+GRID_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,9 @@ def _choices(name: str, key: str, value: Any) -> list | Range:
 
 def make_sampler(name: str | None, spec: Spec, seed: int):
     """Optuna's sampler: grid (the default when every searched option is a list) takes the whole
-    product; random and tpe (the default otherwise) draw from lists and ranges."""
+    product, in one fixed order whatever the seed (the order numbers its points, and every command
+    on the study, on any machine, must number them alike); random and tpe (the default otherwise)
+    draw from lists and ranges."""
     import optuna
 
     name = name or ("grid" if spec.all_lists else "tpe")
@@ -137,10 +140,20 @@ def make_sampler(name: str | None, spec: Spec, seed: int):
         if not spec.all_lists:
             ranged = next(k for k, v in spec.search.items() if isinstance(v, Range))
             raise UserError(f"--sampler grid needs lists of choices; '{ranged}' is a range (use random or tpe)")
-        return optuna.samplers.GridSampler(spec.search, seed=seed)
+        return optuna.samplers.GridSampler(spec.search, seed=GRID_SEED)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
+
+
+def sampler_seed(seed: int, start: int, worker: int) -> int:
+    """The seed of one command's random or tpe sampler: `--seed`, mixed with the trials the study
+    held when the command started and its worker index. A command that continues a study, or a
+    second worker beside the first, then draws its own points instead of repeating another's; a
+    first command on a new study draws the same points every time."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed % 2**32, start, worker]).generate_state(1)[0])
 
 
 def suggest(trial, spec: Spec) -> dict[str, Any]:
@@ -179,7 +192,7 @@ def training_flops(config: TrainConfig) -> int:
 
 def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage: str | None = None,
               study: str = STUDY, sampler: str | None = None, seed: int = 0, grace: int = GRACE,
-              bar: bool = True):
+              worker: int = 0, bar: bool = True):
     """Run `trials` trials of the study (creating it on first use) into OUT/trials/, with a line per
     finished trial and (if `bar`) a progress bar for them all; returns the study."""
     import optuna
@@ -200,6 +213,9 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
         if made and not any(out.iterdir()):
             out.rmdir()
         raise
+    if not isinstance(chosen, optuna.samplers.GridSampler):
+        start = len(the_study.get_trials(deepcopy=False))
+        the_study.sampler = make_sampler(sampler, spec, sampler_seed(seed, start, worker))
     running: list[int] = []  # the trial in progress, to queue again if a signal stops it
 
     def objective(trial) -> float:
@@ -318,7 +334,8 @@ def run_workers(args, spec: Spec):
     common += ["--data-dir", str(args.data_dir)] if args.data_dir else []
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
     before = len(opened.get_trials(deepcopy=False, states=finished))
-    workers = [subprocess.Popen(common + ["--trials", str(n)], start_new_session=True) for n in shares if n]
+    workers = [subprocess.Popen(common + ["--trials", str(n), "--worker", str(k)], start_new_session=True)
+               for k, n in enumerate(shares) if n]
     try:
         with SweepBar(args.trials) as progress:  # the workers print their trials' lines; this counts them
             while any(w.poll() is None for w in workers):
@@ -436,7 +453,8 @@ def report(out: str | os.PathLike, *, storage: str | None = None, study: str = S
                       f"{a['train_seconds']:.1f}", f"{a['params']:,}")
     console.print(table)
     try:
-        importance = optuna.importance.get_param_importances(the_study)
+        importance = optuna.importance.get_param_importances(
+            the_study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))  # not 5.0's PED-ANOVA default
     except (RuntimeError, ValueError, ImportError) as e:  # too few trials, or one choice only
         importance = {}
         console.print(f"option importance: not yet ({one_line(str(e))[:120]})")
