@@ -29,12 +29,19 @@ CONTENDERS = {"paddle": "paddle_chapter.py", "dataloader": "torch_dataloader.py"
 LABELS = {"paddle": "chapter code, PaddlePaddle", "dataloader": "PyTorch Dataset + DataLoader", "digitlab": "digitlab"}
 
 
-def run_contender(name: str, model: str, data_dir: str, batches: int | None) -> dict:
-    cmd = [sys.executable, str(HERE / "contenders" / CONTENDERS[name]), "--model", model, "--data-dir", data_dir]
+def run_contender(name: str, model: str, data_dir: str, batches: int | None, device: str = "cpu") -> dict:
+    cmd = [sys.executable, str(HERE / "contenders" / CONTENDERS[name]), "--model", model, "--data-dir", data_dir,
+           "--device", device]
     if batches:
         cmd += ["--batches", str(batches)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "(none)"
 
 
 def help_seconds(repeats: int = 7) -> float:
@@ -54,6 +61,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=None, help="training batches per run (default: a full epoch, 937)")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS),
                         help="which to run (default: all; paddle is skipped if not installed)")
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the PyTorch contenders train (the chapter's Paddle code stays on the CPU)")
     args = parser.parse_args()
     contenders = [c for c in args.contenders if c != "paddle" or importlib.util.find_spec("paddle")]
     if len(contenders) < len(args.contenders):
@@ -62,9 +72,9 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict]] = {}
     for repeat in range(args.repeats):
         order = contenders[repeat % len(contenders):] + contenders[:repeat % len(contenders)]
-        for model in ("mlp", "cnn"):
+        for model in args.models:
             for name in order:
-                result = run_contender(name, model, args.data_dir, args.batches)
+                result = run_contender(name, model, args.data_dir, args.batches, args.device)
                 runs.setdefault((name, model), []).append(result)
                 print(f"repeat {repeat + 1}: {name:10} {model}: train {result['train_ips']:9,.0f} img/s, "
                       f"eval {result['eval_ips']:9,.0f} img/s, peak RSS {result['peak_rss_mb']:,.0f} MB", flush=True)
@@ -72,20 +82,26 @@ def main() -> None:
     def med(name, model, key):
         return statistics.median(r[key] for r in runs[(name, model)])
 
-    print(f"\n{cpu_name()}, {os.cpu_count()} cores; median of {args.repeats} interleaved runs; "
+    where = "CUDA GPU " + _gpu_name() if args.device == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
+    print(f"\n{where}; median of {args.repeats} interleaved runs; "
           f"{'a full epoch' if not args.batches else f'{args.batches} batches'} of batch 64\n")
-    print("| contender | mlp train img/s | cnn train img/s | cnn epoch (s) | mlp eval img/s | cnn eval img/s | peak RSS (MB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    models = args.models
+    print("| contender | " + " | ".join(f"{m} train img/s" for m in models) + " | "
+          + ("cnn epoch (s) | " if "cnn" in models else "") + " | ".join(f"{m} eval img/s" for m in models)
+          + " | peak RSS (MB) |")
+    print("|---|" + "---:|" * (2 * len(models) + ("cnn" in models) + 1))
     for name in contenders:
-        rss = max(r["peak_rss_mb"] for model in ("mlp", "cnn") for r in runs[(name, model)])
-        cnn = med(name, "cnn", "train_ips")
-        print(f"| {LABELS[name]} | {med(name, 'mlp', 'train_ips'):,.0f} | {cnn:,.0f} | {60_000 / cnn:.1f} | "
-              f"{med(name, 'mlp', 'eval_ips'):,.0f} | {med(name, 'cnn', 'eval_ips'):,.0f} | {rss:,.0f} |")
+        rss = max(r["peak_rss_mb"] for model in models for r in runs[(name, model)])
+        cells = [f"{med(name, m, 'train_ips'):,.0f}" for m in models]
+        if "cnn" in models:
+            cells.append(f"{60_000 / med(name, 'cnn', 'train_ips'):.1f}")
+        cells += [f"{med(name, m, 'eval_ips'):,.0f}" for m in models]
+        print(f"| {LABELS[name]} | " + " | ".join(cells) + f" | {rss:,.0f} |")
     print()
     for base in (c for c in contenders if c != "digitlab"):
         ratios = ", ".join(
             f"{model} {key.split('_')[0]} {med('digitlab', model, key) / med(base, model, key):.2f}x"
-            for model in ("mlp", "cnn") for key in ("train_ips", "eval_ips"))
+            for model in models for key in ("train_ips", "eval_ips"))
         print(f"digitlab vs {LABELS[base]}: {ratios}")
     print(f"\n`digitlab --help`: {help_seconds():.3f} s (median of 7)")
 

@@ -14,6 +14,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", choices=("mlp", "cnn"), required=True)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--batches", type=int, default=None, help="training batches (default: a full epoch)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the PyTorch contenders)")
     return p.parse_args()
 
 

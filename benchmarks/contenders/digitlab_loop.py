@@ -19,8 +19,9 @@ def main():
     args = parse_args()
     data = read_folder(args.data_dir)
     torch.manual_seed(0)
-    model = place(create_model(args.model), torch.device("cpu"))
-    loader = InMemoryLoader(data.train_images, data.train_labels, batch_size=64, seed=0)
+    device = torch.device(args.device)
+    model = place(create_model(args.model), device)
+    loader = InMemoryLoader(data.train_images, data.train_labels, batch_size=64, seed=0, device=device)
     opt = torch.optim.SGD(model.parameters(), lr=default_lr(args.model))
     fast_step = HandWrittenMLPStep.for_model(model, opt, "regress")  # the mlp's hand-written SGD step
     history = fit(model, loader, opt, epochs=1, max_batches=args.batches, fast_step=fast_step).history

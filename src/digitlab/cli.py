@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
 from .config import THRESHOLD
 from .errors import UserError
+from .files import one_line
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -144,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", choices=_ModelNames(), metavar="MODEL",
                    help="one of: %(choices)s (default: the preset's, cnn for the chapter)")
     _add_training_options(p, default_out="runs/MODEL", resume=True)
+    p.add_argument("--nproc", type=_workers, default=None, metavar="N",
+                   help="train on N processes on this machine (DistributedDataParallel, gloo on the CPU, nccl on "
+                        "CUDA), started as torchrun does; --batch-size is the global batch (default: one process)")
+    p.add_argument("--nnodes", type=_workers, default=1, metavar="M",
+                   help="with --nproc: M machines train together, each running this same command (default: 1)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="with --nnodes: where the machines meet (torchrun's c10d rendezvous), the same on all")
+    p.add_argument("--rdzv-timeout", type=_seconds, default=300, metavar="SECONDS",
+                   help="with --nnodes: how long to wait for the other machines (default: %(default)s)")
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("compare", help="the chapter's experiment: summarise, train and plot two models")
@@ -334,9 +345,23 @@ def _report_files(files) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .evaluate import SAMPLE_WORDS
     from .runs import fresh_run_dir, resume_config, run
 
+    if args.nproc is not None and not distributed.launched():
+        if args.device == "cuda":  # here, once, rather than in every process
+            import torch
+
+            gpus = torch.cuda.device_count()
+            if gpus < args.nproc:
+                fewer = f"pass --nproc {gpus} or fewer, or --device cpu" if gpus else "use --device cpu"
+                raise UserError(f"--device cuda with --nproc {args.nproc}, but PyTorch sees {gpus} CUDA GPU"
+                                f"{'' if gpus == 1 else 's'} here; {fewer}")
+        return distributed.launch(distributed.worker_argv(args.argv), args.nproc, args.nnodes, args.rdzv_endpoint,
+                                  args.rdzv_timeout)
+    if args.nnodes > 1 or args.rdzv_endpoint:
+        raise UserError("--nnodes and --rdzv-endpoint go with --nproc N (or use torchrun's own options)")
     if args.resume is not None:
         if args.preset or args.config or args.out or args.overwrite:
             raise UserError("--resume continues a run as it was configured; drop --preset, --config, --out "
@@ -345,8 +370,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = _config(args.model, args)
         out = args.out or fresh_run_dir(Path("runs") / config.model)
-    data = _load_data(args.data_dir)
-    result = run(config, data, out, resume=args.resume is not None, overwrite=args.overwrite)
+    world = distributed.SINGLE
+    try:
+        if distributed.launched():
+            distributed.quiet()  # rank 0 alone prints
+            world = distributed.start(config.device)
+        data = _load_data(args.data_dir)
+        result = run(config, data, out, resume=args.resume is not None, overwrite=args.overwrite)
+    except Exception as e:
+        if not (world.distributed and distributed.lost(e)):
+            raise
+        if os.environ.get(distributed.LAUNCHER):  # `--nproc` tells which process died, once
+            return distributed.LOST
+        raise UserError(f"lost contact with the other training processes ({one_line(str(e))[:120]}); the last "
+                        f"saved state in '{out}' is resumable with --resume") from None
+    finally:
+        distributed.stop()
+    if not world.main:
+        return _interrupted(result.state.stopped)
     h = result.history
     if data.is_sample:
         print(f"note: figures from {SAMPLE_WORDS}, not comparable with full-MNIST figures")
@@ -586,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     signals.install()
     try:
         args = build_parser().parse_args(argv)
+        args.argv = sys.argv[1:] if argv is None else list(argv)
         return args.func(args)
     except UserError as e:
         print(f"digitlab: error: {one_line(str(e))}", file=sys.stderr)

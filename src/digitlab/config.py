@@ -19,6 +19,7 @@ from .errors import UserError
 TASK_OUTPUTS = {"regress": 1, "classify": 10}  # task -> output width
 TASKS = tuple(TASK_OUTPUTS)
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
 INITS = ("paddle", "torch")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("none", "step", "cosine", "onecycle")
@@ -87,6 +88,9 @@ class TrainConfig:
                           "non-digits; the same seed on a CPU gives the same losses, bit for bit",
                        minimum=0, maximum=2**32 - 1)
     device: str = option("auto", "auto uses CUDA when PyTorch sees a GPU", choices=DEVICES)
+    precision: str = option("fp32", "fp32, the chapter's maths; bf16 runs the forward pass under torch.autocast "
+                                    "in bfloat16 (for a GPU; the mlp then trains through autograd)",
+                            choices=PRECISIONS)
     max_batches: int | None = option(
         None, "stop each epoch after N batches, for a quick smoke run (default: whole epochs)",
         minimum=1, kind=int, flag="--batches", metavar="N")

@@ -8,6 +8,7 @@ one `Reporter`, which records nothing, so silencing it changes no figure.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import time
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import signals
+from .distributed import SINGLE, World, agree, shard
 from .errors import UserError
 from .optim import lr_factor, set_lr
 
@@ -210,6 +212,8 @@ def fit(
     reporter: Reporter | None = None,
     save: Callable[[TrainState], None] | None = None,
     name: str = "training",
+    world: World = SINGLE,
+    precision: str = "fp32",
 ) -> TrainState:
     """Train from `state` (a fresh one by default) to `epochs`; returns the state it reached.
 
@@ -221,6 +225,9 @@ def fit(
         and `patience` epochs without a better accuracy stop the run.
     fast_step: (images, labels) -> loss, a whole optimiser step that replaces autograd's (fast_mlp.py).
     save: called with the state at the end of every epoch and when a signal stops the run.
+    world: the processes training together (distributed.py): each takes its slice of every batch, and
+        they agree on each step's loss and on stopping; `model` is then wrapped in DistributedDataParallel.
+    precision: "bf16" runs the forward pass and the loss under torch.autocast in bfloat16.
     """
     from .augment import distort, non_digits
 
@@ -234,35 +241,51 @@ def fit(
         group["initial_lr"] = base  # kept in the optimiser's state, so a resumed run scales the same base
     if state.shuffle is None:
         state.shuffle = loader.generator.get_state()
-    losses = torch.empty(per_epoch, device=next(model.parameters()).device)  # one epoch, filled without syncs
+    device = next(model.parameters()).device
+    losses = torch.empty(per_epoch, device=device)  # one epoch, filled without syncs
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     check_every = BAR_EVERY  # a check per step would cost the mlp 6% of its speed (and a GPU a sync)
     reporter.start(name, total_steps, state.step)
+    halted = None  # the stop every process agreed on, after a step (distributed); else the signal itself
+
+    def asked() -> str | None:
+        return halted if world.distributed else signals.received()
+
     try:
-        with signals.graceful():
-            while state.epoch < epochs and not state.stopped and not signals.received():
+        # several processes stop together after an agreed step: a second signal (torchrun sends SIGTERM
+        # after forwarding Ctrl-C) must not unwind one of them in the middle of a collective
+        with signals.graceful(escalate=not world.distributed):
+            while state.epoch < epochs and not state.stopped and not asked():
                 start, first, images_before = time.perf_counter(), state.batch, history.images
                 model.train()
                 loader.generator.set_state(state.shuffle)
                 for images, labels in loader.batches(start=state.batch, stop=per_epoch):
+                    count = len(labels)
                     if schedule != "none":
                         set_lr(optimizer, base_lrs, lr_factor(schedule, state.step, total_steps))
-                    if augment is not None:
+                    if augment is not None:  # the whole batch on every process: the draws of a single one
                         images = distort(images, augment)
+                    if world.distributed:
+                        images, labels = shard(world, images, labels)
                     if fast_step is not None:
                         loss = fast_step(images, labels)
                     else:
                         if outliers is None:
-                            loss = objective = compute_loss(model(images), labels, task)
+                            with autocast():
+                                loss = objective = compute_loss(model(images), labels, task)
                         else:  # the loss logged is the digits' alone, comparable with a run without outliers
                             k = max(1, len(images) // 4)
                             unsure = non_digits(images[:k], labels[:k], outliers)
-                            output = model(torch.cat([images, unsure]))
-                            loss = compute_loss(output[:len(images)], labels, task)
-                            flat = -F.log_softmax(output[len(images):], 1).mean()  # cross-entropy, flat target
-                            objective = loss + OUTLIER_WEIGHT * flat
+                            with autocast():
+                                output = model(torch.cat([images, unsure]))
+                                loss = compute_loss(output[:len(images)], labels, task)
+                                flat = -F.log_softmax(output[len(images):], 1).mean()  # cross-entropy, flat target
+                                objective = loss + OUTLIER_WEIGHT * flat
                         optimizer.zero_grad()
                         objective.backward()
                         optimizer.step()
+                    if world.distributed:
+                        loss, halted = agree(world, loss, signals.received())
                     losses[state.batch] = loss.detach()
                     if (state.batch + 1) % check_every == 0:
                         _check_finite(losses, max(first, state.batch + 1 - check_every), state, optimizer)
@@ -273,9 +296,9 @@ def fit(
                         reporter.logged(state.epoch, state.batch, state.step, history.loss_list[-1])
                     state.batch += 1
                     state.step += 1
-                    history.images += len(labels)
+                    history.images += count
                     reporter.step(state.step, loss)
-                    if signals.received():
+                    if asked():
                         break
                 _check_finite(losses, first, state, optimizer, end=state.batch)
                 history.batch_loss += losses[first:state.batch].tolist()
@@ -294,8 +317,8 @@ def fit(
                     save(state)
                 if state.stopped:  # patience ran out
                     break
-            if signals.received() and not state.stopped:
-                state.stopped = signals.received()
+            if asked() and not state.stopped:
+                state.stopped = asked()
                 if save is not None:
                     save(state)
     finally:

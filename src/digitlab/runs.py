@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
+from . import distributed
 from .checkpoint import BEST_FILE, WEIGHTS_FILE, save_checkpoint
 from .config import CONFIG_FILE, FIELDS, TASK_OUTPUTS, TrainConfig, check_value, config_toml
 from .data import MNIST, PIXEL_CENTER, PIXEL_SCALE, InMemoryLoader, fingerprint, stratified_split
@@ -349,6 +350,7 @@ def _finished(run_dir: Path, epochs_done: int) -> bool:
 # ---------------------------------------------------------------------------- a run
 
 def _checkpoint_meta(config: TrainConfig, state: TrainState, data_info: dict, results: dict | None) -> dict:
+    world = distributed.current()
     return {
         "model": config.model,
         "task": config.task,
@@ -361,6 +363,8 @@ def _checkpoint_meta(config: TrainConfig, state: TrainState, data_info: dict, re
         "val_accuracy": state.best_accuracy,
         "config": asdict(config),
         "data": data_info,
+        "world_size": world.size,  # how it was trained: processes, and their backend (null for one)
+        "backend": world.backend,
         "results": results,
     }
 
@@ -396,23 +400,36 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
     """
     cfg = config.resolved()
     split, cfg = split_data(data, cfg)
+    world = distributed.current()
+    if world.distributed and cfg.batch_size % world.size:
+        raise UserError(f"--batch-size {cfg.batch_size} does not split evenly over {world.size} processes; "
+                        f"give a multiple of {world.size} (it is the global batch)")
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
     out_dir = Path(out_dir)
-    record = tensors = None
-    if cfg.tensorboard:
-        TensorBoardReporter.check_installed()  # before --overwrite removes anything
-    if resume:
-        _check_resumable(out_dir, cfg, read_state(out_dir, tensors=False)[0], split.info)  # nothing touched yet
-    with claim(out_dir, resume=resume, overwrite=overwrite) as out_dir:
-        if resume:  # again, under the lock: another process may have moved the run on since
-            record, tensors = read_state(out_dir)
-            _check_resumable(out_dir, cfg, record, split.info)
-        return _train(cfg, data, split, out_dir, device, record, tensors, reporter)
+    if not world.main:  # rank 0 owns the folder; the others train with it and write nothing
+        record, tensors = distributed.follow(world)
+        return _train(cfg, data, split, None, device, record, tensors, Reporter(), world)
+    with distributed.setting_out(world) as share:
+        record = tensors = None
+        if cfg.tensorboard:
+            TensorBoardReporter.check_installed()  # before --overwrite removes anything
+        if resume:
+            _check_resumable(out_dir, cfg, read_state(out_dir, tensors=False)[0], split.info)  # nothing touched yet
+        with claim(out_dir, resume=resume, overwrite=overwrite) as out_dir:
+            if resume:  # again, under the lock: another process may have moved the run on since
+                record, tensors = read_state(out_dir)
+                _check_resumable(out_dir, cfg, record, split.info)
+            share((record, tensors))
+            return _train(cfg, data, split, out_dir, device, record, tensors, reporter, world)
 
 
-def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, device: torch.device, record: dict | None,
-           tensors: dict | None, reporter: Reporter | None) -> RunResult:
-    """The body of `run`, in a folder it has claimed: build, restore, train."""
+def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, device: torch.device,
+           record: dict | None, tensors: dict | None, reporter: Reporter | None,
+           world: distributed.World = distributed.SINGLE) -> RunResult:
+    """The body of `run`, in a folder it has claimed (or, on ranks other than 0, none): build,
+    restore, train."""
     from .evaluate import evaluate
 
     torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
@@ -426,32 +443,45 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, device: t
         state = _restore(record, tensors, model, optimizer, augment, device)
         if state.stopped != "patience" or cfg.patience != record["config"]["patience"]:
             state.stopped = None  # a signal's stop is over; a patience stop stands unless patience changed
-    write_text(out_dir / CONFIG_FILE, config_toml(cfg))
+    if out_dir is not None:
+        write_text(out_dir / CONFIG_FILE, config_toml(cfg))
 
-    def validate(m) -> tuple[float, float]:
-        result = evaluate(m, split.val_images, split.val_labels, task=cfg.task)
-        return result.mean_loss, result.accuracy
+    def validate(_) -> tuple[float, float]:  # on rank 0, which tells the others: they agree on the best epoch
+        figures = None
+        if world.main:
+            result = evaluate(model, split.val_images, split.val_labels, task=cfg.task)
+            figures = result.mean_loss, result.accuracy
+        return distributed.from_main(world, figures)
 
     def save(s: TrainState) -> None:
         save_progress(out_dir, cfg, s, model, optimizer, augment, split.info)
 
     if reporter is None:
         reporter = ConsoleReporter()
-    if cfg.tensorboard:
+    if cfg.tensorboard and out_dir is not None:
         reporter = Reporters(reporter, TensorBoardReporter(out_dir / TENSORBOARD_DIR))
-    # the hand-written step knows nothing of non-digits: --reject trains through autograd
-    fast_step = HandWrittenMLPStep.for_model(model, optimizer, cfg.task) if cfg.fast_mlp and not cfg.reject else None
+    # The hand-written step knows nothing of non-digits (--reject trains through autograd), of other
+    # processes (under DistributedDataParallel the gradients are autograd's, all-reduced) or of bf16.
+    fast_step = (HandWrittenMLPStep.for_model(model, optimizer, cfg.task)
+                 if cfg.fast_mlp and not cfg.reject and not world.distributed and cfg.precision == "fp32" else None)
+    net = model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     try:
-        state = fit(model, loader, optimizer, epochs=cfg.epochs, task=cfg.task, state=state,
+        state = fit(net, loader, optimizer, epochs=cfg.epochs, task=cfg.task, state=state,
                     log_every=cfg.log_every, max_batches=cfg.max_batches, schedule=cfg.schedule,
                     augment=augment if cfg.augment else None, outliers=augment if cfg.reject else None,
                     validate=validate if split.val_images is not None else None, patience=cfg.patience,
-                    fast_step=fast_step, reporter=reporter, save=save, name=cfg.model)
+                    fast_step=fast_step, reporter=reporter, save=save if out_dir is not None else None,
+                    name=cfg.model, world=world, precision=cfg.precision)
     except Diverged as e:
-        if (out_dir / STATE_FILE).exists():
+        if out_dir is not None and (out_dir / STATE_FILE).exists():
             raise Diverged(f"{e}; '{one_line(str(out_dir))}' keeps the state of the last epoch before it") from None
         raise
-
+    if out_dir is None:  # another rank's copy: rank 0 scores the test set and writes the files
+        return RunResult(cfg, state, sum(p.numel() for p in model.parameters()), float("nan"), Path(), Path(), [])
     return _finish(cfg, data, split, out_dir, state, model, device)
 
 

@@ -47,6 +47,7 @@ def stopped_by(error: BaseException) -> str | None:
 
 _received: str | None = None  # the first signal since the flag was last consumed
 _graceful = 0  # how deep inside graceful() sections the main thread is
+_escalate = True  # whether a second signal inside one unwinds at once
 
 
 def _handler(signum, frame):
@@ -54,7 +55,7 @@ def _handler(signum, frame):
     first = _received is None
     name = signal.Signals(signum).name
     _received = _received or name
-    if not (_graceful and first):
+    if not (_graceful and (first or not _escalate)):
         raise Interrupted(name)
 
 
@@ -78,13 +79,14 @@ def received() -> str | None:
 
 
 @contextlib.contextmanager
-def graceful():
-    """Within this block, a first signal only asks to stop (see `received()`); a second unwinds.
+def graceful(escalate: bool = True):
+    """Within this block, a first signal only asks to stop (see `received()`); a second unwinds,
+    unless not `escalate` (a process training with others must stop with them, after a step).
 
     Outside the main thread no handler can be set, and signals keep their old meaning.
     Leaving the block consumes the request: the caller has acted on it.
     """
-    global _graceful, _received
+    global _graceful, _received, _escalate
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -92,10 +94,12 @@ def graceful():
     for s in HANDLED:
         signal.signal(s, _handler)
     _graceful += 1
+    was, _escalate = _escalate, escalate
     try:
         yield
     finally:
         _graceful -= 1
+        _escalate = was
         _received = None
         for s, h in previous.items():
             signal.signal(s, h)

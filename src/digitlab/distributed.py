@@ -1,0 +1,243 @@
+"""Training on several processes: torchrun's process group, each rank its shard of every batch.
+
+`torchrun --nproc-per-node N -m digitlab train ...` (or `digitlab train --nproc N`, which
+starts the same workers through torch's own elastic launcher) gives each process RANK,
+WORLD_SIZE, LOCAL_RANK and the rendezvous's address in its environment. `start()` joins them
+into one process group (gloo on the CPU, nccl on CUDA), and from then on:
+
+- every rank draws the same seeded order of batches, and takes its equal slice of each
+  (`--batch-size` is the global batch); DistributedDataParallel averages the gradients, so
+  a step is the single-process step on the whole batch, to float rounding;
+- each step's loss is averaged over the ranks together with whether any rank was asked to
+  stop (a signal), so every rank records the same loss and stops after the same step;
+- rank 0 alone prints, validates (and tells the others), and writes the run folder; a
+  resumed run's state is read by rank 0 and sent to the others, so the nodes need no shared
+  disk.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+TIMEOUT = 300  # seconds a collective may wait for the other ranks before it fails
+SIGNALS = ("SIGINT", "SIGTERM")  # the stop requests a step can carry, in this order
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # "gloo" or "nccl" inside a process group, None outside one
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+SINGLE = World()
+
+
+def launched() -> bool:
+    """Whether torchrun (or `--nproc`) started this process as one of a group."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or {"RANK", "WORLD_SIZE", "MASTER_ADDR"} <= set(os.environ)
+
+
+def current() -> World:
+    """The process group this process belongs to (one that a user's own code set up counts too)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return SINGLE
+    return World(rank=dist.get_rank(), size=dist.get_world_size(),
+                 local_rank=int(os.environ.get("LOCAL_RANK", 0)), backend=dist.get_backend())
+
+
+def start(device: str) -> World:
+    """Join the process group torchrun set up: nccl when training on CUDA, gloo otherwise."""
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        gpus = torch.cuda.device_count()
+        if gpus < local_size:
+            raise UserError(f"--device cuda with {local_size} processes on this machine, but PyTorch sees "
+                            f"{gpus} GPU{'s' if gpus != 1 else ''}; start at most {gpus} per machine, or use --device cpu")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT))
+    return current()
+
+
+def stop() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def quiet() -> None:
+    """Silence every rank but 0 (from torchrun's RANK): the log lines, bars, notices and errors appear once."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+
+
+def shard(world: World, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's equal slice of a global batch."""
+    per = len(labels) // world.size
+    part = slice(world.rank * per, (world.rank + 1) * per)
+    return images[part], labels[part]
+
+
+def agree(world: World, loss: torch.Tensor, asked: str | None) -> tuple[torch.Tensor, str | None]:
+    """The loss averaged over the ranks, and the stop any rank was asked for (SIGINT before SIGTERM)."""
+    import torch.distributed as dist
+
+    votes = torch.zeros(1 + len(SIGNALS), device=loss.device)
+    votes[0] = loss.detach().float()
+    if asked in SIGNALS:
+        votes[1 + SIGNALS.index(asked)] = 1
+    dist.all_reduce(votes)
+    stopped = next((name for k, name in enumerate(SIGNALS) if votes[1 + k] > 0), None)
+    return (votes[0] / world.size).to(loss.dtype), stopped
+
+
+def from_main(world: World, value):
+    """Rank 0's `value`, on every rank (any picklable object; tensors travel on the CPU)."""
+    import torch.distributed as dist
+
+    if not world.distributed:
+        return value
+    box = [value if world.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def setting_out(world: World):
+    """Rank 0's start of a run, shared: the block calls `share(x)` once it has what the other ranks
+    need (a resumed run's state); if it fails first, the others get its error instead of waiting."""
+    shared = []
+
+    def share(value):
+        shared.append(True)
+        return from_main(world, {"value": value})["value"]
+
+    try:
+        yield share
+    except BaseException as e:
+        if world.distributed and world.main and not shared:
+            from_main(world, {"error": str(e) if isinstance(e, UserError) else f"rank 0 failed: {type(e).__name__}"})
+        raise
+
+
+def follow(world: World):
+    """What rank 0's `setting_out` shares, on the other ranks (its error, raised here)."""
+    got = from_main(world, None)
+    if "error" in got:
+        raise UserError(got["error"])
+    return got["value"]
+
+
+def lost(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another rank died or went silent."""
+    text = f"{type(error).__name__} {error}"
+    return isinstance(error, (RuntimeError, pickle.UnpicklingError)) and any(
+        word in text for word in ("Connection closed", "Connection reset", "Broken pipe", "Timed out", "timed out",
+                                  "DistBackendError", "NCCL", "Gloo", "gloo"))
+
+
+# ---------------------------------------------------------------------------- `digitlab train --nproc N`
+
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-timeout")
+LAUNCHER = "DIGITLAB_LAUNCHER"  # set for the workers `--nproc` starts: their launcher reports a lost process
+LOST = 3  # the exit code of a worker that lost contact with the others, under `--nproc`
+
+
+def worker_argv(argv: list[str]) -> list[str]:
+    """The command line each worker runs: this one without the launcher's own options."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in LAUNCH_FLAGS:
+            skip = True
+        elif not token.startswith(tuple(f + "=" for f in LAUNCH_FLAGS)):
+            kept.append(token)
+    return kept
+
+
+def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = None, timeout: int = 300) -> int:
+    """Start `python -m digitlab ARGV` on `nproc` processes here (and meet `nnodes - 1` other machines
+    at `endpoint`) through torch's elastic launcher, as torchrun does; returns the exit code."""
+    import logging
+    import signal
+    import uuid
+
+    # what goes wrong is ours to tell, once: the elastic agent's own loggers read LOGLEVEL when they are
+    # made, the rest inherit from their parent
+    os.environ.setdefault("LOGLEVEL", "ERROR")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from .signals import EXIT_CODES
+
+    if nnodes > 1 and not endpoint:
+        raise UserError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every machine")
+    # torchrun's default would be one thread each, with a warning: share the cores instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
+                          run_id=f"digitlab-{endpoint}" if nnodes > 1 else f"digitlab-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint=endpoint or "127.0.0.1:0",
+                          rdzv_configs={"join_timeout": timeout}, max_restarts=0, monitor_interval=0.2)
+    os.environ[LAUNCHER] = "1"
+    try:
+        elastic_launch(config, sys.executable)("-m", "digitlab", *argv)
+    except ChildFailedError as e:
+        said = {rank: f.exitcode for rank, f in e.failures.items() if f.exitcode in (2, *EXIT_CODES.values())}
+        dead = {rank: f.exitcode for rank, f in e.failures.items() if f.exitcode not in (LOST, *said.values())}
+        if dead:
+            rank = min(dead)
+            raise UserError(f"training process {rank} of {nproc * nnodes} died ({_how(dead[rank])}); the run's "
+                            "last saved state is resumable with --resume RUN") from None
+        if said:  # a worker said why, in one line (rank 0's line when it has one)
+            return said.get(0, next(iter(said.values())))
+        raise UserError("the training processes lost contact with each other; the run's last saved state is "
+                        "resumable with --resume RUN") from None
+    except SignalException as e:  # Ctrl-C or SIGTERM: the workers stopped after an agreed step, and rank 0 said so
+        return EXIT_CODES.get(signal.Signals(e.sigval).name, 128 + e.sigval)
+    except RendezvousError as e:
+        where = endpoint or "this machine"
+        raise UserError(f"the {nnodes} machines did not meet at {where} within {timeout} s "
+                        f"({type(e).__name__}); start the same command on every machine, with one "
+                        "--rdzv-endpoint all of them can reach") from None
+    return 0
+
+
+def _how(exitcode: int) -> str:
+    import signal
+
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            pass
+    return f"exit code {exitcode}"
