@@ -110,13 +110,16 @@ def test_a_rendezvous_nobody_joins_times_out_in_one_line(digits_dir, tmp_path):
 @pytest.mark.parametrize("options, fragment", [
     (("--device", "cuda"), "--device cuda with --nproc 2, but PyTorch sees"),
     (("--batch-size", "63"), "--batch-size 63 does not split evenly over 2 processes"),
+    (("--data-dir", "/nowhere/mnist"), "/nowhere/mnist"),  # every process fails alike: one line, rank 0's
 ])
 def test_bad_set_ups_get_one_line(digits_dir, tmp_path, options, fragment):
     import torch
 
     if "cuda" in options and torch.cuda.device_count() >= 2:
         pytest.skip("this machine has the GPUs")
-    result = run_cli(*_train(digits_dir, tmp_path / "never", "mlp", "--nproc", "2", *options))
+    data = options[1] if options[0] == "--data-dir" else str(digits_dir)
+    options = options if options[0] != "--data-dir" else ()
+    result = run_cli("train", "mlp", "--nproc", "2", *options, "--data-dir", data, "--out", str(tmp_path / "never"))
     assert result.returncode == 2 and fragment in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "never").exists()

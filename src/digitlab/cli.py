@@ -362,20 +362,24 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   args.rdzv_timeout)
     if args.nnodes > 1 or args.rdzv_endpoint:
         raise UserError("--nnodes and --rdzv-endpoint go with --nproc N (or use torchrun's own options)")
+    if distributed.launched():
+        distributed.quiet()  # rank 0 alone prints: its log lines, and the errors every rank meets alike
     if args.resume is not None:
         if args.preset or args.config or args.out or args.overwrite:
             raise UserError("--resume continues a run as it was configured; drop --preset, --config, --out "
                             "and --overwrite")
-        config, out = resume_config(args.resume, _given(args, args.model)), args.resume
+        out = args.resume
+        # the run folder is rank 0's (the other machines need no copy): it sends the others the config
+        config = resume_config(out, _given(args, args.model)) if distributed.launched_rank() == 0 else None
     else:
         config = _config(args.model, args)
         out = args.out or fresh_run_dir(Path("runs") / config.model)
     world = distributed.SINGLE
     try:
         if distributed.launched():
-            distributed.quiet()  # rank 0 alone prints
-            world = distributed.start(config.device)
-        data = _load_data(args.data_dir)
+            world = distributed.start(config.device if config else args.device or "auto")
+            config = distributed.from_main(world, config)
+        data = distributed.everywhere(world, lambda: _load_data(args.data_dir))
         result = run(config, data, out, resume=args.resume is not None, overwrite=args.overwrite)
     except Exception as e:
         if not (world.distributed and distributed.lost(e)):

@@ -57,6 +57,11 @@ def launched() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or {"RANK", "WORLD_SIZE", "MASTER_ADDR"} <= set(os.environ)
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 outside a group), before the group is joined."""
+    return int(os.environ.get("RANK", 0))
+
+
 def current() -> World:
     """The process group this process belongs to (one that a user's own code set up counts too)."""
     import torch.distributed as dist
@@ -93,7 +98,7 @@ def stop() -> None:
 
 def quiet() -> None:
     """Silence every rank but 0 (from torchrun's RANK): the log lines, bars, notices and errors appear once."""
-    if int(os.environ.get("RANK", 0)) != 0:
+    if launched_rank() != 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
@@ -154,6 +159,26 @@ def follow(world: World):
     return got["value"]
 
 
+def everywhere(world: World, step):
+    """`step()` on every rank, and its UserError on all of them if it failed on any: a machine
+    without the data (say) is named by rank 0 instead of leaving the others waiting."""
+    import torch.distributed as dist
+
+    if not world.distributed:
+        return step()
+    try:
+        value, error = step(), None
+    except UserError as e:
+        value, error = None, str(e)
+    errors: list = [None] * world.size
+    dist.all_gather_object(errors, error)
+    failed = next(((rank, e) for rank, e in enumerate(errors) if e is not None), None)
+    if failed:
+        rank, error = failed
+        raise UserError(error if rank == 0 else f"process {rank} of {world.size}: {error}")
+    return value
+
+
 def lost(error: BaseException) -> bool:
     """Whether `error` is a collective failing because another rank died or went silent."""
     text = f"{type(error).__name__} {error}"
@@ -191,8 +216,8 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
 
     # what goes wrong is ours to tell, once: the elastic agent's own loggers read LOGLEVEL when they are
     # made, the rest inherit from their parent
-    os.environ.setdefault("LOGLEVEL", "ERROR")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
