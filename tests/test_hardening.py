@@ -138,6 +138,28 @@ def test_a_signal_wrapped_by_a_library_is_still_a_signal():
     assert signals.cause(ValueError("a real bug")) is None
 
 
+def test_a_signal_that_a_library_swallowed_still_stops_the_command():
+    # what a Ctrl-C inside numpy's initialisation did: numpy's ImportError, caught by torch, left numpy
+    # half-made; the command went on, and failed later in matplotlib with a traceback
+    script = """
+import os, signal, sys
+from digitlab import signals
+signals.install()
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+except KeyboardInterrupt:
+    pass  # a library that swallows it
+print(signals.stopped_by(AttributeError("module 'numpy' has no attribute 'void'")))
+try:
+    with signals.graceful():
+        print("trained")
+except signals.Interrupted as e:
+    print("stopped before training:", e.name)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split("\n")[:2] == ["SIGINT", "stopped before training: SIGINT"], result.stderr
+
+
 def test_ctrl_c_at_any_moment_is_one_line_and_130(digits_dir, tmp_path):
     rng = random.Random(0)
     commands = [["train", "mlp", "--epochs", "3", "--batches", "5", "--data-dir", str(digits_dir)],

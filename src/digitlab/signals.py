@@ -38,11 +38,17 @@ def cause(error: BaseException) -> Interrupted | None:
 
 def stopped_by(error: BaseException) -> str | None:
     """'SIGINT' or 'SIGTERM' if `error` is, or wraps, a stop by signal (a bare KeyboardInterrupt is
-    Ctrl-C); None for any other error."""
+    Ctrl-C), or if it came after a signal that some code swallowed; None for any other error.
+
+    A signal that lands in a C extension's initialisation (numpy's, inside `import torch`) becomes
+    that extension's ImportError, which a library may catch; the module is left half-made, and
+    whatever uses it next fails in its own way. The signal was received all the same."""
     interrupted = cause(error)
     if interrupted is not None:
         return interrupted.name
-    return "SIGINT" if isinstance(error, KeyboardInterrupt) else None
+    if isinstance(error, KeyboardInterrupt):
+        return "SIGINT"
+    return _received
 
 
 _received: str | None = None  # the first signal since the flag was last consumed
@@ -90,6 +96,8 @@ def graceful(escalate: bool = True):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    if _received and not _graceful:  # it should have unwound the command already: some code swallowed it
+        raise Interrupted(_received)
     previous = {s: signal.getsignal(s) for s in HANDLED}
     for s in HANDLED:
         signal.signal(s, _handler)
