@@ -382,7 +382,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         data = distributed.everywhere(world, lambda: _load_data(args.data_dir))
         result = run(config, data, out, resume=args.resume is not None, overwrite=args.overwrite)
     except Exception as e:
-        if not (world.distributed and distributed.lost(e)):
+        from . import signals
+
+        # a collective that fails, or fails once the launcher has signalled this process to stop (a peer
+        # died: the failure can read "Interrupted system call"), means the others are gone
+        if not (world.distributed and (distributed.lost(e) or signals.received())):
             raise
         if os.environ.get(distributed.LAUNCHER):  # `--nproc` tells which process died, once
             return distributed.LOST
