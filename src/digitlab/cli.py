@@ -351,13 +351,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc is not None and not distributed.launched():
         if args.device == "cuda":  # here, once, rather than in every process
-            import torch
-
-            gpus = torch.cuda.device_count()
-            if gpus < args.nproc:
-                fewer = f"pass --nproc {gpus} or fewer, or --device cpu" if gpus else "use --device cpu"
-                raise UserError(f"--device cuda with --nproc {args.nproc}, but PyTorch sees {gpus} CUDA GPU"
-                                f"{'' if gpus == 1 else 's'} here; {fewer}")
+            distributed.check_gpus(args.nproc, f"--nproc {args.nproc}")
         return distributed.launch(distributed.worker_argv(args.argv), args.nproc, args.nnodes, args.rdzv_endpoint,
                                   args.rdzv_timeout)
     if args.nnodes > 1 or args.rdzv_endpoint:
@@ -502,7 +496,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .checkpoint import describe, load_checkpoint
-    from .files import one_line, prepare_out_dir, write_atomic
+    from .files import prepare_out_dir, write_atomic
     from .predict import expand_inputs, predict_files, preprocessed_names
 
     model, meta = load_checkpoint(args.checkpoint)
@@ -630,7 +624,6 @@ def _save(fig, stem: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from . import signals
-    from .files import one_line
 
     signals.install()
     try:

@@ -80,13 +80,19 @@ def start(device: str) -> World:
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:
-        gpus = torch.cuda.device_count()
-        if gpus < local_size:
-            raise UserError(f"--device cuda with {local_size} processes on this machine, but PyTorch sees "
-                            f"{gpus} GPU{'s' if gpus != 1 else ''}; start at most {gpus} per machine, or use --device cpu")
+        check_gpus(local_size, f"{local_size} processes on this machine")
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT))
     return current()
+
+
+def check_gpus(processes: int, how: str) -> None:
+    """One GPU per process on this machine, or one line saying how many there are."""
+    gpus = torch.cuda.device_count()
+    if gpus < processes:
+        fewer = f"start {gpus} or fewer, or use --device cpu" if gpus else "use --device cpu"
+        raise UserError(f"--device cuda with {how}, but PyTorch sees {gpus} CUDA GPU{'' if gpus == 1 else 's'} "
+                        f"here; {fewer}")
 
 
 def stop() -> None:
