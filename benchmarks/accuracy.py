@@ -16,8 +16,8 @@ import torch
 
 from digitlab.data import read_folder
 from digitlab.config import TrainConfig, preset_config
-from digitlab.loop import Reporter
-from digitlab.runs import run
+from digitlab.training.reporters import Reporter
+from digitlab.training.run import run
 
 ROWS = {
     "mlp-chapter": TrainConfig(model="mlp"),

@@ -5,9 +5,9 @@ import tempfile
 
 
 def quiet_run(config, data, out=None, resume=False):
-    """digitlab.runs.run() silently, into `out` or a throw-away folder."""
-    from digitlab.loop import Reporter
-    from digitlab.runs import run
+    """digitlab.training.run.run() silently, into `out` or a throw-away folder."""
+    from digitlab.training.reporters import Reporter
+    from digitlab.training.run import run
 
     if out is not None:
         return run(config, data, out, resume=resume, reporter=Reporter())

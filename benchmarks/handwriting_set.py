@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from digitlab.handwriting import font_glyph, handwriting_fonts, non_digit, number, on_paper, pen_digit
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/helpers: not shipped in the wheel
+from helpers.handwriting import font_glyph, handwriting_fonts, non_digit, number, on_paper, pen_digit
 
 
 def save(image: Image.Image, path: Path, rng: np.random.Generator) -> Path:

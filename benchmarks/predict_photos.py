@@ -1,12 +1,14 @@
 """How often `predict` reads realistic photos right, against a naive resize of the photo.
 
-Builds photos from MNIST test digits with digitlab.predict.synthetic_photo (big noisy
+Builds photos from MNIST test digits with helpers.photos.synthetic_photo (big noisy
 canvases, uneven light, small off-centre rotated digits, PNG/JPEG/BMP/WebP, light or dark
 ink), then reads each with the MNIST-style preprocessing and with a plain 28x28 resize.
 
     python benchmarks/predict_photos.py RUN_DIR --data-dir ../shared/data/mnist [--photos 500]
 """
 from __future__ import annotations
+
+import sys
 
 import argparse
 import tempfile
@@ -15,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from digitlab.checkpoint import load_checkpoint
+from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.data import read_folder
-from digitlab.evaluate import model_outputs
-from digitlab.predict import load_grey, naive_resize, predict_files, synthetic_photo
+from digitlab.reading.evaluate import model_outputs
+from digitlab.reading.image import load_grey
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/helpers: not shipped in the wheel
+from helpers.photos import naive_resize, synthetic_photo
+from digitlab.reading.predict import predict_files
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ import torch
 from common import cpu_name, quiet_run
 from digitlab.config import TrainConfig
 from digitlab.data import read_folder
-from digitlab.loop import History, TrainState
+from digitlab.training.loop import History, TrainState
 from digitlab.models import create_model, place
-from digitlab.optim import make_optimizer
-from digitlab.runs import save_progress, split_data
+from digitlab.training.optim import make_optimizer
+from digitlab.training.run import save_progress, split_data
 
 
 def save_seconds(config: TrainConfig, data, calls: int = 20) -> float:

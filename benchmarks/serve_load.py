@@ -26,7 +26,8 @@ import numpy as np
 from common import cpu_name, quiet_run
 from digitlab.config import TrainConfig, preset_config
 from digitlab.data import read_folder
-from digitlab.predict import synthetic_photo
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/helpers: not shipped in the wheel
+from helpers.photos import synthetic_photo
 
 REQUESTS, CLIENTS = 300, 16
 

@@ -64,8 +64,8 @@ def digits(digits_dir):
 def digits_model(digits, tmp_path_factory):
     """The best recipe for three epochs on the 4,000 small-set digits: a model every machine can make."""
     from digitlab.config import preset_config
-    from digitlab.loop import Reporter
-    from digitlab.runs import run
+    from digitlab.training.reporters import Reporter
+    from digitlab.training.run import run
 
     out = tmp_path_factory.mktemp("digits-model")
     run(preset_config("best", epochs=3), digits, out, reporter=Reporter())

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_cli, write_idx
-from digitlab.checkpoint import load_checkpoint
+from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.data import IMAGE_MAGIC, MIRRORS
 
 

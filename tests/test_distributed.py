@@ -63,7 +63,7 @@ def test_torchrun_on_two_processes_reproduces_one(digits_dir, tmp_path, single):
     assert result.stdout.count("data: ") == 1 and "test accuracy" in result.stdout
     history = json.loads((out / "history.json").read_text())
     assert history["world_size"] == 2 and history["backend"] == "gloo"
-    from digitlab.checkpoint import read_checkpoint
+    from digitlab.reading.checkpoint import read_checkpoint
 
     meta = read_checkpoint(out / "model.safetensors")[1]
     assert meta["world_size"] == 2 and meta["backend"] == "gloo"
@@ -140,7 +140,7 @@ def test_a_rank_that_dies_stops_the_others_and_the_run_resumes(digits_dir, tmp_p
     assert time.monotonic() - killed < 60  # the other process did not wait for its collective's timeout
     assert launcher.returncode == 2 and "Traceback" not in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1 and "died (killed by SIGKILL)" in stderr, stderr
-    from digitlab.runs import read_state
+    from digitlab.training.state import read_state
 
     done = read_state(out, tensors=False)[0]["position"]["epoch"]
     assert 1 <= done < 30
@@ -165,7 +165,7 @@ def test_ctrl_c_stops_every_process_after_the_same_step(digits_dir, tmp_path):
     assert launcher.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines() == [
         "digitlab: interrupted (SIGINT): saved the state after the last complete batch; continue with --resume"]
-    from digitlab.runs import read_state
+    from digitlab.training.state import read_state
 
     position = read_state(out, tensors=False)[0]["position"]
     assert position["stopped"] == "SIGINT" and position["epoch"] < 100

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from digitlab.data import InMemoryLoader
-from digitlab.evaluate import confusion_matrix, evaluate, precision_recall, predicted_digits
+from digitlab.reading.evaluate import confusion_matrix, evaluate, precision_recall, predicted_digits
 from digitlab.models import create_model
-from digitlab.loop import fit
-from digitlab.optim import make_optimizer
+from digitlab.training.loop import fit
+from digitlab.training.optim import make_optimizer
 
 
 def test_regression_outputs_round_and_clip_to_digits():

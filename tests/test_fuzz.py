@@ -21,11 +21,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 
-from digitlab.checkpoint import load_checkpoint
+from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.data import IMAGE_MAGIC, LABEL_MAGIC, read_idx
 from digitlab.errors import UserError
 from digitlab.models import create_model
-from digitlab.predict import load_grey, preprocess
+from digitlab.reading.image import load_grey
+from digitlab.reading.segment import preprocess
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])

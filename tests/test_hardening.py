@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import ROOT, run_cli, write_idx
-from digitlab.checkpoint import load_checkpoint, save_checkpoint
+from digitlab.reading.checkpoint import load_checkpoint, save_checkpoint
 from digitlab.data import FILES, IMAGE_MAGIC, LABEL_MAGIC
 from digitlab.models import create_model
-from digitlab.runs import read_state
+from digitlab.training.state import read_state
 from test_cli import _one_error_line
 
 
@@ -124,18 +124,18 @@ def test_a_checkpoint_bomb_is_refused_before_anything_is_built(tmp_path):
 
 
 def test_a_signal_wrapped_by_a_library_is_still_a_signal():
-    from digitlab import signals
+    from digitlab import stop
 
     # what `import torch` did once when Ctrl-C came in the middle of it: a dataclass's __set_name__
     # turned the Interrupted into a RuntimeError
     try:
         try:
-            raise signals.Interrupted("SIGTERM")
+            raise stop.Interrupted("SIGTERM")
         except KeyboardInterrupt as k:
             raise RuntimeError("Error calling __set_name__ on 'Field' instance") from k
     except RuntimeError as wrapped:
-        assert signals.cause(wrapped).name == "SIGTERM"
-    assert signals.cause(ValueError("a real bug")) is None
+        assert stop.cause(wrapped).name == "SIGTERM"
+    assert stop.cause(ValueError("a real bug")) is None
 
 
 def test_a_signal_that_a_library_swallowed_still_stops_the_command():
@@ -144,16 +144,16 @@ def test_a_signal_that_a_library_swallowed_still_stops_the_command():
     script = """
 import os, signal, sys
 from digitlab import signals
-signals.install()
+stop.install()
 try:
     os.kill(os.getpid(), signal.SIGINT)
 except KeyboardInterrupt:
     pass  # a library that swallows it
-print(signals.stopped_by(AttributeError("module 'numpy' has no attribute 'void'")))
+print(stop.stopped_by(AttributeError("module 'numpy' has no attribute 'void'")))
 try:
-    with signals.graceful():
+    with stop.graceful():
         print("trained")
-except signals.Interrupted as e:
+except stop.Interrupted as e:
     print("stopped before training:", e.name)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

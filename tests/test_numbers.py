@@ -1,7 +1,7 @@
 """Whole numbers and honest confidence: several digits in a row, calibration, "not sure".
 
 The numbers are real MNIST test digits of the small set, set in a row by
-digitlab.handwriting.number and put on paper (dark ink on uneven light, or light ink on a
+helpers.handwriting.number and put on paper (dark ink on uneven light, or light ink on a
 dark board) by on_paper, then saved as real image files.
 """
 from __future__ import annotations
@@ -14,10 +14,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import run_cli
-from digitlab.calibrate import expected_calibration_error, fit_temperature, probabilities
-from digitlab.checkpoint import read_checkpoint
-from digitlab.handwriting import non_digit, number, on_paper
-from digitlab.predict import ImageError, find_digits, load_grey
+from digitlab.reading.calibrate import expected_calibration_error, fit_temperature, probabilities
+from digitlab.reading.checkpoint import read_checkpoint
+from helpers.handwriting import non_digit, number, on_paper
+from digitlab.reading.image import ImageError, load_grey
+from digitlab.reading.segment import find_digits
 
 N_NUMBERS = 40
 

@@ -15,11 +15,13 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from digitlab.checkpoint import load_checkpoint
-from digitlab.predict import ImageError, load_grey, naive_resize, preprocess, synthetic_photo
+from digitlab.reading.checkpoint import load_checkpoint
+from digitlab.reading.image import ImageError, load_grey
+from helpers.photos import naive_resize, synthetic_photo
+from digitlab.reading.segment import preprocess
 from digitlab.config import preset_config
-from digitlab.loop import Reporter
-from digitlab.runs import run
+from digitlab.training.reporters import Reporter
+from digitlab.training.run import run
 
 N_PHOTOS = 120
 
@@ -67,7 +69,7 @@ def test_predict_reads_realistic_photos(best_model, photos, tmp_path):
 
     # The naive way, shrinking the whole picture to 28x28, reads far fewer of the same photos.
     model, meta = load_checkpoint(best_model)
-    from digitlab.evaluate import model_outputs
+    from digitlab.reading.evaluate import model_outputs
 
     naive = np.stack([naive_resize(load_grey(folder / name)) for name in sorted(labels)])
     guesses = model_outputs(model, torch.from_numpy(naive)).argmax(1).numpy()

@@ -16,11 +16,12 @@ import torch
 from safetensors import safe_open
 
 from conftest import ROOT, run_cli
-from digitlab.checkpoint import load_checkpoint
+from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.config import TrainConfig, read_config_file
 from digitlab.errors import UserError
-from digitlab.loop import Reporter
-from digitlab.runs import STATE_FILE, run
+from digitlab.training.reporters import Reporter
+from digitlab.training.folder import STATE_FILE
+from digitlab.training.run import run
 
 
 @pytest.fixture(scope="session")

@@ -22,9 +22,9 @@ from PIL import Image, ImageDraw
 
 from conftest import ROOT, run_cli
 from digitlab.config import preset_config
-from digitlab.loop import Reporter
-from digitlab.predict import synthetic_photo
-from digitlab.runs import run
+from digitlab.training.reporters import Reporter
+from helpers.photos import synthetic_photo
+from digitlab.training.run import run
 
 httpx = pytest.importorskip("httpx")
 
@@ -266,8 +266,8 @@ def _onnx_check(run_dir: Path, data, tmp_path: Path) -> tuple[float, float]:
     assert [i.name for i in session.get_inputs()] == ["image"]
     pixels = data.test_images.float().unsqueeze(1).numpy()  # (N, 1, 28, 28), 0-255, as MNIST stores them
     logits = np.concatenate([session.run(None, {"image": pixels[i:i + 1000]})[0] for i in range(0, len(pixels), 1000)])
-    from digitlab.checkpoint import load_checkpoint
-    from digitlab.evaluate import evaluate
+    from digitlab.reading.checkpoint import load_checkpoint
+    from digitlab.reading.evaluate import evaluate
 
     model, meta = load_checkpoint(run_dir)
     reference = evaluate(model, data.test_images, data.test_labels, meta["task"])
@@ -281,7 +281,7 @@ def test_onnx_export_agrees_with_pytorch(runs, digits, tmp_path):
     _onnx_check(runs[0], digits, tmp_path)
     import onnx
 
-    from digitlab.checkpoint import read_checkpoint
+    from digitlab.reading.checkpoint import read_checkpoint
 
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
     assert float(props["temperature"]) == read_checkpoint(runs[0])[1]["temperature"]
@@ -300,7 +300,7 @@ def test_onnx_on_the_full_test_set(runs, mnist, tmp_path):
 def test_export_does_not_depend_on_grad_mode(runs, tmp_path):
     import onnx
 
-    from digitlab.export import export_onnx
+    from digitlab.serving.export import export_onnx
 
     export_onnx(runs[1], tmp_path / "a.onnx")
     with torch.no_grad():

@@ -5,7 +5,7 @@ import pytest
 from rich.console import Console
 
 from digitlab.models import create_model, list_models
-from digitlab.model_summary import describe, summary
+from digitlab.studies.model_summary import describe, summary
 
 
 def _printed(model) -> tuple[dict, str]:

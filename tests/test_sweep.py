@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from digitlab.config import TrainConfig
-from digitlab.sweep import training_flops
+from digitlab.studies.sweep import training_flops
 
 pytest.importorskip("optuna")
 

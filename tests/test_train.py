@@ -8,14 +8,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from digitlab.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from digitlab.reading.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from digitlab.data import InMemoryLoader, normalize
 from digitlab.errors import UserError
 from digitlab.files import atomic_path
 from digitlab.models import create_model
 from digitlab.config import TrainConfig
-from digitlab.loop import Reporter, fit, train
-from digitlab.runs import run
+from digitlab.training.reporters import Reporter
+from digitlab.training.loop import fit, train
+from digitlab.training.run import run
 
 
 def test_mlp_loss_falls_on_real_data(mnist):
@@ -126,7 +127,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_lr_factor_schedules():
-    from digitlab.optim import lr_factor
+    from digitlab.training.optim import lr_factor
 
     assert [lr_factor("none", s, 100) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
     assert [lr_factor("step", s, 100) for s in (0, 49, 50, 74, 75, 99)] == [1, 1, 0.1, 0.1, 0.01, 0.01]
@@ -143,7 +144,7 @@ def test_lr_factor_schedules():
 
 def test_optimizers():
     from digitlab.config import OPTIMIZERS
-    from digitlab.optim import make_optimizer
+    from digitlab.training.optim import make_optimizer
 
     params = list(create_model("mlp").parameters())
     kinds = {name: type(make_optimizer(name, params, 0.1, 0.01)).__name__ for name in OPTIMIZERS}
@@ -161,7 +162,7 @@ def test_schedule_reaches_the_optimizer(digits):
 
 
 def test_distort_is_seeded_keeps_the_background_and_varies_the_pen(digits):
-    from digitlab.augment import Distortion, distort
+    from digitlab.training.augment import Distortion, distort
     from digitlab.data import normalize
 
     images = normalize(digits.train_images[:256])
@@ -191,7 +192,7 @@ def test_distort_is_seeded_keeps_the_background_and_varies_the_pen(digits):
 
 
 def test_non_digits_are_seeded_and_never_a_digit_left_as_it_was(digits):
-    from digitlab.augment import non_digits
+    from digitlab.training.augment import non_digits
     from digitlab.data import normalize
 
     images, labels = normalize(digits.train_images[:256]), digits.train_labels[:256]
@@ -207,11 +208,11 @@ def test_non_digits_are_seeded_and_never_a_digit_left_as_it_was(digits):
 def test_reject_makes_non_digits_unsure_and_keeps_digits_sure(digits, tmp_path):
     import numpy as np
 
-    from digitlab.calibrate import probabilities
-    from digitlab.checkpoint import load_checkpoint
-    from digitlab.evaluate import model_outputs
-    from digitlab.handwriting import non_digit, on_paper
-    from digitlab.predict import preprocess
+    from digitlab.reading.calibrate import probabilities
+    from digitlab.reading.checkpoint import load_checkpoint
+    from digitlab.reading.evaluate import model_outputs
+    from helpers.handwriting import non_digit, on_paper
+    from digitlab.reading.segment import preprocess
 
     rng = np.random.default_rng(0)
     others = []
@@ -266,8 +267,8 @@ def test_classification_run_validates_each_epoch_and_keeps_the_best(digits, tmp_
 
 @pytest.mark.parametrize("task", ["regress", "classify"])
 def test_hand_written_mlp_gradients_match_autograd(digits, task):
-    from digitlab.fast_mlp import mlp_gradients
-    from digitlab.loop import compute_loss
+    from digitlab.training.steps import mlp_gradients
+    from digitlab.training.loop import compute_loss
     from digitlab.config import TASK_OUTPUTS as TASKS
 
     torch.manual_seed(0)

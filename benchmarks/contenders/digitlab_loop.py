@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from digitlab.data import InMemoryLoader, read_folder
-from digitlab.evaluate import evaluate
+from digitlab.reading.evaluate import evaluate
 from digitlab.models import create_model, default_lr, place
-from digitlab.fast_mlp import HandWrittenMLPStep
-from digitlab.loop import fit
+from digitlab.training.steps import HandWrittenMLPStep
+from digitlab.training.loop import fit
 
 from contender import parse_args, report
 

@@ -12,22 +12,29 @@ No module is named after one of these functions, so `digitlab.train`, `digitlab.
 and `digitlab.compare` are always the functions.
 """
 from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
 
-from .errors import UserError
+from digitlab.errors import UserError
+
+try:
+    __version__ = version("digitlab")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "unknown"
 
 _EXPORTS = {
     "get_mnist_dataloader": "data", "load_mnist": "data", "read_idx": "data", "InMemoryLoader": "data",
     "MLP": "models", "CNN": "models", "create_model": "models", "list_models": "models",
     "register_model": "models",
-    "summary": "model_summary",
+    "summary": "studies.model_summary",
     "TrainConfig": "config", "preset_config": "config",
-    "train": "loop", "fit": "loop", "TrainState": "loop", "Reporter": "loop",
-    "run": "runs", "resume_config": "runs",
-    "compare": "experiment",
+    "train": "training.loop", "fit": "training.loop", "TrainState": "training.loop",
+    "Reporter": "training.reporters",
+    "run": "training.run", "resume_config": "training.resume",
+    "compare": "studies.experiment",
     "plot_loss": "plots", "plot_two_losses": "plots", "plot_sigmoid": "plots", "save_figure": "plots",
-    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
+    "save_checkpoint": "reading.checkpoint", "load_checkpoint": "reading.checkpoint",
 }
-__all__ = ["UserError", *_EXPORTS]
+__all__ = ["UserError", "__version__", *_EXPORTS]
 
 
 def __getattr__(name):

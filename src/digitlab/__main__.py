@@ -5,25 +5,25 @@ Ctrl-C at any moment ends in one line and exit code 130 (143 for SIGTERM).
 """
 import sys
 
-from . import signals
+from digitlab import stop
 
 
 def main() -> int:
-    signals.install()
+    stop.install()
     try:
-        from .cli import main as cli_main
+        from digitlab.cli.main import main as cli_main
 
         return cli_main()
     except (KeyboardInterrupt, Exception) as e:  # during start-up; cli_main handles its own
-        name = signals.stopped_by(e)
+        name = stop.stopped_by(e)
         if name is None:
             raise
         print(f"digitlab: interrupted ({name})", file=sys.stderr)
-        return signals.EXIT_CODES.get(name, 130)
+        return stop.EXIT_CODES.get(name, 130)
     finally:
         # The command is over: a signal now would only break the interpreter's own clean-up
         # (torch's atexit hooks print a traceback). Let the process end with its own answer.
-        signals.ignore()
+        stop.ignore()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from digitlab.errors import UserError
 
 TASK_OUTPUTS = {"regress": 1, "classify": 10}  # task -> output width
 TASKS = tuple(TASK_OUTPUTS)
@@ -27,7 +27,7 @@ CONFIG_FILE = "config.toml"
 
 
 def _model_names() -> list[str]:
-    from .models import list_models  # imports torch: only when a model name is checked or shown
+    from digitlab.models import list_models
 
     return list_models()
 
@@ -110,7 +110,7 @@ class TrainConfig:
             check_value(f.name, getattr(self, f.name))
         if self.patience and not self.val_split:
             raise UserError("patience: early stopping needs validation; give --val-split N as well")
-        from .models import default_init, default_lr, default_task
+        from digitlab.models import default_init, default_lr, default_task
 
         task = self.task or default_task(self.model)
         if self.reject and task != "classify":
@@ -207,7 +207,7 @@ def read_toml(path: str | os.PathLike, what: str = "config file") -> dict[str, A
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
 
-    from .files import regular_file
+    from digitlab.files import regular_file
 
     path = Path(path)
     try:

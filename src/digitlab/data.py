@@ -27,8 +27,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
-from .files import atomic_path, one_line
+from digitlab.errors import UserError
+from digitlab.files import atomic_path, one_line
 
 IMAGE_MAGIC = 2051  # 0x00000803: uint8 data, 3 dimensions (count, rows, cols)
 LABEL_MAGIC = 2049  # 0x00000801: uint8 data, 1 dimension (count)
@@ -204,7 +204,13 @@ def _md5(path: Path) -> str:
 
 def _fetch(url: str, dest: Path, md5: str, timeout: float) -> None:
     """Stream `url` into `dest` with a progress bar; keep it only if the MD5 matches."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
 
     digest = hashlib.md5()
     with urllib.request.urlopen(url, timeout=timeout) as response, atomic_path(dest) as tmp:

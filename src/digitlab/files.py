@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import UserError
+from digitlab.errors import UserError
 
 PART_SUFFIX = ".part"
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import INITS
-from .data import COLS, ROWS
-from .errors import UserError
+from digitlab.config import INITS
+from digitlab.data import COLS, ROWS
+from digitlab.errors import UserError
 
 INPUT_SIZE = (1, 1, ROWS, COLS)  # (B, C, H, W) of one image, as paddle.summary is called
 

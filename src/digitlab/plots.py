@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from .files import write_atomic
+from digitlab.files import write_atomic
 
 # The chapter's colours: a magenta solid line and a light-pink dashed one.
 COLOR_1, COLOR_2 = "#e4007f", "#f19ec2"

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .files import one_line, write_safetensors
+from digitlab.errors import UserError
+from digitlab.files import one_line, write_safetensors
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"  # a run's last weights
@@ -65,8 +65,8 @@ def checked_meta(meta: Any, path: Path) -> dict[str, Any]:
     Checked before anything is built, so a tiny file that claims a 10^8-wide output layer
     costs nothing: the output width must be the one its task has.
     """
-    from .config import TASK_OUTPUTS
-    from .models import list_models
+    from digitlab.config import TASK_OUTPUTS
+    from digitlab.models import list_models
 
     def bad(what: str) -> UserError:
         return UserError(f"{path}: impossible checkpoint metadata: {what}; train again to rebuild it")
@@ -107,7 +107,7 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
     """Rebuild the model from a checkpoint alone: returns (model in eval mode, meta)."""
     import torch
 
-    from .models import create_model, place
+    from digitlab.models import create_model, place
 
     state, meta = read_checkpoint(path)
     model = create_model(meta["model"], num_outputs=meta["num_outputs"])  # both checked by read_checkpoint

@@ -9,7 +9,6 @@ one `Reporter`, which records nothing, so silencing it changes no figure.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import signals
-from .distributed import SINGLE, World, agree, shard
-from .errors import UserError
-from .optim import lr_factor, set_lr
+from digitlab import stop
+from digitlab.errors import UserError
+from digitlab.training.distributed import SINGLE, World, agree, shard
+from digitlab.training.optim import lr_factor, set_lr
+from digitlab.training.reporters import BAR_EVERY, ConsoleReporter, Reporter
 
 OUTLIER_WEIGHT = 0.1  # weight of the non-digits' flat-target loss (0.5 in Hendrycks et al., 2019; 0.1 measured better here)
-BAR_EVERY = 16  # steps between progress-bar updates: one per step would cost the mlp ~10% of its speed
 
 
 @dataclass
@@ -72,114 +71,6 @@ class TrainState:
     @property
     def interrupted(self) -> bool:
         return self.stopped in ("SIGINT", "SIGTERM")
-
-
-class Reporter:
-    """Where the loop's output goes. This base class shows nothing; the figures are recorded anyway."""
-
-    def start(self, name: str, total_steps: int, done_steps: int) -> None: ...
-
-    def step(self, done_steps: int, loss: torch.Tensor) -> None: ...
-
-    def logged(self, epoch: int, batch: int, step: int, loss: float) -> None: ...
-
-    def epoch_end(self, row: dict) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class ConsoleReporter(Reporter):
-    """The chapter's log lines, a progress bar with the current loss, and a line per epoch."""
-
-    def __init__(self):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("loss {task.fields[loss]}"))
-        self.task, self.done, self.loss = None, 0, None
-
-    def start(self, name, total_steps, done_steps):
-        self.bar.start()
-        self.task = self.bar.add_task(name, total=total_steps, completed=done_steps, loss="-")
-
-    def step(self, done_steps, loss):
-        self.done, self.loss = done_steps, loss
-        if done_steps % BAR_EVERY == 0:
-            self.bar.update(self.task, completed=done_steps, loss=f"{loss.item():.4f}")
-
-    def logged(self, epoch, batch, step, loss):
-        self.bar.console.print(f"epoch: {epoch}, batch: {batch}, loss is: {loss:.7g}", highlight=False)
-
-    def epoch_end(self, row):
-        self._catch_up()
-        line = f"epoch {row['epoch']} done: mean loss {row['train_loss']:.4f}"
-        if row.get("val_accuracy") is not None:
-            line += f", val loss {row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.2%}"
-        self.bar.console.print(line, highlight=False)
-
-    def close(self):
-        self._catch_up()
-        self.bar.stop()
-
-    def _catch_up(self):
-        if self.loss is not None:
-            self.bar.update(self.task, completed=self.done, loss=f"{self.loss.item():.4f}")
-
-
-class Reporters(Reporter):
-    """Several reporters as one (the console and TensorBoard, say)."""
-
-    def __init__(self, *reporters: Reporter):
-        self.reporters = reporters
-
-    def start(self, name, total_steps, done_steps):
-        for r in self.reporters:
-            r.start(name, total_steps, done_steps)
-
-    def step(self, done_steps, loss):
-        for r in self.reporters:
-            r.step(done_steps, loss)
-
-    def logged(self, epoch, batch, step, loss):
-        for r in self.reporters:
-            r.logged(epoch, batch, step, loss)
-
-    def epoch_end(self, row):
-        for r in self.reporters:
-            r.epoch_end(row)
-
-    def close(self):
-        for r in self.reporters:
-            r.close()
-
-
-class TensorBoardReporter(Reporter):
-    """TensorBoard event files: the logged batch losses, and each epoch's losses, accuracy and lr."""
-
-    def __init__(self, log_dir):
-        self.check_installed()
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(log_dir))
-
-    @staticmethod
-    def check_installed() -> None:
-        try:
-            importlib.import_module("torch.utils.tensorboard")  # imports the tensorboard package
-        except ImportError:
-            raise UserError("--tensorboard needs the tensorboard package: pip install 'digitlab[tensorboard]'") from None
-
-    def logged(self, epoch, batch, step, loss):
-        self.writer.add_scalar("train/batch_loss", loss, step)
-
-    def epoch_end(self, row):
-        for key in ("train_loss", "val_loss", "val_accuracy", "lr", "images_per_second"):
-            if row.get(key) is not None:
-                self.writer.add_scalar(f"epoch/{key}", row[key], row["epoch"])
-
-    def close(self):
-        self.writer.close()
 
 
 def compute_loss(output: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -229,7 +120,7 @@ def fit(
         they agree on each step's loss and on stopping; `model` is then wrapped in DistributedDataParallel.
     precision: "bf16" runs the forward pass and the loss under torch.autocast in bfloat16.
     """
-    from .augment import distort, non_digits
+    from digitlab.training.augment import distort, non_digits
 
     state = state or TrainState()
     history = state.history
@@ -249,12 +140,12 @@ def fit(
     halted = None  # the stop every process agreed on, after a step (distributed); else the signal itself
 
     def asked() -> str | None:
-        return halted if world.distributed else signals.received()
+        return halted if world.distributed else stop.received()
 
     try:
         # several processes stop together after an agreed step: a second signal (torchrun sends SIGTERM
         # after forwarding Ctrl-C) must not unwind one of them in the middle of a collective
-        with signals.graceful(escalate=not world.distributed):
+        with stop.graceful(escalate=not world.distributed):
             while state.epoch < epochs and not state.stopped and not asked():
                 start, first, images_before = time.perf_counter(), state.batch, history.images
                 model.train()
@@ -285,7 +176,7 @@ def fit(
                         objective.backward()
                         optimizer.step()
                     if world.distributed:
-                        loss, halted = agree(world, loss, signals.received())
+                        loss, halted = agree(world, loss, stop.received())
                     losses[state.batch] = loss.detach()
                     if (state.batch + 1) % check_every == 0:
                         _check_finite(losses, max(first, state.batch + 1 - check_every), state, optimizer)
@@ -363,10 +254,10 @@ def train(
     With no loader, the full training set is loaded as `get_mnist_dataloader()` does.
     """
     if loader is None:
-        from .data import get_mnist_dataloader
+        from digitlab.data import get_mnist_dataloader
 
         loader, _ = get_mnist_dataloader(device=next(model.parameters()).device)
-    from .fast_mlp import HandWrittenMLPStep
+    from digitlab.training.steps import HandWrittenMLPStep
 
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     state = fit(model, loader, optimizer, epochs=epochs, task=task, log_every=log_every,

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
-from .data import PIXEL_CENTER, PIXEL_SCALE
-from .errors import UserError
-from .files import write_atomic
+from digitlab.data import PIXEL_CENTER, PIXEL_SCALE
+from digitlab.errors import UserError
+from digitlab.files import write_atomic
+from digitlab.reading.checkpoint import load_checkpoint
 
 
 class PixelInput(nn.Module):

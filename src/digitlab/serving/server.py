@@ -23,15 +23,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastapi import FastAPI, File, Request, UploadFile  # module level: FastAPI reads the annotations
+from fastapi import (  # module level: FastAPI reads the annotations
+    FastAPI,
+    File,
+    Request,
+    UploadFile,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from torch import nn
 
-from .checkpoint import describe, load_checkpoint
-from .config import THRESHOLD
-from .errors import UserError
-from .files import one_line
+from digitlab import __version__
+from digitlab.config import THRESHOLD
+from digitlab.errors import UserError
+from digitlab.files import one_line
+from digitlab.reading.checkpoint import describe, load_checkpoint
 
 MAX_BODY = 10 * 1024 * 1024  # bytes; a phone photo is 2-5 MB
 MAX_MAPS = 32  # feature maps drawn per layer: enough to see what a layer does, small enough to send
@@ -100,9 +106,10 @@ class Reader:
         self.lock = threading.Lock()  # torch already uses both cores; requests take turns
 
     def read(self, data: bytes) -> dict:
-        from .calibrate import probabilities
-        from .evaluate import model_outputs
-        from .predict import load_grey, preprocess
+        from digitlab.reading.calibrate import probabilities
+        from digitlab.reading.evaluate import model_outputs
+        from digitlab.reading.image import load_grey
+        from digitlab.reading.segment import preprocess
 
         digit = preprocess(load_grey(data, name="the picture"), source="the picture")  # (28, 28) uint8
         batch = torch.from_numpy(digit)[None]
@@ -186,12 +193,10 @@ def create_app(runs: list[str | Path], threshold: float = THRESHOLD):
     `threshold` confidence is "not sure"."""
     if not runs:
         raise UserError("serve needs at least one run folder or checkpoint")
-    from .cli import _version
-
     reader = Reader(load_runs(runs), threshold)
     app = FastAPI(title="digitlab", description="Draw a digit; every loaded network reads it.",
-                  version=_version())
-    page = resources.files("digitlab").joinpath("web/index.html").read_text(encoding="utf-8")
+                  version=__version__)
+    page = resources.files("digitlab.serving").joinpath("web/index.html").read_text(encoding="utf-8")
 
     @app.exception_handler(RequestValidationError)
     async def one_sentence(request: Request, exc: RequestValidationError):

@@ -30,9 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import FIELDS, VAL_SPLIT, TrainConfig, problem, read_toml, value_type
-from .errors import UserError
-from .files import one_line, write_text
+from digitlab.config import (
+    FIELDS,
+    VAL_SPLIT,
+    TrainConfig,
+    problem,
+    read_toml,
+    value_type,
+)
+from digitlab.errors import UserError
+from digitlab.files import one_line, write_text
 
 SAMPLERS = ("grid", "random", "tpe")
 STUDY = "digitlab"
@@ -176,9 +183,9 @@ def training_flops(config: TrainConfig) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .config import TASK_OUTPUTS
-    from .loop import compute_loss
-    from .models import create_model
+    from digitlab.config import TASK_OUTPUTS
+    from digitlab.models import create_model
+    from digitlab.training.loop import compute_loss
 
     model = create_model(config.model, num_outputs=TASK_OUTPUTS[config.task], init=config.init)
     batch = config.batch_size + (max(1, config.batch_size // 4) if config.reject else 0)
@@ -197,10 +204,9 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
     finished trial and (if `bar`) a progress bar for them all; returns the study."""
     import optuna
 
-    from .loop import Reporter
-    from .runs import run
-
-    from . import signals
+    from digitlab import stop
+    from digitlab.training.reporters import Reporter
+    from digitlab.training.run import run
 
     chosen = make_sampler(sampler, spec, seed)
     out = Path(out)
@@ -220,8 +226,8 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
 
     def objective(trial) -> float:
         running[:] = [trial.number]
-        if signals.received():  # a signal between two trials: this one fails at once, and the sweep stops
-            raise signals.Interrupted(signals.received())
+        if stop.received():  # a signal between two trials: this one fails at once, and the sweep stops
+            raise stop.Interrupted(stop.received())
         values = {"val_split": VAL_SPLIT, **spec.fixed, **suggest(trial, spec)}
         try:
             config = TrainConfig(**values).resolved()
@@ -230,8 +236,8 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
             raise optuna.TrialPruned(str(e)) from None
         folder = out / "trials" / f"{trial.number:04d}"
         result = run(config, data, folder, overwrite=True, reporter=Reporter())
-        if result.state.stopped in signals.EXIT_CODES:  # Ctrl-C or SIGTERM: this trial fails, the sweep stops
-            raise signals.Interrupted(result.state.stopped)
+        if result.state.stopped in stop.EXIT_CODES:  # Ctrl-C or SIGTERM: this trial fails, the sweep stops
+            raise stop.Interrupted(result.state.stopped)
         steps = len(result.history.batch_loss)
         attrs = {"test_accuracy": result.test_accuracy, "train_seconds": result.history.seconds,
                  "train_flops": training_flops(config) * steps, "params": result.params, "run": str(folder)}
@@ -245,19 +251,19 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
 
     # A first Ctrl-C or SIGTERM only sets a flag (inside Optuna's own bookkeeping an exception would
     # corrupt it): the running trial stops at its next step and fails, and no other trial starts.
-    with signals.graceful(), SweepBar(trials, show=bar) as progress:
+    with stop.graceful(), SweepBar(trials, show=bar) as progress:
         show = progress.print
         try:
             the_study.optimize(objective, n_trials=trials, callbacks=[lambda *_: progress.advance()])
-            late = signals.received()  # after the last trial had finished
-        except signals.Interrupted:
+            late = stop.received()  # after the last trial had finished
+        except stop.Interrupted:
             for number in _retry(the_study, running):
                 show(f"trial {number} stopped: queued to run again when the sweep goes on (the same command)")
             raise
         finally:  # the table shows what the study holds, however the command ends
             write_results(the_study, out, spec)
     if late:
-        raise signals.Interrupted(late)
+        raise stop.Interrupted(late)
     return the_study
 
 
@@ -265,7 +271,13 @@ class SweepBar:
     """A progress bar over the sweep's trials, with the per-trial lines printed above it."""
 
     def __init__(self, total: int, show: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("trials"),
                                  TimeElapsedColumn(), disable=not show)
@@ -320,7 +332,7 @@ def run_workers(args, spec: Spec):
 
     import optuna
 
-    from . import signals
+    from digitlab import stop
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -342,7 +354,7 @@ def run_workers(args, spec: Spec):
                 time.sleep(0.5)
                 progress.advance(len(opened.get_trials(deepcopy=False, states=finished)) - before)
         codes = [w.wait() for w in workers]
-    except signals.Interrupted as e:  # forwarded once; each worker fails its running trial and stops
+    except stop.Interrupted as e:  # forwarded once; each worker fails its running trial and stops
         for w in workers:
             if w.poll() is None:
                 w.send_signal(getattr(signal, e.name))
@@ -391,7 +403,7 @@ def _open_study(storage: str, name: str, sampler, grace: int = GRACE, tries: int
 
 def write_results(study, out: Path, spec: Spec) -> list[Path]:
     """OUT/trials.csv, and OUT/pareto.png and .svg once two trials have finished."""
-    from .plots import plot_pareto, save_figure
+    from digitlab.plots import plot_pareto, save_figure
 
     files = [write_trials_csv(study, out / "trials.csv", spec)]
     done = [{"model": t.params.get("model", spec.fixed.get("model", "?")), **t.user_attrs}
@@ -421,7 +433,7 @@ def report(out: str | os.PathLike, *, storage: str | None = None, study: str = S
     from rich.console import Console
     from rich.table import Table
 
-    from .plots import pareto_front
+    from digitlab.plots import pareto_front
 
     console = console or Console(highlight=False)
     out = Path(out)

@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from .config import OPTIMIZERS, SCHEDULES
-from .errors import UserError
+from digitlab.config import OPTIMIZERS, SCHEDULES
+from digitlab.errors import UserError
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

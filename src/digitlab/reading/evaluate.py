@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import NUM_CLASSES, normalize
-from .errors import UserError
+from digitlab.data import NUM_CLASSES, normalize
+from digitlab.errors import UserError
 
 EVAL_BATCH = 250  # under inference_mode: 250 beat 64, 1000 and 10000 here (benchmarks/cnn_variants.py), and divides 10,000
 
@@ -133,7 +133,7 @@ def data_note(meta: dict, data, allow_overlap: bool = False) -> str | None:
     set has seen them, so scoring it on them measures memory, not accuracy: refused unless
     `allow_overlap`. Other mismatches are scored with a note.
     """
-    from .data import fingerprint
+    from digitlab.data import fingerprint
 
     trained = meta.get("data") if isinstance(meta.get("data"), dict) else None
     if trained is None:

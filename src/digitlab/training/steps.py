@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .models import MLP
+from digitlab.models import MLP
 
 
 def mlp_gradients(model: MLP, images: torch.Tensor, labels: torch.Tensor, task: str):

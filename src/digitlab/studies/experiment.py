@@ -5,15 +5,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import MNIST
-from .files import prepare_out_dir, write_text
-from .models import create_model
-from .plots import plot_two_losses, save_figure
-from .config import TrainConfig
-from .model_summary import summary
-from .config import TASK_OUTPUTS
-from .evaluate import SAMPLE_WORDS
-from .runs import RunResult, run
+from digitlab.config import TASK_OUTPUTS, TrainConfig
+from digitlab.data import MNIST
+from digitlab.files import prepare_out_dir, write_text
+from digitlab.models import create_model
+from digitlab.plots import plot_two_losses, save_figure
+from digitlab.reading.evaluate import SAMPLE_WORDS
+from digitlab.studies.model_summary import summary
+from digitlab.training.run import RunResult, run
 
 COLUMNS = ("model", "params", "final loss", "last-epoch mean loss", "test accuracy", "wall time (s)", "images/s")
 

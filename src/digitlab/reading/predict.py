@@ -1,0 +1,152 @@
+"""Reading pictures: each digit found in a picture goes through the model, and comes back as a
+reading with its confidence, its runners-up and whether the model is sure."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from digitlab.config import THRESHOLD
+from digitlab.errors import UserError
+from digitlab.reading.image import load_grey
+from digitlab.reading.segment import Found, find_digits
+
+
+def preprocessed_names(files: list[Path]) -> list[str]:
+    """A distinct file name for each input's 28x28 picture: `x.png.28x28.png`, or with as much of
+    its folder path as tells it apart (`a_x.png...` and `b_x.png...`)."""
+    parts = [Path(os.path.abspath(f)).parts for f in files]
+    depth = 1
+    while depth < max((len(p) for p in parts), default=1):
+        names = ["_".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            break
+        depth += 1
+    names = ["_".join(p[-depth:]) for p in parts]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:  # the same file given twice
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return [f"{name}.28x28.png" for name in unique]
+
+
+@dataclass
+class Reading:
+    """One digit as a model read it."""
+
+    digit: int
+    confidence: float | None  # calibrated softmax probability; None for the chapter's regression models
+    sure: bool | None  # confidence >= the threshold; None for regression
+    top3: list[dict]
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the picture
+    image: np.ndarray  # the 28x28 the network saw
+
+    def as_dict(self) -> dict:
+        return {"digit": self.digit, "confidence": self.confidence, "sure": self.sure, "top3": self.top3,
+                "box": list(self.box)}
+
+
+@dataclass
+class Prediction:
+    """What was read in one file: its digits left to right, or an error."""
+
+    file: str
+    digits: list[Reading] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(str(r.digit) for r in self.digits)
+
+    @property
+    def digit(self) -> int | None:
+        """The digit, when the picture holds one; None for several."""
+        return self.digits[0].digit if len(self.digits) == 1 else None
+
+    @property
+    def confidence(self) -> float | None:
+        """The chance that the whole text is right: the digits' confidences multiplied."""
+        if not self.digits or any(r.confidence is None for r in self.digits):
+            return None
+        return float(np.prod([r.confidence for r in self.digits]))
+
+    @property
+    def sure(self) -> bool | None:
+        if not self.digits or any(r.sure is None for r in self.digits):
+            return None
+        return all(r.sure for r in self.digits)
+
+    @property
+    def image(self) -> np.ndarray:
+        """The 28x28 pictures the network saw, side by side."""
+        return np.hstack([r.image for r in self.digits])
+
+    def guesses(self, n: int = 2) -> list[str]:
+        """Up to n guesses at the text: the best one, then each of the n - 1 least sure digits in turn
+        changed to its runner-up."""
+        texts = [self.text]
+        unsure = sorted((r.confidence or 0, i) for i, r in enumerate(self.digits))
+        for _, i in unsure[:n - 1]:
+            alternatives = [t["digit"] for t in self.digits[i].top3[1:]]
+            if alternatives:
+                texts.append(self.text[:i] + str(alternatives[0]) + self.text[i + 1:])
+        return texts
+
+    def as_dict(self) -> dict:
+        if self.error:
+            return {"file": self.file, "error": self.error}
+        single = len(self.digits) == 1
+        return {"file": self.file, "text": self.text, "sure": self.sure, "digit": self.digit,
+                "confidence": self.confidence, "top3": self.digits[0].top3 if single else None,
+                "digits": [r.as_dict() for r in self.digits]}
+
+
+def read_digits(model, meta: dict, found: list[Found], threshold: float = THRESHOLD) -> list[Reading]:
+    """Classify prepared digits with a checkpoint's model; confidences use its temperature."""
+    import torch
+
+    from digitlab.reading.calibrate import probabilities
+    from digitlab.reading.evaluate import model_outputs
+
+    if not found:
+        return []
+    outputs = model_outputs(model, torch.from_numpy(np.stack([f.image for f in found])),
+                            normalization=meta.get("normalization"))
+    readings = []
+    if meta["task"] == "classify":
+        for f, probs in zip(found, probabilities(outputs, meta.get("temperature"))):
+            top = probs.topk(3)
+            confidence = float(top.values[0])
+            readings.append(Reading(int(top.indices[0]), confidence, confidence >= threshold,
+                                    [{"digit": int(d), "p": round(float(v), 4)} for v, d in zip(top.values, top.indices)],
+                                    f.box, f.image))
+    else:  # regression: the nearest digits to the output value
+        for f, out in zip(found, outputs):
+            value = float(out[0])
+            near = sorted(range(10), key=lambda d: abs(d - value))[:3]
+            readings.append(Reading(near[0], None, None, [{"digit": d, "distance": round(abs(d - value), 4)}
+                                                          for d in near], f.box, f.image))
+    return readings
+
+
+def predict_files(model, meta: dict, files: list[Path], single: bool = False,
+                  threshold: float = THRESHOLD) -> list[Prediction]:
+    """Find and read the digits in each file; a bad file gets an error, the rest go on.
+
+    single: read each picture as one digit, whatever it holds.
+    """
+    predictions, found = [], []
+    for f in files:
+        try:
+            digits = find_digits(load_grey(f), source=str(f), single=single)
+            predictions.append(Prediction(str(f)))
+            found.append(digits)
+        except UserError as e:
+            predictions.append(Prediction(str(f), error=str(e)))
+    readings = iter(read_digits(model, meta, [d for digits in found for d in digits], threshold))
+    for p, digits in zip([p for p in predictions if p.error is None], found):
+        p.digits = [next(readings) for _ in digits]
+    return predictions

@@ -1,0 +1,327 @@
+"""A run folder: one training run's files, its saved state, and resuming it.
+
+    RUN/config.toml        the resolved options: `digitlab train --config RUN/config.toml` runs them again
+    RUN/model.safetensors  the last weights, with everything needed to rebuild the model
+    RUN/best.safetensors   the weights of the epoch with the best validation accuracy (with --val-split)
+    RUN/state.safetensors  where training stands: weights, optimiser, schedule position, random
+                           generators, epoch and batch, history; written at every epoch's end and
+                           when a signal stops the run, so `--resume RUN` continues it exactly
+    RUN/history.json       every batch's loss, the chapter's loss list, per-epoch figures, results
+    RUN/metrics.csv        one row per epoch: losses, validation accuracy, lr, seconds, images/s
+    RUN/loss.png, .svg     the loss curve
+    RUN/tensorboard/       event files, with --tensorboard
+
+Every file is written atomically (a temporary file, then a rename). The state is
+safetensors plus JSON, as a checkpoint is: loading it runs no pickled code.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from digitlab.config import CONFIG_FILE, TASK_OUTPUTS, TrainConfig, config_toml
+from digitlab.data import (
+    MNIST,
+    PIXEL_CENTER,
+    PIXEL_SCALE,
+    InMemoryLoader,
+    fingerprint,
+    stratified_split,
+)
+from digitlab.errors import UserError
+from digitlab.files import one_line, write_text
+from digitlab.models import create_model, place
+from digitlab.reading.checkpoint import BEST_FILE, WEIGHTS_FILE, save_checkpoint
+from digitlab.training import distributed
+from digitlab.training.folder import (
+    HISTORY_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    TENSORBOARD_DIR,
+    claim,
+)
+from digitlab.training.loop import EPOCH_COLUMNS, Diverged, History, TrainState, fit
+from digitlab.training.optim import make_optimizer
+from digitlab.training.reporters import (
+    ConsoleReporter,
+    Reporter,
+    Reporters,
+    TensorBoardReporter,
+)
+from digitlab.training.resume import check_resumable, restore
+from digitlab.training.state import history_record, read_state, save_state
+from digitlab.training.steps import HandWrittenMLPStep
+
+MAX_VAL_FRACTION = 10  # validation takes at most a tenth of the training images
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    return torch.device(device)
+
+
+@dataclass
+class RunResult:
+    config: TrainConfig
+    state: TrainState
+    params: int
+    test_accuracy: float
+    checkpoint: Path  # the checkpoint that was scored on the test set (best, or last without validation)
+    out_dir: Path
+    files: list[Path]
+    calibration: dict = field(default_factory=dict)  # temperature and expected calibration errors (classify)
+
+    @property
+    def history(self) -> History:
+        return self.state.history
+
+
+@dataclass(frozen=True)
+class Split:
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor | None
+    val_labels: torch.Tensor | None
+    info: dict  # what the run was trained on, recorded in its files and checked on resume
+
+
+def split_data(data: MNIST, config: TrainConfig) -> tuple[Split, TrainConfig]:
+    """Hold out the validation images; a split over a tenth of the set shrinks to a tenth, with a notice."""
+    n = len(data.train_labels)
+    val = config.val_split
+    if val > n // MAX_VAL_FRACTION:
+        val = n // MAX_VAL_FRACTION
+        print(f"digitlab: validating on {val:,} images, a tenth of the {n:,} training images "
+              f"(--val-split {config.val_split:,} asks for more)", file=sys.stderr)
+        config = replace(config, val_split=val)
+    if val:
+        kept, held_out = stratified_split(data.train_labels, val, config.seed)
+        parts = (data.train_images[kept], data.train_labels[kept], data.train_images[held_out],
+                 data.train_labels[held_out])
+    else:
+        parts = (data.train_images, data.train_labels, None, None)
+    info = {"source": data.source, "sample": data.is_sample, "train": len(parts[1]), "val": val,
+            "test": len(data.test_labels), "fingerprint": fingerprint(data)}
+    if config.batch_size > info["train"]:
+        raise UserError(f"batch size {config.batch_size} is larger than the {info['train']:,} training images")
+    return Split(*parts, info=info), config
+
+
+def _checkpoint_meta(config: TrainConfig, state: TrainState, data_info: dict, results: dict | None) -> dict:
+    world = distributed.current()
+    return {
+        "model": config.model,
+        "task": config.task,
+        "num_outputs": TASK_OUTPUTS[config.task],
+        "normalization": {"center": PIXEL_CENTER, "scale": PIXEL_SCALE},
+        "epochs": len(state.history.epochs),
+        "seed": config.seed,
+        "final_loss": state.history.final_loss,
+        "best_epoch": state.best_epoch,
+        "val_accuracy": state.best_accuracy,
+        "config": asdict(config),
+        "data": data_info,
+        "world_size": world.size,  # how it was trained: processes, and their backend (null for one)
+        "backend": world.backend,
+        "results": results,
+    }
+
+
+def write_metrics(path: Path, history: History) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=EPOCH_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history.epochs)
+    return write_text(path, buffer.getvalue())
+
+
+def save_progress(out_dir: Path, config: TrainConfig, state: TrainState, model, optimizer,
+                  augment: torch.Generator | None, data_info: dict) -> None:
+    """What a run writes at every epoch's end and when a signal stops it: the state, the last
+    weights, the best ones when this epoch is the best so far, and metrics.csv."""
+    meta = _checkpoint_meta(config, state, data_info, None)
+    save_checkpoint(out_dir / WEIGHTS_FILE, model, meta)
+    if state.best_epoch is not None and state.best_epoch == state.epoch - 1 and state.batch == 0:
+        save_checkpoint(out_dir / BEST_FILE, model, meta)
+    write_metrics(out_dir / METRICS_FILE, state.history)
+    # The state last: it is what commits the epoch, so it never names a best checkpoint not yet on disk.
+    save_state(out_dir, config, state, model, optimizer, augment, data_info)
+
+
+def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+        reporter: Reporter | None = None) -> RunResult:
+    """Train one model from a config (or continue the run in `out_dir`), writing its run folder.
+
+    overwrite: replace a run that `out_dir` holds already (else that is refused).
+    reporter: where the loop's output goes; the console's log lines and progress bar by default.
+    Pass `Reporter()` for silence: what is recorded stays the same.
+    """
+    cfg = config.resolved()
+    split, cfg = split_data(data, cfg)
+    world = distributed.current()
+    if world.distributed and cfg.batch_size % world.size:
+        raise UserError(f"--batch-size {cfg.batch_size} does not split evenly over {world.size} processes; "
+                        f"give a multiple of {world.size} (it is the global batch)")
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+    out_dir = Path(out_dir)
+    if not world.main:  # rank 0 owns the folder; the others train with it and write nothing
+        record, tensors = distributed.follow(world)
+        return _train(cfg, data, split, None, device, record, tensors, Reporter(), world)
+    with distributed.setting_out(world) as share:
+        record = tensors = None
+        if cfg.tensorboard:
+            TensorBoardReporter.check_installed()  # before --overwrite removes anything
+        if resume:
+            check_resumable(out_dir, cfg, read_state(out_dir, tensors=False)[0], split.info)  # nothing touched yet
+        with claim(out_dir, resume=resume, overwrite=overwrite) as out_dir:
+            if resume:  # again, under the lock: another process may have moved the run on since
+                record, tensors = read_state(out_dir)
+                check_resumable(out_dir, cfg, record, split.info)
+            share((record, tensors))
+            return _train(cfg, data, split, out_dir, device, record, tensors, reporter, world)
+
+
+def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, device: torch.device,
+           record: dict | None, tensors: dict | None, reporter: Reporter | None,
+           world: distributed.World = distributed.SINGLE) -> RunResult:
+    """The body of `run`, in a folder it has claimed (or, on ranks other than 0, none): build,
+    restore, train."""
+    from digitlab.reading.evaluate import evaluate
+
+    torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
+    model = place(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task], init=cfg.init), device)
+    loader = InMemoryLoader(split.train_images, split.train_labels, cfg.batch_size, seed=cfg.seed, device=device)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    # one generator draws the distortions and the non-digits, in the order the loop asks for them
+    augment = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment or cfg.reject else None
+    state = TrainState()
+    if record is not None:
+        state = restore(record, tensors, model, optimizer, augment, device)
+        if state.stopped != "patience" or cfg.patience != record["config"]["patience"]:
+            state.stopped = None  # a signal's stop is over; a patience stop stands unless patience changed
+    if out_dir is not None:
+        write_text(out_dir / CONFIG_FILE, config_toml(cfg))
+
+    def validate(_) -> tuple[float, float]:  # on rank 0, which tells the others: they agree on the best epoch
+        figures = None
+        if world.main:
+            result = evaluate(model, split.val_images, split.val_labels, task=cfg.task)
+            figures = result.mean_loss, result.accuracy
+        return distributed.from_main(world, figures)
+
+    def save(s: TrainState) -> None:
+        save_progress(out_dir, cfg, s, model, optimizer, augment, split.info)
+
+    if reporter is None:
+        reporter = ConsoleReporter()
+    if cfg.tensorboard and out_dir is not None:
+        reporter = Reporters(reporter, TensorBoardReporter(out_dir / TENSORBOARD_DIR))
+    # The hand-written step knows nothing of non-digits (--reject trains through autograd), of other
+    # processes (under DistributedDataParallel the gradients are autograd's, all-reduced) or of bf16.
+    fast_step = (HandWrittenMLPStep.for_model(model, optimizer, cfg.task)
+                 if cfg.fast_mlp and not cfg.reject and not world.distributed and cfg.precision == "fp32" else None)
+    net = model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    try:
+        state = fit(net, loader, optimizer, epochs=cfg.epochs, task=cfg.task, state=state,
+                    log_every=cfg.log_every, max_batches=cfg.max_batches, schedule=cfg.schedule,
+                    augment=augment if cfg.augment else None, outliers=augment if cfg.reject else None,
+                    validate=validate if split.val_images is not None else None, patience=cfg.patience,
+                    fast_step=fast_step, reporter=reporter, save=save if out_dir is not None else None,
+                    name=cfg.model, world=world, precision=cfg.precision)
+    except Diverged as e:
+        if out_dir is not None and (out_dir / STATE_FILE).exists():
+            raise Diverged(f"{e}; '{one_line(str(out_dir))}' keeps the state of the last epoch before it") from None
+        raise
+    if out_dir is None:  # another rank's copy: rank 0 scores the test set and writes the files
+        return RunResult(cfg, state, sum(p.numel() for p in model.parameters()), float("nan"), Path(), Path(), [])
+    return _finish(cfg, data, split, out_dir, state, model, device)
+
+
+def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: TrainState, model,
+            device: torch.device) -> RunResult:
+    """Score the test set once, on the checkpoint that `evaluate` and `predict` use (the best one
+    when the run validated), and write the run's final files."""
+    from digitlab.plots import plot_run_loss, save_figure
+    from digitlab.reading.checkpoint import read_checkpoint
+    from digitlab.reading.evaluate import evaluate
+
+    scored, test_model = out_dir / WEIGHTS_FILE, model
+    if state.best_epoch is not None and (out_dir / BEST_FILE).is_file():
+        scored = out_dir / BEST_FILE
+        test_model = place(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task]), device)
+        test_model.load_state_dict(read_checkpoint(scored)[0])
+    final = evaluate(test_model, data.test_images, data.test_labels, task=cfg.task)
+    calibration = _calibrate(test_model, split, final) if cfg.task == "classify" else {}
+    params = sum(p.numel() for p in model.parameters())
+    history = state.history
+    results = {
+        "test_accuracy": final.accuracy,
+        "test_loss": final.mean_loss,
+        "test_checkpoint": scored.name,
+        "best_epoch": state.best_epoch,
+        "val_accuracy": state.best_accuracy,
+        "epochs_completed": len(history.epochs),
+        "stopped": state.stopped,
+        "interrupted": state.interrupted,
+        "final_loss": history.final_loss,
+        "last_epoch_mean_loss": history.epoch_mean_loss[-1] if history.epochs else None,
+        "seconds": history.seconds,
+        "images_per_second": history.images_per_second,
+        "params": params,
+        "data": split.info,
+        **{k: v for k, v in calibration.items() if k.startswith("test_")},
+    }
+    meta = _checkpoint_meta(cfg, state, split.info, results)
+    if "temperature" in calibration:  # fitted to the scored weights: the best ones when the run validated
+        meta["temperature"] = calibration["temperature"]
+    files = [out_dir / CONFIG_FILE]
+    if scored.name == BEST_FILE:
+        best_row = history.epochs[state.best_epoch]
+        files.append(save_checkpoint(scored, test_model, {**meta, "epochs": state.best_epoch + 1,
+                                                          "final_loss": best_row["train_loss"]}))
+        last_results = {k: v for k, v in results.items() if not k.startswith("test_")}
+        last_meta = {k: v for k, v in meta.items() if k != "temperature"}
+        files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, {**last_meta, "results": last_results}))
+    else:
+        files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, meta))
+    files.append(out_dir / STATE_FILE)
+    files.append(write_text(out_dir / HISTORY_FILE, json.dumps({**meta, **history_record(history)}, indent=1,
+                                                               allow_nan=False)))
+    files.append(write_metrics(out_dir / METRICS_FILE, history))
+    files += save_figure(plot_run_loss(history, title=f"{cfg.model} ({cfg.task})"), out_dir / "loss")
+    return RunResult(cfg, state, params, final.accuracy, scored, out_dir, files, calibration)
+
+
+def _calibrate(model, split: Split, test) -> dict:
+    """The test set's expected calibration error, and with a validation split the temperature fitted
+    on it and the test set's error before and after dividing the logits by it."""
+    from digitlab.reading.calibrate import (
+        expected_calibration_error,
+        fit_temperature,
+        probabilities,
+    )
+    from digitlab.reading.evaluate import model_outputs
+
+    before = expected_calibration_error(probabilities(test.outputs), test.labels)
+    if split.val_images is None:
+        return {"test_ece": before}
+    temperature = fit_temperature(model_outputs(model, split.val_images), split.val_labels)
+    if temperature is None:  # too few held-out images, or all of them right
+        return {"test_ece": before, "calibration": "skipped"}
+    after = expected_calibration_error(probabilities(test.outputs, temperature), test.labels)
+    return {"temperature": temperature, "test_ece_uncalibrated": before, "test_ece": after}

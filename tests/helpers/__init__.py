@@ -1,0 +1,1 @@
+"""Code that tests and benchmarks share: handwriting-like digits and synthetic photos."""
