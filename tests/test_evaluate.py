@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from digitlab.data import InMemoryLoader
+from digitlab.errors import UserError
 from digitlab.reading.evaluate import confusion_matrix, evaluate, precision_recall, predicted_digits
 from digitlab.models import create_model
 from digitlab.training.loop import fit
@@ -46,3 +47,14 @@ def test_evaluate_a_trained_classifier_on_real_digits(mnist):
     assert all(0.8 < r <= 1.0 for r in report["recall"])
     assert 0 < result.mean_loss < 0.3
     assert model.training  # evaluate puts the model back the way it found it
+
+
+def test_the_options_name_every_task_and_only_the_tasks():
+    """config.TASKS (the --task choices, read without torch) and tasks.TASKS (what each one does) agree."""
+    from digitlab.config import TASKS as names
+    from digitlab.tasks import TASKS, get_task
+
+    assert tuple(TASKS) == names
+    assert [get_task(n).outputs for n in names] == [1, 10]
+    with pytest.raises(UserError, match="unknown task 'sort'; choose one of: regress, classify"):
+        get_task("sort")

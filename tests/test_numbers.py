@@ -14,7 +14,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import run_cli
-from digitlab.reading.calibrate import expected_calibration_error, fit_temperature, probabilities
+from digitlab.reading.calibrate import expected_calibration_error, fit_temperature
+from digitlab.tasks import probabilities
 from digitlab.reading.checkpoint import read_checkpoint
 from helpers.handwriting import non_digit, number, on_paper
 from digitlab.reading.image import ImageError, load_grey

@@ -208,7 +208,7 @@ def test_non_digits_are_seeded_and_never_a_digit_left_as_it_was(digits):
 def test_reject_makes_non_digits_unsure_and_keeps_digits_sure(digits, tmp_path):
     import numpy as np
 
-    from digitlab.reading.calibrate import probabilities
+    from digitlab.tasks import probabilities
     from digitlab.reading.checkpoint import load_checkpoint
     from digitlab.reading.evaluate import model_outputs
     from helpers.handwriting import non_digit, on_paper
@@ -267,15 +267,14 @@ def test_classification_run_validates_each_epoch_and_keeps_the_best(digits, tmp_
 
 @pytest.mark.parametrize("task", ["regress", "classify"])
 def test_hand_written_mlp_gradients_match_autograd(digits, task):
+    from digitlab.tasks import get_task
     from digitlab.training.steps import mlp_gradients
-    from digitlab.training.loop import compute_loss
-    from digitlab.config import TASK_OUTPUTS as TASKS
 
     torch.manual_seed(0)
-    model = create_model("mlp", num_outputs=TASKS[task])
+    model = create_model("mlp", num_outputs=get_task(task).outputs)
     images, labels = normalize(digits.train_images[:64]), digits.train_labels[:64].long()
     loss, grads = mlp_gradients(model, images, labels, task)
-    reference = compute_loss(model(images), labels, task)
+    reference = get_task(task).loss(model(images), labels)
     reference.backward()
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
     for (name, p), g in zip(model.named_parameters(), grads):
@@ -283,29 +282,35 @@ def test_hand_written_mlp_gradients_match_autograd(digits, task):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_hand_written_mlp_training_follows_autograd(digits):
-    """fit() takes the hand-written path for an MLP with plain SGD; a plain autograd loop
-    over the same batches must train to the same losses, within float noise."""
-    def loader():
-        return InMemoryLoader(digits.train_images[:3200], digits.train_labels[:3200], seed=0)
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
+def test_fit_with_the_hand_written_mlp_step_trains_as_autograd_does(digits, weight_decay):
+    """fit() handed the hand-written step (and taking it: every step is counted) trains to autograd's
+    losses and weights over the same 50 batches, with and without weight decay."""
+    from digitlab.training.steps import HandWrittenMLPStep
 
+    def train(hand_written: bool):
+        torch.manual_seed(0)
+        model = create_model("mlp")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=weight_decay)
+        step, calls = HandWrittenMLPStep.for_model(model, optimizer, "regress"), []
+
+        def counted(images, labels):
+            calls.append(len(labels))
+            return step(images, labels)
+
+        loader = InMemoryLoader(digits.train_images[:3200], digits.train_labels[:3200], seed=0)
+        losses = fit(model, loader, optimizer, epochs=1, fast_step=counted if hand_written else None).history.batch_loss
+        return losses, torch.cat([p.detach().flatten() for p in model.parameters()]), calls
+
+    fast, fast_weights, calls = train(hand_written=True)
+    slow, slow_weights, none = train(hand_written=False)
+    assert calls == [64] * 50 and none == []  # the hand-written step did every step, autograd none of them
+    assert len(fast) == len(slow) == 50 and fast[0] == pytest.approx(slow[0], rel=1e-6)
+    assert max(abs(a - b) / b for a, b in zip(fast, slow)) < 1e-4
+    torch.testing.assert_close(fast_weights, slow_weights, rtol=1e-4, atol=1e-6)
     torch.manual_seed(0)
-    model = create_model("mlp")
-    fast = fit(model, loader(), torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=1e-4),
-               epochs=1).history.batch_loss
-    torch.manual_seed(0)
-    model = create_model("mlp")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=1e-4)
-    slow = []
-    for images, labels in loader():
-        loss = torch.nn.functional.mse_loss(model(images).squeeze(1), labels.float())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        slow.append(loss.item())
-    assert len(fast) == len(slow) == 50
-    assert fast[0] == pytest.approx(slow[0], rel=1e-6)
-    assert max(abs(a - b) / b for a, b in zip(fast, slow)) < 1e-3
+    untrained = torch.cat([p.detach().flatten() for p in create_model("mlp").parameters()])
+    assert (fast_weights - untrained).abs().max() > 1e-3  # the weights moved: the comparison means something
 
 
 def test_load_checkpoint_places_the_model_as_training_does(tmp_path):

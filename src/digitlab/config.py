@@ -16,8 +16,7 @@ from typing import Any, Callable
 
 from digitlab.errors import UserError
 
-TASK_OUTPUTS = {"regress": 1, "classify": 10}  # task -> output width
-TASKS = tuple(TASK_OUTPUTS)
+TASKS = ("regress", "classify")  # the names; what each task is lives in tasks.py (which needs torch)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 INITS = ("paddle", "torch")
@@ -110,10 +109,12 @@ class TrainConfig:
             check_value(f.name, getattr(self, f.name))
         if self.patience and not self.val_split:
             raise UserError("patience: early stopping needs validation; give --val-split N as well")
+        # imported here, not at the top: both bring torch, and `digitlab --help` reads this module
         from digitlab.models import default_init, default_lr, default_task
+        from digitlab.tasks import get_task
 
         task = self.task or default_task(self.model)
-        if self.reject and task != "classify":
+        if self.reject and not get_task(task).confident:
             raise UserError("reject: a regression model has no answer to flatten; use it with --task classify")
         return replace(self, task=task,
                        lr=default_lr(self.model) if self.lr is None else self.lr,

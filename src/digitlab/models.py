@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from digitlab.config import INITS
 from digitlab.data import COLS, ROWS
 from digitlab.errors import UserError
 
@@ -231,10 +230,16 @@ def convnet_small(num_outputs: int = 10, init: str = "torch") -> nn.Module:
     return _initialise(ConvNet(num_outputs, widths=(16, 32, 64), dropout=0.1), init)
 
 
+INITIALISERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "paddle": init_like_paddle,  # the chapter's code starts from these
+    "torch": lambda model: model,  # PyTorch's defaults, as the layers made them
+}
+
+
 def _initialise(model: nn.Module, init: str) -> nn.Module:
-    if init not in INITS:
-        raise UserError(f"unknown init '{init}'; choose one of: {', '.join(INITS)}")
-    return init_like_paddle(model) if init == "paddle" else model
+    if init not in INITIALISERS:
+        raise UserError(f"unknown init '{init}'; choose one of: {', '.join(INITIALISERS)}")
+    return INITIALISERS[init](model)
 
 
 def place(model: nn.Module, device: torch.device) -> nn.Module:

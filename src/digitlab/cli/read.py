@@ -16,8 +16,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from digitlab.files import prepare_out_dir
     from digitlab.plots import plot_confusion, plot_digit_grid, save_figure
+    from digitlab.reading.calibrate import expected_calibration_error
     from digitlab.reading.checkpoint import describe, load_checkpoint, resolve
     from digitlab.reading.evaluate import data_note, evaluate
+    from digitlab.tasks import probabilities
 
     model, meta = load_checkpoint(args.checkpoint)
     info = sys.stderr if args.json else sys.stdout
@@ -31,9 +33,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       normalization=meta.get("normalization"))
     report = {"model": meta["model"], "task": meta["task"], "checkpoint": str(resolve(args.checkpoint)),
               "data": data.source, "sample": data.is_sample, "note": note, **result.as_dict()}
-    if meta["task"] == "classify":
-        from digitlab.reading.calibrate import expected_calibration_error, probabilities
-
+    if result.task.confident:
         report["temperature"] = meta.get("temperature")
         report["calibration_error"] = expected_calibration_error(
             probabilities(result.outputs, meta.get("temperature")), result.labels)
@@ -50,7 +50,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     console = rich_console()
     console.print(f"{title}; mean loss {result.mean_loss:.4f}")
-    if meta["task"] == "classify":
+    if result.task.confident:
         how = (f"with temperature {meta['temperature']:.3f}" if meta.get("temperature") is not None
                else "not calibrated (no temperature in this checkpoint: a run's best.safetensors has one when "
                     "it was trained with --val-split)")
@@ -73,6 +73,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from digitlab.reading.checkpoint import describe, load_checkpoint
     from digitlab.reading.image import expand_inputs
     from digitlab.reading.predict import predict_files, preprocessed_names
+    from digitlab.tasks import get_task
 
     model, meta = load_checkpoint(args.checkpoint)
     print(f"checkpoint: {describe(args.checkpoint, meta)}", file=sys.stderr if args.json else sys.stdout)
@@ -101,7 +102,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 read = p.text if p.sure is not False else f"not sure: {' or '.join(guesses[:2])}"
                 table.add_row(p.file, read, confidence, ", ".join(guesses[1:]))
         rich_console().print(table)
-        if meta["task"] == "classify" and meta.get("temperature") is None:
+        if get_task(meta["task"]).confident and meta.get("temperature") is None:
             print("note: this checkpoint has no calibration temperature (a run's best.safetensors has one when it "
                   "was trained with --val-split): its confidences are the plain softmax's")
     return EXIT_USAGE if any(p.error for p in predictions) else 0

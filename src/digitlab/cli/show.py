@@ -7,12 +7,12 @@ from digitlab.cli.options import rich_console, save_plot
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from digitlab.config import TASK_OUTPUTS
     from digitlab.models import create_model, default_task
     from digitlab.studies.model_summary import summary
+    from digitlab.tasks import get_task
 
-    task = args.task or default_task(args.model)
-    summary(create_model(args.model, num_outputs=TASK_OUTPUTS[task]), console=rich_console())
+    task = get_task(args.task or default_task(args.model))
+    summary(create_model(args.model, num_outputs=task.outputs), console=rich_console())
     return 0
 
 

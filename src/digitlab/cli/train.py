@@ -19,7 +19,7 @@ from digitlab.files import one_line
 
 def cmd_train(args: argparse.Namespace) -> int:
     from digitlab.reading.evaluate import SAMPLE_WORDS
-    from digitlab.training import distributed
+    from digitlab.training import distributed, launch
     from digitlab.training.folder import fresh_run_dir
     from digitlab.training.resume import resume_config
     from digitlab.training.run import run
@@ -27,7 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None and not distributed.launched():
         if args.device == "cuda":  # here, once, rather than in every process
             distributed.check_gpus(args.nproc, f"--nproc {args.nproc}")
-        return distributed.launch(distributed.worker_argv(args.argv), args.nproc, args.nnodes, args.rdzv_endpoint,
+        return launch.launch(launch.worker_argv(args.argv), args.nproc, args.nnodes, args.rdzv_endpoint,
                                   args.rdzv_timeout)
     if args.nnodes > 1 or args.rdzv_endpoint:
         raise UserError("--nnodes and --rdzv-endpoint go with --nproc N (or use torchrun's own options)")
@@ -57,8 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         # died: the failure can read "Interrupted system call"), means the others are gone
         if not (world.distributed and (distributed.lost(e) or stop.received())):
             raise
-        if os.environ.get(distributed.LAUNCHER):  # `--nproc` tells which process died, once
-            return distributed.LOST
+        if os.environ.get(launch.LAUNCHER):  # `--nproc` tells which process died, once
+            return launch.LOST
         raise UserError(f"lost contact with the other training processes ({one_line(str(e))[:120]}); the last "
                         f"saved state in '{out}' is resumable with --resume") from None
     finally:

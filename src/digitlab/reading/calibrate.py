@@ -38,12 +38,6 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
     return t if T_RANGE[0] <= t <= T_RANGE[1] else None
 
 
-def probabilities(logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-    """softmax(logits / T) along the last axis, in float64 (float32 rounds a clear answer to exactly
-    1, which would pass any threshold); T defaults to 1 (an uncalibrated model)."""
-    return (logits.double() / (temperature or 1.0)).softmax(-1)
-
-
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
     """ECE over `bins` equal-width confidence bins: sum of |accuracy - confidence| x share of answers."""
     confidence, guess = probs.max(-1)

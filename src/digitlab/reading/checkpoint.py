@@ -14,6 +14,8 @@ from typing import Any
 
 from digitlab.errors import UserError
 from digitlab.files import one_line, write_safetensors
+from digitlab.models import create_model, list_models, place
+from digitlab.tasks import TASKS
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"  # a run's last weights
@@ -65,9 +67,6 @@ def checked_meta(meta: Any, path: Path) -> dict[str, Any]:
     Checked before anything is built, so a tiny file that claims a 10^8-wide output layer
     costs nothing: the output width must be the one its task has.
     """
-    from digitlab.config import TASK_OUTPUTS
-    from digitlab.models import list_models
-
     def bad(what: str) -> UserError:
         return UserError(f"{path}: impossible checkpoint metadata: {what}; train again to rebuild it")
 
@@ -79,11 +78,11 @@ def checked_meta(meta: Any, path: Path) -> dict[str, Any]:
     if meta.get("model") not in list_models():
         raise bad(f"model {one_line(repr(meta.get('model')))[:60]} is not one of {', '.join(list_models())}")
     task = meta.get("task")
-    if task not in TASK_OUTPUTS:
-        raise bad(f"task {one_line(repr(task))[:60]} is not one of {', '.join(TASK_OUTPUTS)}")
+    if not isinstance(task, str) or task not in TASKS:
+        raise bad(f"task {one_line(repr(task))[:60]} is not one of {', '.join(TASKS)}")
     outputs = meta.get("num_outputs")
-    if type(outputs) is not int or outputs != TASK_OUTPUTS[task]:
-        raise bad(f"num_outputs {one_line(repr(outputs))[:60]}; a {task} model has {TASK_OUTPUTS[task]}")
+    if type(outputs) is not int or outputs != TASKS[task].outputs:
+        raise bad(f"num_outputs {one_line(repr(outputs))[:60]}; a {task} model has {TASKS[task].outputs}")
     norm = meta.get("normalization")
     if norm is not None and not (isinstance(norm, dict) and set(norm) == {"center", "scale"} and all(
             type(v) in (int, float) and _finite(v) for v in norm.values()) and norm["scale"] > 0):
@@ -106,8 +105,6 @@ def _finite(value: int | float) -> bool:
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
     """Rebuild the model from a checkpoint alone: returns (model in eval mode, meta)."""
     import torch
-
-    from digitlab.models import create_model, place
 
     state, meta = read_checkpoint(path)
     model = create_model(meta["model"], num_outputs=meta["num_outputs"])  # both checked by read_checkpoint

@@ -1,7 +1,6 @@
 """Evaluation on the test set: accuracy, loss, per-class precision and recall, confusion.
 
-A regression model (the chapter's, one output) predicts a digit by rounding its output
-and clipping it to 0-9; a classifier predicts the arg-max of its 10 logits.
+How a digit is read from the outputs, and the loss, are the task's (tasks.py).
 """
 from __future__ import annotations
 
@@ -10,20 +9,18 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from digitlab.data import NUM_CLASSES, normalize
+from digitlab.data import NUM_CLASSES, fingerprint, normalize
 from digitlab.errors import UserError
+from digitlab.tasks import Task, get_task
 
 EVAL_BATCH = 250  # under inference_mode: 250 beat 64, 1000 and 10000 here (benchmarks/cnn_variants.py), and divides 10,000
 
 
-def predicted_digits(outputs: torch.Tensor, task: str) -> torch.Tensor:
+def predicted_digits(outputs: torch.Tensor, task: str | Task) -> torch.Tensor:
     """(N, 1) regression outputs or (N, 10) logits -> (N,) digits."""
-    if task == "regress":
-        return outputs.squeeze(1).round().clamp(0, NUM_CLASSES - 1).long()
-    return outputs.argmax(1)
+    return get_task(task).digits(outputs)
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
@@ -52,6 +49,7 @@ class Evaluation:
     predictions: torch.Tensor  # (N,)
     outputs: torch.Tensor  # (N, 1) or (N, 10), raw model outputs
     seconds: float
+    task: Task
 
     @cached_property
     def confusion(self) -> torch.Tensor:
@@ -64,12 +62,7 @@ class Evaluation:
     def worst(self, n: int) -> torch.Tensor:
         """Indices of the n most confidently wrong answers: the highest softmax probability
         on a wrong digit, or for regression the output farthest from the truth."""
-        if self.outputs.shape[1] == 1:
-            score = (self.outputs.squeeze(1) - self.labels.float()).abs()
-        else:
-            score = self.outputs.softmax(1).max(1).values
-        score = torch.where(self.predictions != self.labels, score, torch.full_like(score, -1.0))
-        order = score.argsort(descending=True)
+        order = self.task.wrongness(self.outputs, self.labels).argsort(descending=True)
         return order[: min(n, int((self.predictions != self.labels).sum()))]
 
     def as_dict(self) -> dict:
@@ -107,20 +100,16 @@ def model_outputs(model: nn.Module, images: torch.Tensor, batch_size: int = EVAL
     return outputs
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, task: str,
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, task: str | Task,
              batch_size: int = EVAL_BATCH, normalization: dict | None = None) -> Evaluation:
     """Score a model on uint8 images (N, 28, 28) and their labels (N,)."""
     start = time.perf_counter()
     outputs = model_outputs(model, images, batch_size, normalization)
     seconds = time.perf_counter() - start
-    labels = labels.long()
-    if task == "regress":
-        loss = F.mse_loss(outputs.squeeze(1), labels.float())
-    else:
-        loss = F.cross_entropy(outputs, labels)
-    predictions = predicted_digits(outputs, task)
+    labels, task = labels.long(), get_task(task)
+    predictions = task.digits(outputs)
     accuracy = (predictions == labels).double().mean().item()
-    return Evaluation(accuracy, loss.item(), labels, predictions, outputs, seconds)
+    return Evaluation(accuracy, task.loss(outputs, labels).item(), labels, predictions, outputs, seconds, task)
 
 
 SAMPLE_WORDS = "the 5,000-digit offline sample (4,000 train / 1,000 test)"
@@ -133,8 +122,6 @@ def data_note(meta: dict, data, allow_overlap: bool = False) -> str | None:
     set has seen them, so scoring it on them measures memory, not accuracy: refused unless
     `allow_overlap`. Other mismatches are scored with a note.
     """
-    from digitlab.data import fingerprint
-
     trained = meta.get("data") if isinstance(meta.get("data"), dict) else None
     if trained is None:
         return "note: this checkpoint does not record its training data; the score may not be comparable"

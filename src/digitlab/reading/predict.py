@@ -10,8 +10,10 @@ import numpy as np
 
 from digitlab.config import THRESHOLD
 from digitlab.errors import UserError
+from digitlab.reading.evaluate import model_outputs
 from digitlab.reading.image import load_grey
 from digitlab.reading.segment import Found, find_digits
+from digitlab.tasks import get_task
 
 
 def preprocessed_names(files: list[Path]) -> list[str]:
@@ -108,28 +110,12 @@ def read_digits(model, meta: dict, found: list[Found], threshold: float = THRESH
     """Classify prepared digits with a checkpoint's model; confidences use its temperature."""
     import torch
 
-    from digitlab.reading.calibrate import probabilities
-    from digitlab.reading.evaluate import model_outputs
-
     if not found:
         return []
     outputs = model_outputs(model, torch.from_numpy(np.stack([f.image for f in found])),
                             normalization=meta.get("normalization"))
-    readings = []
-    if meta["task"] == "classify":
-        for f, probs in zip(found, probabilities(outputs, meta.get("temperature"))):
-            top = probs.topk(3)
-            confidence = float(top.values[0])
-            readings.append(Reading(int(top.indices[0]), confidence, confidence >= threshold,
-                                    [{"digit": int(d), "p": round(float(v), 4)} for v, d in zip(top.values, top.indices)],
-                                    f.box, f.image))
-    else:  # regression: the nearest digits to the output value
-        for f, out in zip(found, outputs):
-            value = float(out[0])
-            near = sorted(range(10), key=lambda d: abs(d - value))[:3]
-            readings.append(Reading(near[0], None, None, [{"digit": d, "distance": round(abs(d - value), 4)}
-                                                          for d in near], f.box, f.image))
-    return readings
+    answers = get_task(meta["task"]).answers(outputs, meta.get("temperature"), threshold)
+    return [Reading(a.digit, a.confidence, a.sure, a.top3, f.box, f.image) for a, f in zip(answers, found)]
 
 
 def predict_files(model, meta: dict, files: list[Path], single: bool = False,

@@ -20,6 +20,7 @@ from digitlab.data import PIXEL_CENTER, PIXEL_SCALE
 from digitlab.errors import UserError
 from digitlab.files import write_atomic
 from digitlab.reading.checkpoint import load_checkpoint
+from digitlab.tasks import get_task
 
 
 class PixelInput(nn.Module):
@@ -43,7 +44,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17)
     norm = meta.get("normalization") or {"center": PIXEL_CENTER, "scale": PIXEL_SCALE}
     # Eval mode fixes the graph: dropout off, BatchNorm's running statistics, the index-free pool.
     wrapped = PixelInput(model.to(memory_format=torch.contiguous_format), **norm).eval()
-    output = "logits" if meta["task"] == "classify" else "value"
+    output = get_task(meta["task"]).onnx_output
     out = Path(out)
 
     def write(tmp: Path) -> None:

@@ -38,6 +38,10 @@ from digitlab.config import THRESHOLD
 from digitlab.errors import UserError
 from digitlab.files import one_line
 from digitlab.reading.checkpoint import describe, load_checkpoint
+from digitlab.reading.evaluate import model_outputs
+from digitlab.reading.image import load_grey
+from digitlab.reading.segment import preprocess
+from digitlab.tasks import get_task
 
 MAX_BODY = 10 * 1024 * 1024  # bytes; a phone photo is 2-5 MB
 MAX_MAPS = 32  # feature maps drawn per layer: enough to see what a layer does, small enough to send
@@ -106,11 +110,6 @@ class Reader:
         self.lock = threading.Lock()  # torch already uses both cores; requests take turns
 
     def read(self, data: bytes) -> dict:
-        from digitlab.reading.calibrate import probabilities
-        from digitlab.reading.evaluate import model_outputs
-        from digitlab.reading.image import load_grey
-        from digitlab.reading.segment import preprocess
-
         digit = preprocess(load_grey(data, name="the picture"), source="the picture")  # (28, 28) uint8
         batch = torch.from_numpy(digit)[None]
         answers = []
@@ -128,14 +127,8 @@ class Reader:
                           "feature_maps": [{"layer": n, "shape": list(captured[n].shape),
                                             "shown": min(len(captured[n]), MAX_MAPS),
                                             "grid": png_data_url(feature_grid(captured[n]))} for n, _ in entry.convs]}
-                if entry.meta["task"] == "classify":
-                    probs = probabilities(out, entry.meta.get("temperature"))
-                    answer.update(digit=int(probs.argmax()), sure=bool(probs.max() >= self.threshold),
-                                  calibrated=entry.meta.get("temperature") is not None,
-                                  probabilities=[round(float(p), 5) for p in probs])
-                else:  # the chapter's regression: one value on the 0-9 scale
-                    value = float(out[0])
-                    answer.update(digit=int(min(max(round(value), 0), 9)), value=round(value, 4))
+                read = get_task(entry.meta["task"]).answers(out[None], entry.meta.get("temperature"), self.threshold)[0]
+                answer.update(digit=read.digit, **read.details)
                 answers.append(answer)
         return {"image": png_data_url(digit), "threshold": self.threshold, "models": answers}
 

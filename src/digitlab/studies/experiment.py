@@ -5,13 +5,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from digitlab.config import TASK_OUTPUTS, TrainConfig
+from digitlab.config import TrainConfig
 from digitlab.data import MNIST
 from digitlab.files import prepare_out_dir, write_text
 from digitlab.models import create_model
 from digitlab.plots import plot_two_losses, save_figure
 from digitlab.reading.evaluate import SAMPLE_WORDS
 from digitlab.studies.model_summary import summary
+from digitlab.tasks import get_task
 from digitlab.training.run import RunResult, run
 
 COLUMNS = ("model", "params", "final loss", "last-epoch mean loss", "test accuracy", "wall time (s)", "images/s")
@@ -67,7 +68,7 @@ def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, consol
     runs: list[RunResult] = []
     for cfg in configs:
         cfg = cfg.resolved()
-        summary(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task]), console=console)
+        summary(create_model(cfg.model, num_outputs=get_task(cfg.task).outputs), console=console)
         console.print(f"training {cfg.model}: {cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}")
         runs.append(run(cfg, data, out_dir / cfg.model, overwrite=overwrite, reporter=reporter))
         if runs[-1].state.interrupted:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from digitlab import stop
 from digitlab.config import (
     FIELDS,
     VAL_SPLIT,
@@ -40,6 +41,11 @@ from digitlab.config import (
 )
 from digitlab.errors import UserError
 from digitlab.files import one_line, write_text
+from digitlab.models import create_model
+from digitlab.plots import pareto_front, plot_pareto, save_figure
+from digitlab.tasks import get_task
+from digitlab.training.reporters import Reporter
+from digitlab.training.run import run
 
 SAMPLERS = ("grid", "random", "tpe")
 STUDY = "digitlab"
@@ -183,17 +189,14 @@ def training_flops(config: TrainConfig) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from digitlab.config import TASK_OUTPUTS
-    from digitlab.models import create_model
-    from digitlab.training.loop import compute_loss
-
-    model = create_model(config.model, num_outputs=TASK_OUTPUTS[config.task], init=config.init)
+    task = get_task(config.task)
+    model = create_model(config.model, num_outputs=task.outputs, init=config.init)
     batch = config.batch_size + (max(1, config.batch_size // 4) if config.reject else 0)
     images = torch.zeros(batch, 1, 28, 28)
     labels = torch.zeros(config.batch_size, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
         output = model(images)
-        compute_loss(output[:config.batch_size], labels, config.task).backward()
+        task.loss(output[:config.batch_size], labels).backward()
     return int(counter.get_total_flops())
 
 
@@ -203,10 +206,6 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
     """Run `trials` trials of the study (creating it on first use) into OUT/trials/, with a line per
     finished trial and (if `bar`) a progress bar for them all; returns the study."""
     import optuna
-
-    from digitlab import stop
-    from digitlab.training.reporters import Reporter
-    from digitlab.training.run import run
 
     chosen = make_sampler(sampler, spec, seed)
     out = Path(out)
@@ -332,8 +331,6 @@ def run_workers(args, spec: Spec):
 
     import optuna
 
-    from digitlab import stop
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     storage = args.storage or default_storage(out)
@@ -403,8 +400,6 @@ def _open_study(storage: str, name: str, sampler, grace: int = GRACE, tries: int
 
 def write_results(study, out: Path, spec: Spec) -> list[Path]:
     """OUT/trials.csv, and OUT/pareto.png and .svg once two trials have finished."""
-    from digitlab.plots import plot_pareto, save_figure
-
     files = [write_trials_csv(study, out / "trials.csv", spec)]
     done = [{"model": t.params.get("model", spec.fixed.get("model", "?")), **t.user_attrs}
             for t in study.trials if t.value is not None and "train_flops" in t.user_attrs]
@@ -432,8 +427,6 @@ def report(out: str | os.PathLike, *, storage: str | None = None, study: str = S
     import optuna
     from rich.console import Console
     from rich.table import Table
-
-    from digitlab.plots import pareto_front
 
     console = console or Console(highlight=False)
     out = Path(out)

@@ -6,6 +6,7 @@ import os
 import sys
 
 from digitlab.errors import UserError
+from digitlab.stop import EXIT_CODES
 
 LAUNCH_FLAGS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-timeout")
 LAUNCHER = "DIGITLAB_LAUNCHER"  # set for the workers `--nproc` starts: their launcher reports a lost process
@@ -40,8 +41,6 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from digitlab.stop import EXIT_CODES
 
     if nnodes > 1 and not endpoint:
         raise UserError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every machine")

@@ -19,10 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from digitlab import stop
+from digitlab.data import get_mnist_dataloader
 from digitlab.errors import UserError
+from digitlab.tasks import Task, get_task
+from digitlab.training.augment import distort, non_digits
 from digitlab.training.distributed import SINGLE, World, agree, shard
 from digitlab.training.optim import lr_factor, set_lr
 from digitlab.training.reporters import BAR_EVERY, ConsoleReporter, Reporter
+from digitlab.training.steps import HandWrittenMLPStep
 
 OUTLIER_WEIGHT = 0.1  # weight of the non-digits' flat-target loss (0.5 in Hendrycks et al., 2019; 0.1 measured better here)
 
@@ -73,13 +77,6 @@ class TrainState:
         return self.stopped in ("SIGINT", "SIGTERM")
 
 
-def compute_loss(output: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    if task == "regress":
-        # The chapter's F.square_error_cost then mean: the digit value is the target.
-        return F.mse_loss(output.squeeze(1), labels.to(output.dtype))  # (B, 1) -> (B,)
-    return F.cross_entropy(output, labels)  # (B, 10) logits against class indices
-
-
 class Diverged(UserError):
     """The loss became NaN or infinite: training cannot go on from here."""
 
@@ -89,7 +86,7 @@ def fit(
     loader,
     optimizer: torch.optim.Optimizer,
     epochs: int = 10,
-    task: str = "regress",
+    task: str | Task = "regress",
     *,
     state: TrainState | None = None,
     log_every: int = 200,
@@ -120,9 +117,7 @@ def fit(
         they agree on each step's loss and on stopping; `model` is then wrapped in DistributedDataParallel.
     precision: "bf16" runs the forward pass and the loss under torch.autocast in bfloat16.
     """
-    from digitlab.training.augment import distort, non_digits
-
-    state = state or TrainState()
+    state, task = state or TrainState(), get_task(task)
     history = state.history
     reporter = reporter or Reporter()
     per_epoch = len(loader) if max_batches is None else min(len(loader), max_batches)
@@ -163,13 +158,13 @@ def fit(
                     else:
                         if outliers is None:
                             with autocast():
-                                loss = objective = compute_loss(model(images), labels, task)
+                                loss = objective = task.loss(model(images), labels)
                         else:  # the loss logged is the digits' alone, comparable with a run without outliers
                             k = max(1, len(images) // 4)
                             unsure = non_digits(images[:k], labels[:k], outliers)
                             with autocast():
                                 output = model(torch.cat([images, unsure]))
-                                loss = compute_loss(output[:len(images)], labels, task)
+                                loss = task.loss(output[:len(images)], labels)
                                 flat = -F.log_softmax(output[len(images):], 1).mean()  # cross-entropy, flat target
                                 objective = loss + OUTLIER_WEIGHT * flat
                         optimizer.zero_grad()
@@ -254,10 +249,7 @@ def train(
     With no loader, the full training set is loaded as `get_mnist_dataloader()` does.
     """
     if loader is None:
-        from digitlab.data import get_mnist_dataloader
-
         loader, _ = get_mnist_dataloader(device=next(model.parameters()).device)
-    from digitlab.training.steps import HandWrittenMLPStep
 
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     state = fit(model, loader, optimizer, epochs=epochs, task=task, log_every=log_every,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from digitlab.config import CONFIG_FILE, TASK_OUTPUTS, TrainConfig, config_toml
+from digitlab.config import CONFIG_FILE, TrainConfig, config_toml
 from digitlab.data import (
     MNIST,
     PIXEL_CENTER,
@@ -37,7 +37,16 @@ from digitlab.data import (
 from digitlab.errors import UserError
 from digitlab.files import one_line, write_text
 from digitlab.models import create_model, place
-from digitlab.reading.checkpoint import BEST_FILE, WEIGHTS_FILE, save_checkpoint
+from digitlab.plots import plot_run_loss, save_figure
+from digitlab.reading.calibrate import expected_calibration_error, fit_temperature
+from digitlab.reading.checkpoint import (
+    BEST_FILE,
+    WEIGHTS_FILE,
+    read_checkpoint,
+    save_checkpoint,
+)
+from digitlab.reading.evaluate import evaluate, model_outputs
+from digitlab.tasks import get_task, probabilities
 from digitlab.training import distributed
 from digitlab.training.folder import (
     HISTORY_FILE,
@@ -121,7 +130,7 @@ def _checkpoint_meta(config: TrainConfig, state: TrainState, data_info: dict, re
     return {
         "model": config.model,
         "task": config.task,
-        "num_outputs": TASK_OUTPUTS[config.task],
+        "num_outputs": get_task(config.task).outputs,
         "normalization": {"center": PIXEL_CENTER, "scale": PIXEL_SCALE},
         "epochs": len(state.history.epochs),
         "seed": config.seed,
@@ -197,10 +206,8 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
            world: distributed.World = distributed.SINGLE) -> RunResult:
     """The body of `run`, in a folder it has claimed (or, on ranks other than 0, none): build,
     restore, train."""
-    from digitlab.reading.evaluate import evaluate
-
     torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
-    model = place(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task], init=cfg.init), device)
+    model = place(create_model(cfg.model, num_outputs=get_task(cfg.task).outputs, init=cfg.init), device)
     loader = InMemoryLoader(split.train_images, split.train_labels, cfg.batch_size, seed=cfg.seed, device=device)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     # one generator draws the distortions and the non-digits, in the order the loop asks for them
@@ -256,17 +263,13 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
             device: torch.device) -> RunResult:
     """Score the test set once, on the checkpoint that `evaluate` and `predict` use (the best one
     when the run validated), and write the run's final files."""
-    from digitlab.plots import plot_run_loss, save_figure
-    from digitlab.reading.checkpoint import read_checkpoint
-    from digitlab.reading.evaluate import evaluate
-
     scored, test_model = out_dir / WEIGHTS_FILE, model
     if state.best_epoch is not None and (out_dir / BEST_FILE).is_file():
         scored = out_dir / BEST_FILE
-        test_model = place(create_model(cfg.model, num_outputs=TASK_OUTPUTS[cfg.task]), device)
+        test_model = place(create_model(cfg.model, num_outputs=get_task(cfg.task).outputs), device)
         test_model.load_state_dict(read_checkpoint(scored)[0])
     final = evaluate(test_model, data.test_images, data.test_labels, task=cfg.task)
-    calibration = _calibrate(test_model, split, final) if cfg.task == "classify" else {}
+    calibration = _calibrate(test_model, split, final) if get_task(cfg.task).confident else {}
     params = sum(p.numel() for p in model.parameters())
     history = state.history
     results = {
@@ -310,13 +313,6 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
 def _calibrate(model, split: Split, test) -> dict:
     """The test set's expected calibration error, and with a validation split the temperature fitted
     on it and the test set's error before and after dividing the logits by it."""
-    from digitlab.reading.calibrate import (
-        expected_calibration_error,
-        fit_temperature,
-        probabilities,
-    )
-    from digitlab.reading.evaluate import model_outputs
-
     before = expected_calibration_error(probabilities(test.outputs), test.labels)
     if split.val_images is None:
         return {"test_ece": before}

@@ -11,26 +11,17 @@ from __future__ import annotations
 import torch
 
 from digitlab.models import MLP
+from digitlab.tasks import Task, get_task
 
 
-def mlp_gradients(model: MLP, images: torch.Tensor, labels: torch.Tensor, task: str):
+def mlp_gradients(model: MLP, images: torch.Tensor, labels: torch.Tensor, task: str | Task):
     """The loss and every parameter's gradient, in model.parameters() order: (loss, [grads])."""
     x = images.flatten(1)  # (B, 784)
     w1, b1, w2, b2, w3, b3 = (p.detach() for p in model.parameters())
     a1 = torch.sigmoid(torch.addmm(b1, x, w1.t()))  # (B, 10)
     a2 = torch.sigmoid(torch.addmm(b2, a1, w2.t()))  # (B, 10)
     out = torch.addmm(b3, a2, w3.t())  # (B, 1) or (B, 10)
-    n = len(x)
-    if task == "regress":
-        diff = out.squeeze(1) - labels.to(out.dtype)
-        loss = diff.square().mean()
-        d_out = (2 / n) * diff.unsqueeze(1)  # d mean((out - y)^2) / d out
-    else:
-        log_p = torch.log_softmax(out, 1)
-        loss = -log_p.gather(1, labels.unsqueeze(1)).mean()
-        d_out = log_p.exp()
-        d_out[torch.arange(n), labels] -= 1
-        d_out /= n  # d cross_entropy / d logits = (softmax - onehot) / B
+    loss, d_out = get_task(task).loss_and_gradient(out, labels)  # d loss / d out: (B, 1) or (B, 10)
     d_z2 = (d_out @ w3) * a2 * (1 - a2)  # sigmoid' = a (1 - a)
     d_z1 = (d_z2 @ w2) * a1 * (1 - a1)
     grads = [d_z1.t() @ x, d_z1.sum(0), d_z2.t() @ a1, d_z2.sum(0), d_out.t() @ a2, d_out.sum(0)]
@@ -47,12 +38,12 @@ def _plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
 class HandWrittenMLPStep:
     """One SGD step (weight decay included) on hand-written gradients; returns the batch loss."""
 
-    def __init__(self, model: MLP, optimizer: torch.optim.Optimizer, task: str):
+    def __init__(self, model: MLP, optimizer: torch.optim.Optimizer, task: str | Task):
         self.model, self.group, self.task = model, optimizer.param_groups[0], task
         self.params = list(model.parameters())
 
     @classmethod
-    def for_model(cls, model, optimizer: torch.optim.Optimizer, task: str) -> HandWrittenMLPStep | None:
+    def for_model(cls, model, optimizer: torch.optim.Optimizer, task: str | Task) -> HandWrittenMLPStep | None:
         """The step for this model and optimiser, or None where autograd must do the work."""
         return cls(model, optimizer, task) if isinstance(model, MLP) and _plain_sgd(optimizer) else None
 

@@ -1,0 +1,145 @@
+"""What a network is asked to do with a digit: the chapter's regression, or classification.
+
+The chapter (section 2.3) trains both structures to output the digit's *value*: one number,
+squared error against the label, rounded to a digit when read. The course then turns to
+classification: ten logits, cross-entropy, the arg-max read as the digit and a softmax
+probability as its confidence. A task holds everything that differs between the two, so
+the loop, evaluation, prediction, the server and export never ask which one they have:
+
+    task = get_task(config.task)
+    loss = task.loss(model(images), labels)      # (B, outputs) -> scalar
+    digits = task.digits(outputs)                # (N, outputs) -> (N,)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from digitlab.data import NUM_CLASSES
+from digitlab.errors import UserError
+
+
+@dataclass
+class Answer:
+    """One digit read: the best guess, how sure (None where the task has no probability), the
+    three nearest guesses, and what the page shows besides."""
+
+    digit: int
+    confidence: float | None
+    sure: bool | None
+    top3: list[dict]  # classification: {digit, p}; regression: {digit, distance}
+    details: dict = field(default_factory=dict)  # the server's extra fields for this answer
+
+
+class Task:
+    name: str
+    outputs: int  # the width of the model's last layer
+    confident: bool  # whether an answer has a probability: calibrated, 'not sure', trained to reject
+    onnx_output: str  # the name of the exported graph's output
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss_and_gradient(self, outputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean loss and its gradient with respect to `outputs`, written out (for a hand-written step)."""
+        raise NotImplementedError
+
+    def digits(self, outputs: torch.Tensor) -> torch.Tensor:
+        """(N, outputs) -> (N,) the digits read."""
+        raise NotImplementedError
+
+    def wrongness(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) how confidently each answer is wrong, to show the worst first (right answers get -1)."""
+        raise NotImplementedError
+
+    def answers(self, outputs: torch.Tensor, temperature: float | None, threshold: float) -> list[Answer]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+
+class Regression(Task):
+    """The chapter's: one output, the digit's value; squared error; read as the nearest digit."""
+
+    name, outputs, confident, onnx_output = "regress", 1, False, "value"
+
+    def loss(self, outputs, labels):
+        # The chapter's F.square_error_cost then mean: the digit value is the target.
+        return F.mse_loss(outputs.squeeze(1), labels.to(outputs.dtype))  # (B, 1) -> (B,)
+
+    def loss_and_gradient(self, outputs, labels):
+        diff = outputs.squeeze(1) - labels.to(outputs.dtype)
+        return diff.square().mean(), (2 / len(diff)) * diff.unsqueeze(1)  # d mean((out - y)^2) / d out
+
+    def digits(self, outputs):
+        return outputs.squeeze(1).round().clamp(0, NUM_CLASSES - 1).long()
+
+    def wrongness(self, outputs, labels):
+        score = (outputs.squeeze(1) - labels.float()).abs()
+        return torch.where(self.digits(outputs) != labels, score, torch.full_like(score, -1.0))
+
+    def answers(self, outputs, temperature, threshold):
+        answers = []
+        for value in outputs[:, 0].tolist():
+            near = sorted(range(NUM_CLASSES), key=lambda d: abs(d - value))[:3]  # the nearest digits to the value
+            answers.append(Answer(near[0], None, None, [{"digit": d, "distance": round(abs(d - value), 4)} for d in near],
+                                  {"value": round(value, 4)}))
+        return answers
+
+
+class Classification(Task):
+    """Ten logits, cross-entropy; read as the arg-max, with softmax(logits / T) as its confidence."""
+
+    name, outputs, confident, onnx_output = "classify", NUM_CLASSES, True, "logits"
+
+    def loss(self, outputs, labels):
+        return F.cross_entropy(outputs, labels)  # (B, 10) logits against class indices
+
+    def loss_and_gradient(self, outputs, labels):
+        log_p = torch.log_softmax(outputs, 1)
+        n = len(labels)
+        d_out = log_p.exp()
+        d_out[torch.arange(n), labels] -= 1
+        d_out /= n  # d cross_entropy / d logits = (softmax - onehot) / B
+        return -log_p.gather(1, labels.unsqueeze(1)).mean(), d_out
+
+    def digits(self, outputs):
+        return outputs.argmax(1)
+
+    def wrongness(self, outputs, labels):
+        score = outputs.softmax(1).max(1).values
+        return torch.where(self.digits(outputs) != labels, score, torch.full_like(score, -1.0))
+
+    def answers(self, outputs, temperature, threshold):
+        answers = []
+        for probs in probabilities(outputs, temperature):
+            top = probs.topk(3)
+            confidence = float(top.values[0])
+            answers.append(Answer(int(top.indices[0]), confidence, confidence >= threshold,
+                                  [{"digit": int(d), "p": round(float(v), 4)} for v, d in zip(top.values, top.indices)],
+                                  {"sure": bool(confidence >= threshold), "calibrated": temperature is not None,
+                                   "probabilities": [round(float(p), 5) for p in probs]}))
+        return answers
+
+
+def probabilities(logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+    """softmax(logits / T) along the last axis, in float64 (float32 rounds a clear answer to exactly
+    1, which would pass any threshold); T defaults to 1 (an uncalibrated model)."""
+    return (logits.double() / (temperature or 1.0)).softmax(-1)
+
+
+REGRESS, CLASSIFY = Regression(), Classification()
+TASKS: dict[str, Task] = {t.name: t for t in (REGRESS, CLASSIFY)}
+
+
+def get_task(task: str | Task) -> Task:
+    """The task named `task` (or `task` itself); one line for a name that is none."""
+    if isinstance(task, Task):
+        return task
+    try:
+        return TASKS[task]
+    except (KeyError, TypeError):
+        raise UserError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}") from None
