@@ -140,24 +140,30 @@ def test_a_signal_wrapped_by_a_library_is_still_a_signal():
 
 def test_a_signal_that_a_library_swallowed_still_stops_the_command():
     # what a Ctrl-C inside numpy's initialisation did: numpy's ImportError, caught by torch, left numpy
-    # half-made; the command went on, and failed later in matplotlib with a traceback
+    # half-made; the command went on, and failed later in matplotlib with a traceback. The request
+    # remembers the signal: the next graceful section and the CLI (once its libraries are loaded)
+    # stop there, while an error that has nothing to do with a signal stays itself.
     script = """
-import os, signal, sys
-from digitlab import signals
-stop.install()
+import os, signal
+from digitlab.cli import main
+from digitlab.stop import Interrupted, StopRequest, stopped_by
+stop = StopRequest().install()
+print(stopped_by(ValueError("a real bug")))
 try:
     os.kill(os.getpid(), signal.SIGINT)
 except KeyboardInterrupt:
     pass  # a library that swallows it
-print(stop.stopped_by(AttributeError("module 'numpy' has no attribute 'void'")))
+print(stopped_by(AttributeError("module 'numpy' has no attribute 'void'")))
 try:
     with stop.graceful():
         print("trained")
-except stop.Interrupted as e:
+except Interrupted as e:
     print("stopped before training:", e.name)
+print("exit", main(["summary", "mlp"], stop=stop))
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert result.stdout.split("\n")[:2] == ["SIGINT", "stopped before training: SIGINT"], result.stderr
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines() == ["None", "None", "stopped before training: SIGINT", "exit 130"], result.stderr
+    assert result.stderr.strip() == "digitlab: interrupted (SIGINT)"
 
 
 def test_ctrl_c_at_any_moment_is_one_line_and_130(digits_dir, tmp_path):

@@ -1,6 +1,14 @@
-"""The one exception type the CLI turns into a single line and exit code 2."""
+"""How a command ends: the one exception type the CLI turns into a single line, and the one table
+of exit codes."""
+from enum import IntEnum
 
-EXIT_USAGE = 2  # bad input from a user: one line on stderr, then this exit code
+
+class ExitCode(IntEnum):
+    OK = 0
+    USAGE = 2  # bad input from a user (UserError): one line on stderr
+    LOST = 3  # under `train --nproc`, a worker that lost the others: its launcher names the one that died
+    SIGINT = 130  # Ctrl-C: 128 + the signal's number, as shells report it
+    SIGTERM = 143
 
 
 class UserError(Exception):

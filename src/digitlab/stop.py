@@ -1,10 +1,17 @@
 """Ctrl-C (SIGINT) and SIGTERM: stop cleanly at any moment, never with a traceback.
 
-Outside training, a signal unwinds the command at once with `Interrupted`, which the CLI
-turns into one line and exit code 130 (143 for SIGTERM). Inside `graceful()` (the training
-loop), the first signal only sets a flag: the loop finishes its step, saves, and stops; a
-second signal unwinds at once. The flag is process-wide, so a signal that arrives while
-some library code swallows the exception is still seen by the next training loop.
+One `StopRequest` per command. The entry point makes it, installs its handlers first thing,
+and hands it down to whatever runs long: the training loop, a sweep, the server. Outside a
+graceful section a signal unwinds the command at once with `Interrupted`, which the entry
+point turns into one line and the signal's exit code (errors.ExitCode). Inside `graceful()`
+the first signal only sets `requested`: the loop finishes its step, saves and stops; a second
+signal unwinds at once.
+
+A library may swallow our `Interrupted`: a Ctrl-C inside numpy's C initialisation becomes
+numpy's ImportError, which `import torch` catches, and the command would go on with numpy
+half-made. The request remembers the signal all the same, and `check()` raises it at the
+next safe point: the CLI checks once the command's libraries are loaded, and every graceful
+section starts with a check. An error that neither is nor wraps a signal surfaces as itself.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import signal
 import threading
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
-EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report it
+SIGNALS = tuple(s.name for s in HANDLED)  # the stops a signal asks for: 'SIGINT', 'SIGTERM'
 
 
 class Interrupted(KeyboardInterrupt):
@@ -38,76 +45,68 @@ def cause(error: BaseException) -> Interrupted | None:
 
 def stopped_by(error: BaseException) -> str | None:
     """'SIGINT' or 'SIGTERM' if `error` is, or wraps, a stop by signal (a bare KeyboardInterrupt is
-    Ctrl-C), or if it came after a signal that some code swallowed; None for any other error.
-
-    A signal that lands in a C extension's initialisation (numpy's, inside `import torch`) becomes
-    that extension's ImportError, which a library may catch; the module is left half-made, and
-    whatever uses it next fails in its own way. The signal was received all the same."""
+    Ctrl-C); None for any other error, which is then the error to show."""
     interrupted = cause(error)
     if interrupted is not None:
         return interrupted.name
-    if isinstance(error, KeyboardInterrupt):
-        return "SIGINT"
-    return _received
+    return "SIGINT" if isinstance(error, KeyboardInterrupt) else None
 
 
-_received: str | None = None  # the first signal since the flag was last consumed
-_graceful = 0  # how deep inside graceful() sections the main thread is
-_escalate = True  # whether a second signal inside one unwinds at once
+class StopRequest:
+    """The signals one command has received, and how it answers them."""
 
+    def __init__(self):
+        self.requested: str | None = None  # the first signal not yet acted on: 'SIGINT' or 'SIGTERM'
+        self._graceful = 0  # how deep inside graceful() sections the main thread is
+        self._escalate = True  # whether a second signal inside one unwinds at once
 
-def _handler(signum, frame):
-    global _received
-    first = _received is None
-    name = signal.Signals(signum).name
-    _received = _received or name
-    if not (_graceful and (first or not _escalate)):
-        raise Interrupted(name)
+    def install(self) -> StopRequest:
+        """Handle SIGINT and SIGTERM from now on (the entry point does this first thing)."""
+        if threading.current_thread() is threading.main_thread():
+            for s in HANDLED:
+                signal.signal(s, self._handler)
+        return self
 
+    def ignore(self) -> None:
+        """From now on SIGINT and SIGTERM do nothing (the command has finished and is exiting)."""
+        if threading.current_thread() is threading.main_thread():
+            for s in HANDLED:
+                signal.signal(s, signal.SIG_IGN)
 
-def install() -> None:
-    """Handle SIGINT and SIGTERM from now on (the CLI calls this first thing)."""
-    if threading.current_thread() is threading.main_thread():
+    def _handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        first = self.requested is None
+        self.requested = self.requested or name
+        if not (self._graceful and (first or not self._escalate)):
+            raise Interrupted(name)
+
+    def check(self) -> None:
+        """Stop now if a signal came outside a graceful section and some library swallowed it."""
+        if self.requested and not self._graceful:
+            raise Interrupted(self.requested)
+
+    @contextlib.contextmanager
+    def graceful(self, escalate: bool = True):
+        """Within this block, a first signal only sets `requested`; a second unwinds, unless not
+        `escalate` (a process training with others must stop with them, after a step).
+
+        Outside the main thread no handler can be set, and signals keep their old meaning.
+        Leaving the block consumes the request: the caller has acted on it.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.check()
+        previous = {s: signal.getsignal(s) for s in HANDLED}
         for s in HANDLED:
-            signal.signal(s, _handler)
-
-
-def ignore() -> None:
-    """From now on SIGINT and SIGTERM do nothing (the command has finished and is exiting)."""
-    if threading.current_thread() is threading.main_thread():
-        for s in HANDLED:
-            signal.signal(s, signal.SIG_IGN)
-
-
-def received() -> str | None:
-    """The signal that asked to stop, if any ('SIGINT' or 'SIGTERM')."""
-    return _received
-
-
-@contextlib.contextmanager
-def graceful(escalate: bool = True):
-    """Within this block, a first signal only asks to stop (see `received()`); a second unwinds,
-    unless not `escalate` (a process training with others must stop with them, after a step).
-
-    Outside the main thread no handler can be set, and signals keep their old meaning.
-    Leaving the block consumes the request: the caller has acted on it.
-    """
-    global _graceful, _received, _escalate
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    if _received and not _graceful:  # it should have unwound the command already: some code swallowed it
-        raise Interrupted(_received)
-    previous = {s: signal.getsignal(s) for s in HANDLED}
-    for s in HANDLED:
-        signal.signal(s, _handler)
-    _graceful += 1
-    was, _escalate = _escalate, escalate
-    try:
-        yield
-    finally:
-        _graceful -= 1
-        _escalate = was
-        _received = None
-        for s, h in previous.items():
-            signal.signal(s, h)
+            signal.signal(s, self._handler)
+        self._graceful += 1
+        was, self._escalate = self._escalate, escalate
+        try:
+            yield
+        finally:
+            self._graceful -= 1
+            self._escalate = was
+            self.requested = None
+            for s, h in previous.items():
+                signal.signal(s, h)

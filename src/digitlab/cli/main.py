@@ -4,6 +4,7 @@ Bad input ends in one line on stderr and exit code 2; Ctrl-C in exit code 130 (1
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -31,15 +32,14 @@ from digitlab.cli.show import (
 from digitlab.cli.sweep import cmd_sweep
 from digitlab.cli.train import cmd_compare, cmd_train
 from digitlab.config import THRESHOLD
-from digitlab.errors import EXIT_USAGE, UserError
+from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
-
-EXIT_INTERRUPTED = 130
+from digitlab.stop import StopRequest, stopped_by
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,20 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
-def main(argv: list[str] | None = None) -> int:
-    from digitlab import stop
-
-    stop.install()
+def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
+    """Run one command; returns its exit code (errors.ExitCode). `stop` is the entry point's, else one
+    is made and installed here."""
+    stop = stop or StopRequest().install()
     try:
         args = build_parser().parse_args(argv)
         args.argv = sys.argv[1:] if argv is None else list(argv)
-        return args.func(args)
+        importlib.import_module("torch")  # every command's libraries come with torch (and numpy) ...
+        stop.check()  # ... and a signal that one of them swallowed while loading stops the command here
+        return args.func(args, stop)
     except UserError as e:
         print(f"digitlab: error: {one_line(str(e))}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except (KeyboardInterrupt, Exception) as e:  # a signal, or a library's error wrapped around one
-        name = stop.stopped_by(e)
+        name = stopped_by(e)
         if name is None:
             raise
         print(f"digitlab: interrupted ({name})", file=sys.stderr)
-        return stop.EXIT_CODES.get(name, EXIT_INTERRUPTED)
+        return ExitCode[name]

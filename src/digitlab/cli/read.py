@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from digitlab.cli.options import load_data, report_files, rich_console
-from digitlab.errors import EXIT_USAGE, UserError
+from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
 
+if TYPE_CHECKING:
+    from digitlab.stop import StopRequest
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+
+def cmd_evaluate(args: argparse.Namespace, stop: StopRequest) -> int:
     import json
 
     from rich.table import Table
@@ -63,7 +67,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def cmd_predict(args: argparse.Namespace, stop: StopRequest) -> int:
     import json
 
     from PIL import Image
@@ -105,4 +109,4 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if get_task(meta["task"]).confident and meta.get("temperature") is None:
             print("note: this checkpoint has no calibration temperature (a run's best.safetensors has one when it "
                   "was trained with --val-split): its confidences are the plain softmax's")
-    return EXIT_USAGE if any(p.error for p in predictions) else 0
+    return ExitCode.USAGE if any(p.error for p in predictions) else 0

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from digitlab.cli.options import rich_console, save_plot
 
+if TYPE_CHECKING:
+    from digitlab.stop import StopRequest
 
-def cmd_summary(args: argparse.Namespace) -> int:
+
+def cmd_summary(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.models import create_model, default_task
     from digitlab.studies.model_summary import summary
     from digitlab.tasks import get_task
@@ -16,7 +20,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot_loss(args: argparse.Namespace) -> int:
+def cmd_plot_loss(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.plots import plot_run_loss
     from digitlab.training.state import history_from, read_history
 
@@ -27,7 +31,7 @@ def cmd_plot_loss(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot_compare(args: argparse.Namespace) -> int:
+def cmd_plot_compare(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.plots import plot_two_losses
     from digitlab.training.state import history_from, read_history
 
@@ -38,7 +42,7 @@ def cmd_plot_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot_sigmoid(args: argparse.Namespace) -> int:
+def cmd_plot_sigmoid(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.plots import plot_sigmoid
 
     save_plot(plot_sigmoid(), args.out)

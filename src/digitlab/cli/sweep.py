@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from digitlab.cli.options import load_data, rich_console
 from digitlab.errors import UserError
 
+if TYPE_CHECKING:
+    from digitlab.stop import StopRequest
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+
+def cmd_sweep(args: argparse.Namespace, stop: StopRequest) -> int:
     import importlib.util
 
     from digitlab.studies.sweep import read_spec, report, run_sweep, run_workers
@@ -29,7 +33,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         data = load_data(args.data_dir)
         study = run_sweep(spec, data, args.out, trials=args.trials, storage=args.storage, study=args.study,
-                          sampler=args.sampler, seed=args.seed, grace=args.grace, worker=args.worker,
+                          sampler=args.sampler, seed=args.seed, grace=args.grace, worker=args.worker, stop=stop,
                           bar=args.threads is None)
     done = [t for t in study.trials if t.value is not None]
     if done:

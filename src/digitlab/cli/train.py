@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from digitlab.cli.options import (
     given_options,
@@ -13,11 +14,15 @@ from digitlab.cli.options import (
     rich_console,
     train_config,
 )
-from digitlab.errors import UserError
+from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
+from digitlab.stop import SIGNALS
+
+if TYPE_CHECKING:
+    from digitlab.stop import StopRequest
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.reading.evaluate import SAMPLE_WORDS
     from digitlab.training import distributed, launch
     from digitlab.training.folder import fresh_run_dir
@@ -49,16 +54,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             world = distributed.start(config.device if config else args.device or "auto")
             config = distributed.from_main(world, config)
         data = distributed.everywhere(world, lambda: load_data(args.data_dir))
-        result = run(config, data, out, resume=args.resume is not None, overwrite=args.overwrite)
+        result = run(config, data, out, resume=args.resume is not None, overwrite=args.overwrite, stop=stop)
     except Exception as e:
-        from digitlab import stop
-
         # a collective that fails, or fails once the launcher has signalled this process to stop (a peer
         # died: the failure can read "Interrupted system call"), means the others are gone
-        if not (world.distributed and (distributed.lost(e) or stop.received())):
+        if not (world.distributed and (distributed.lost(e) or stop.requested)):
             raise
         if os.environ.get(launch.LAUNCHER):  # `--nproc` tells which process died, once
-            return launch.LOST
+            return ExitCode.LOST
         raise UserError(f"lost contact with the other training processes ({one_line(str(e))[:120]}); the last "
                         f"saved state in '{out}' is resumable with --resume") from None
     finally:
@@ -86,16 +89,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def stopped_exit(stopped: str | None) -> int:
-    from digitlab.stop import EXIT_CODES
-
-    if stopped in EXIT_CODES:
+    if stopped in SIGNALS:
         print(f"digitlab: interrupted ({stopped}): saved the state after the last complete batch; "
               "continue with --resume", file=sys.stderr)
-        return EXIT_CODES[stopped]
+        return ExitCode[stopped]
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def cmd_compare(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.studies.experiment import compare
     from digitlab.training.folder import fresh_run_dir
 
@@ -104,7 +105,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     configs = [train_config(name, args) for name in args.models]
     data = load_data(args.data_dir)
     result = compare(configs, data, args.out or fresh_run_dir(Path("runs/compare")), console=rich_console(),
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, stop=stop)
     report_files(result.files)
     stopped = [r.state.stopped for r in result.runs if r.state.interrupted]
     return stopped_exit(stopped[0] if stopped else None)

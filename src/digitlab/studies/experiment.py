@@ -11,6 +11,7 @@ from digitlab.files import prepare_out_dir, write_text
 from digitlab.models import create_model
 from digitlab.plots import plot_two_losses, save_figure
 from digitlab.reading.evaluate import SAMPLE_WORDS
+from digitlab.stop import StopRequest
 from digitlab.studies.model_summary import summary
 from digitlab.tasks import get_task
 from digitlab.training.run import RunResult, run
@@ -54,7 +55,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, console=None, reporter=None,
-            overwrite: bool = False) -> CompareResult:
+            overwrite: bool = False, stop: StopRequest | None = None) -> CompareResult:
     """For each config, in the chapter's order: print the summary, then train into out_dir/MODEL.
 
     Then write the two-loss plot (out_dir/compare.png, .svg) and the results table
@@ -70,7 +71,7 @@ def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, consol
         cfg = cfg.resolved()
         summary(create_model(cfg.model, num_outputs=get_task(cfg.task).outputs), console=console)
         console.print(f"training {cfg.model}: {cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}")
-        runs.append(run(cfg, data, out_dir / cfg.model, overwrite=overwrite, reporter=reporter))
+        runs.append(run(cfg, data, out_dir / cfg.model, overwrite=overwrite, reporter=reporter, stop=stop))
         if runs[-1].state.interrupted:
             break
     files = [f for r in runs for f in r.files]

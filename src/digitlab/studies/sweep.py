@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from digitlab import stop
 from digitlab.config import (
     FIELDS,
     VAL_SPLIT,
@@ -43,6 +42,7 @@ from digitlab.errors import UserError
 from digitlab.files import one_line, write_text
 from digitlab.models import create_model
 from digitlab.plots import pareto_front, plot_pareto, save_figure
+from digitlab.stop import SIGNALS, Interrupted, StopRequest
 from digitlab.tasks import get_task
 from digitlab.training.reporters import Reporter
 from digitlab.training.run import run
@@ -202,11 +202,12 @@ def training_flops(config: TrainConfig) -> int:
 
 def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage: str | None = None,
               study: str = STUDY, sampler: str | None = None, seed: int = 0, grace: int = GRACE,
-              worker: int = 0, bar: bool = True):
+              worker: int = 0, bar: bool = True, stop: StopRequest | None = None):
     """Run `trials` trials of the study (creating it on first use) into OUT/trials/, with a line per
     finished trial and (if `bar`) a progress bar for them all; returns the study."""
     import optuna
 
+    stop = stop or StopRequest()
     chosen = make_sampler(sampler, spec, seed)
     out = Path(out)
     made = not out.exists()
@@ -225,8 +226,8 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
 
     def objective(trial) -> float:
         running[:] = [trial.number]
-        if stop.received():  # a signal between two trials: this one fails at once, and the sweep stops
-            raise stop.Interrupted(stop.received())
+        if stop.requested:  # a signal between two trials: this one fails at once, and the sweep stops
+            raise Interrupted(stop.requested)
         values = {"val_split": VAL_SPLIT, **spec.fixed, **suggest(trial, spec)}
         try:
             config = TrainConfig(**values).resolved()
@@ -234,9 +235,9 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
             trial.set_user_attr("error", str(e))
             raise optuna.TrialPruned(str(e)) from None
         folder = out / "trials" / f"{trial.number:04d}"
-        result = run(config, data, folder, overwrite=True, reporter=Reporter())
-        if result.state.stopped in stop.EXIT_CODES:  # Ctrl-C or SIGTERM: this trial fails, the sweep stops
-            raise stop.Interrupted(result.state.stopped)
+        result = run(config, data, folder, overwrite=True, reporter=Reporter(), stop=stop)
+        if result.state.stopped in SIGNALS:  # Ctrl-C or SIGTERM: this trial fails, the sweep stops
+            raise Interrupted(result.state.stopped)
         steps = len(result.history.batch_loss)
         attrs = {"test_accuracy": result.test_accuracy, "train_seconds": result.history.seconds,
                  "train_flops": training_flops(config) * steps, "params": result.params, "run": str(folder)}
@@ -254,15 +255,15 @@ def run_sweep(spec: Spec, data, out: str | os.PathLike, *, trials: int, storage:
         show = progress.print
         try:
             the_study.optimize(objective, n_trials=trials, callbacks=[lambda *_: progress.advance()])
-            late = stop.received()  # after the last trial had finished
-        except stop.Interrupted:
+            late = stop.requested  # after the last trial had finished
+        except Interrupted:
             for number in _retry(the_study, running):
                 show(f"trial {number} stopped: queued to run again when the sweep goes on (the same command)")
             raise
         finally:  # the table shows what the study holds, however the command ends
             write_results(the_study, out, spec)
     if late:
-        raise stop.Interrupted(late)
+        raise Interrupted(late)
     return the_study
 
 
@@ -351,7 +352,7 @@ def run_workers(args, spec: Spec):
                 time.sleep(0.5)
                 progress.advance(len(opened.get_trials(deepcopy=False, states=finished)) - before)
         codes = [w.wait() for w in workers]
-    except stop.Interrupted as e:  # forwarded once; each worker fails its running trial and stops
+    except Interrupted as e:  # forwarded once; each worker fails its running trial and stops
         for w in workers:
             if w.poll() is None:
                 w.send_signal(getattr(signal, e.name))

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from digitlab.errors import UserError
+from digitlab.stop import SIGNALS  # the stop requests a step can carry, in this order
 
 TIMEOUT = 300  # seconds a collective may wait for the other ranks before it fails
-SIGNALS = ("SIGINT", "SIGTERM")  # the stop requests a step can carry, in this order
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
-from digitlab.errors import UserError
-from digitlab.stop import EXIT_CODES
+from digitlab.errors import ExitCode, UserError
 
 LAUNCH_FLAGS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-timeout")
 LAUNCHER = "DIGITLAB_LAUNCHER"  # set for the workers `--nproc` starts: their launcher reports a lost process
-LOST = 3  # the exit code of a worker that lost contact with the others, under `--nproc`
 
 
 def worker_argv(argv: list[str]) -> list[str]:
@@ -54,8 +52,8 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
     try:
         elastic_launch(config, sys.executable)("-m", "digitlab", *argv)
     except ChildFailedError as e:
-        said = {rank: f.exitcode for rank, f in e.failures.items() if f.exitcode in (2, *EXIT_CODES.values())}
-        dead = {rank: f.exitcode for rank, f in e.failures.items() if f.exitcode not in (LOST, *said.values())}
+        said = {rank: f.exitcode for rank, f in e.failures.items() if f.exitcode in (ExitCode.USAGE, ExitCode.SIGINT, ExitCode.SIGTERM)}
+        dead = {rank: f.exitcode for rank, f in e.failures.items() if f.exitcode not in (ExitCode.LOST, *said.values())}
         if dead:
             rank = min(dead)
             raise UserError(f"training process {rank} of {nproc * nnodes} died ({_how(dead[rank])}); the run's "
@@ -65,7 +63,8 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
         raise UserError("the training processes lost contact with each other; the run's last saved state is "
                         "resumable with --resume RUN") from None
     except SignalException as e:  # Ctrl-C or SIGTERM: the workers stopped after an agreed step, and rank 0 said so
-        return EXIT_CODES.get(signal.Signals(e.sigval).name, 128 + e.sigval)
+        name = signal.Signals(e.sigval).name
+        return ExitCode[name] if name in ExitCode.__members__ else 128 + e.sigval
     except RendezvousError as e:
         where = endpoint or "this machine"
         raise UserError(f"the {nnodes} machines did not meet at {where} within {timeout} s "

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from digitlab import stop
 from digitlab.data import get_mnist_dataloader
 from digitlab.errors import UserError
+from digitlab.stop import SIGNALS, StopRequest
 from digitlab.tasks import Task, get_task
 from digitlab.training.augment import distort, non_digits
 from digitlab.training.distributed import SINGLE, World, agree, shard
@@ -74,7 +74,7 @@ class TrainState:
 
     @property
     def interrupted(self) -> bool:
-        return self.stopped in ("SIGINT", "SIGTERM")
+        return self.stopped in SIGNALS
 
 
 class Diverged(UserError):
@@ -102,6 +102,7 @@ def fit(
     name: str = "training",
     world: World = SINGLE,
     precision: str = "fp32",
+    stop: StopRequest | None = None,
 ) -> TrainState:
     """Train from `state` (a fresh one by default) to `epochs`; returns the state it reached.
 
@@ -116,8 +117,10 @@ def fit(
     world: the processes training together (distributed.py): each takes its slice of every batch, and
         they agree on each step's loss and on stopping; `model` is then wrapped in DistributedDataParallel.
     precision: "bf16" runs the forward pass and the loss under torch.autocast in bfloat16.
+    stop: the command's Ctrl-C and SIGTERM (stop.py): the run stops after the step it is in, saved;
+        by default one for this call, so that a notebook's Ctrl-C does the same.
     """
-    state, task = state or TrainState(), get_task(task)
+    state, task, stop = state or TrainState(), get_task(task), stop or StopRequest()
     history = state.history
     reporter = reporter or Reporter()
     per_epoch = len(loader) if max_batches is None else min(len(loader), max_batches)
@@ -135,7 +138,7 @@ def fit(
     halted = None  # the stop every process agreed on, after a step (distributed); else the signal itself
 
     def asked() -> str | None:
-        return halted if world.distributed else stop.received()
+        return halted if world.distributed else stop.requested
 
     try:
         # several processes stop together after an agreed step: a second signal (torchrun sends SIGTERM
@@ -171,7 +174,7 @@ def fit(
                         objective.backward()
                         optimizer.step()
                     if world.distributed:
-                        loss, halted = agree(world, loss, stop.received())
+                        loss, halted = agree(world, loss, stop.requested)
                     losses[state.batch] = loss.detach()
                     if (state.batch + 1) % check_every == 0:
                         _check_finite(losses, max(first, state.batch + 1 - check_every), state, optimizer)

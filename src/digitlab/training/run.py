@@ -46,6 +46,7 @@ from digitlab.reading.checkpoint import (
     save_checkpoint,
 )
 from digitlab.reading.evaluate import evaluate, model_outputs
+from digitlab.stop import StopRequest
 from digitlab.tasks import get_task, probabilities
 from digitlab.training import distributed
 from digitlab.training.folder import (
@@ -167,7 +168,7 @@ def save_progress(out_dir: Path, config: TrainConfig, state: TrainState, model, 
 
 
 def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-        reporter: Reporter | None = None) -> RunResult:
+        reporter: Reporter | None = None, stop: StopRequest | None = None) -> RunResult:
     """Train one model from a config (or continue the run in `out_dir`), writing its run folder.
 
     overwrite: replace a run that `out_dir` holds already (else that is refused).
@@ -186,7 +187,7 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
     out_dir = Path(out_dir)
     if not world.main:  # rank 0 owns the folder; the others train with it and write nothing
         record, tensors = distributed.follow(world)
-        return _train(cfg, data, split, None, device, record, tensors, Reporter(), world)
+        return _train(cfg, data, split, None, device, record, tensors, Reporter(), world, stop)
     with distributed.setting_out(world) as share:
         record = tensors = None
         if cfg.tensorboard:
@@ -198,12 +199,12 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
                 record, tensors = read_state(out_dir)
                 check_resumable(out_dir, cfg, record, split.info)
             share((record, tensors))
-            return _train(cfg, data, split, out_dir, device, record, tensors, reporter, world)
+            return _train(cfg, data, split, out_dir, device, record, tensors, reporter, world, stop)
 
 
 def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, device: torch.device,
            record: dict | None, tensors: dict | None, reporter: Reporter | None,
-           world: distributed.World = distributed.SINGLE) -> RunResult:
+           world: distributed.World = distributed.SINGLE, stop: StopRequest | None = None) -> RunResult:
     """The body of `run`, in a folder it has claimed (or, on ranks other than 0, none): build,
     restore, train."""
     torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
@@ -249,7 +250,7 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
                     augment=augment if cfg.augment else None, outliers=augment if cfg.reject else None,
                     validate=validate if split.val_images is not None else None, patience=cfg.patience,
                     fast_step=fast_step, reporter=reporter, save=save if out_dir is not None else None,
-                    name=cfg.model, world=world, precision=cfg.precision)
+                    name=cfg.model, world=world, precision=cfg.precision, stop=stop)
     except Diverged as e:
         if out_dir is not None and (out_dir / STATE_FILE).exists():
             raise Diverged(f"{e}; '{one_line(str(out_dir))}' keeps the state of the last epoch before it") from None
