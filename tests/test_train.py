@@ -292,14 +292,15 @@ def test_fit_with_the_hand_written_mlp_step_trains_as_autograd_does(digits, weig
         torch.manual_seed(0)
         model = create_model("mlp")
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=weight_decay)
-        step, calls = HandWrittenMLPStep.for_model(model, optimizer, "regress"), []
+        hand, calls = HandWrittenMLPStep.for_model(model, optimizer, "regress"), []
 
         def counted(images, labels):
             calls.append(len(labels))
-            return step(images, labels)
+            return hand(images, labels)
 
         loader = InMemoryLoader(digits.train_images[:3200], digits.train_labels[:3200], seed=0)
-        losses = fit(model, loader, optimizer, epochs=1, fast_step=counted if hand_written else None).history.batch_loss
+        step = counted if hand_written else None
+        losses = fit(model, loader, optimizer, epochs=1, step=step).history.batch_loss
         return losses, torch.cat([p.detach().flatten() for p in model.parameters()]), calls
 
     fast, fast_weights, calls = train(hand_written=True)

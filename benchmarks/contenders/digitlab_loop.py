@@ -9,7 +9,7 @@ import torch
 from digitlab.data import InMemoryLoader, read_folder
 from digitlab.reading.evaluate import evaluate
 from digitlab.models import create_model, default_lr, place
-from digitlab.training.steps import HandWrittenMLPStep
+from digitlab.training.steps import choose_step
 from digitlab.training.loop import fit
 
 from contender import parse_args, report
@@ -23,8 +23,8 @@ def main():
     model = place(create_model(args.model), device)
     loader = InMemoryLoader(data.train_images, data.train_labels, batch_size=64, seed=0, device=device)
     opt = torch.optim.SGD(model.parameters(), lr=default_lr(args.model))
-    fast_step = HandWrittenMLPStep.for_model(model, opt, "regress")  # the mlp's hand-written SGD step
-    history = fit(model, loader, opt, epochs=1, max_batches=args.batches, fast_step=fast_step).history
+    step = choose_step(model, opt, "regress")  # the mlp's hand-written SGD step, autograd's for the others
+    history = fit(model, loader, opt, epochs=1, max_batches=args.batches, step=step).history
     result = evaluate(model, data.test_images, data.test_labels, task="regress")
     report(history.images_per_second, result.images_per_second, history.final_loss)
 

@@ -8,27 +8,23 @@ one `Reporter`, which records nothing, so silencing it changes no figure.
 """
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from digitlab.data import get_mnist_dataloader
 from digitlab.errors import UserError
 from digitlab.stop import SIGNALS, StopRequest
-from digitlab.tasks import Task, get_task
-from digitlab.training.augment import distort, non_digits
+from digitlab.tasks import Task
+from digitlab.training.augment import distort
 from digitlab.training.distributed import SINGLE, World, agree, shard
 from digitlab.training.optim import lr_factor, set_lr
 from digitlab.training.reporters import BAR_EVERY, ConsoleReporter, Reporter
-from digitlab.training.steps import HandWrittenMLPStep
-
-OUTLIER_WEIGHT = 0.1  # weight of the non-digits' flat-target loss (0.5 in Hendrycks et al., 2019; 0.1 measured better here)
+from digitlab.training.steps import AutogradStep, choose_step
 
 
 @dataclass
@@ -81,138 +77,134 @@ class Diverged(UserError):
     """The loss became NaN or infinite: training cannot go on from here."""
 
 
-def fit(
-    model: nn.Module,
-    loader,
-    optimizer: torch.optim.Optimizer,
-    epochs: int = 10,
-    task: str | Task = "regress",
-    *,
-    state: TrainState | None = None,
-    log_every: int = 200,
-    max_batches: int | None = None,
-    schedule: str = "none",
-    augment: torch.Generator | None = None,
-    outliers: torch.Generator | None = None,
-    validate: Callable[[nn.Module], tuple[float, float]] | None = None,
-    patience: int = 0,
-    fast_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    reporter: Reporter | None = None,
-    save: Callable[[TrainState], None] | None = None,
-    name: str = "training",
-    world: World = SINGLE,
-    precision: str = "fp32",
-    stop: StopRequest | None = None,
-) -> TrainState:
-    """Train from `state` (a fresh one by default) to `epochs`; returns the state it reached.
+@dataclass
+class FitOptions:
+    """How `fit` trains: everything but the model, its data, the optimiser and the hooks."""
 
-    schedule: scales each parameter group's base lr per step (see optim.lr_factor).
-    augment: a generator to draw handwriting-like distortions from (augment.distort); None trains on the images as they are.
-    outliers: a generator to make non-digits from a quarter of each batch (augment.non_digits), which the
-        model learns to answer with a flat distribution (outlier exposure, classification only).
-    validate: model -> (loss, accuracy) on held-out images, after every epoch; keeps the best epoch,
-        and `patience` epochs without a better accuracy stop the run.
-    fast_step: (images, labels) -> loss, a whole optimiser step that replaces autograd's (fast_mlp.py).
-    save: called with the state at the end of every epoch and when a signal stops the run.
-    world: the processes training together (distributed.py): each takes its slice of every batch, and
-        they agree on each step's loss and on stopping; `model` is then wrapped in DistributedDataParallel.
-    precision: "bf16" runs the forward pass and the loss under torch.autocast in bfloat16.
-    stop: the command's Ctrl-C and SIGTERM (stop.py): the run stops after the step it is in, saved;
-        by default one for this call, so that a notebook's Ctrl-C does the same.
+    epochs: int = 10
+    task: str | Task = "regress"
+    log_every: int = 200  # record (and print) the batch loss every N batches, as the chapter does
+    max_batches: int | None = None  # stop each epoch after N batches (a smoke run)
+    schedule: str = "none"  # scales each parameter group's base lr per step (optim.lr_factor)
+    augment: torch.Generator | None = None  # draws handwriting-like distortions (augment.distort)
+    patience: int = 0  # epochs without a better validation accuracy before the run stops; 0: never
+    name: str = "training"  # what the progress bar says
+
+
+@dataclass
+class Hooks:
+    """What `fit` calls at named moments; each does nothing by default."""
+
+    validate: Callable[[nn.Module], tuple[float, float]] | None = None  # model -> (loss, accuracy), each epoch
+    save: Callable[[TrainState], None] | None = None  # at every epoch's end, and when a signal stops the run
+    reporter: Reporter = field(default_factory=Reporter)  # log lines, bars, TensorBoard
+    stop: StopRequest = field(default_factory=StopRequest)  # Ctrl-C and SIGTERM: stop after this step
+    world: World = SINGLE  # the processes training together: each its slice of every batch (distributed.py)
+
+
+def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, options: FitOptions | None = None, *,
+        state: TrainState | None = None, step=None, hooks: Hooks | None = None, **settings) -> TrainState:
+    """Train from `state` (a fresh one by default) to `options.epochs`; returns the state it reached.
+
+    step: (images, labels) -> loss, one whole optimiser step (steps.py); autograd's by default.
+    settings: FitOptions' fields, for a call without an options object (`fit(model, loader, opt, epochs=1)`).
+    Under several processes (`hooks.world`), `model` is wrapped in DistributedDataParallel and every
+    process agrees on each step's loss and on when to stop.
     """
-    state, task, stop = state or TrainState(), get_task(task), stop or StopRequest()
-    history = state.history
-    reporter = reporter or Reporter()
-    per_epoch = len(loader) if max_batches is None else min(len(loader), max_batches)
-    total_steps = epochs * per_epoch
-    base_lrs = [group["initial_lr"] if "initial_lr" in group else group["lr"] for group in optimizer.param_groups]
-    for group, base in zip(optimizer.param_groups, base_lrs):
-        group["initial_lr"] = base  # kept in the optimiser's state, so a resumed run scales the same base
+    options, hooks = options or FitOptions(**settings), hooks or Hooks()
+    state = state or TrainState()
+    step = step or AutogradStep(model, optimizer, options.task)
+    plan = _Plan(loader, optimizer, options)
     if state.shuffle is None:
         state.shuffle = loader.generator.get_state()
-    device = next(model.parameters()).device
-    losses = torch.empty(per_epoch, device=device)  # one epoch, filled without syncs
-    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    check_every = BAR_EVERY  # a check per step would cost the mlp 6% of its speed (and a GPU a sync)
-    reporter.start(name, total_steps, state.step)
-    halted = None  # the stop every process agreed on, after a step (distributed); else the signal itself
-
-    def asked() -> str | None:
-        return halted if world.distributed else stop.requested
-
+    hooks.reporter.start(options.name, plan.total_steps, state.step)
     try:
         # several processes stop together after an agreed step: a second signal (torchrun sends SIGTERM
         # after forwarding Ctrl-C) must not unwind one of them in the middle of a collective
-        with stop.graceful(escalate=not world.distributed):
-            while state.epoch < epochs and not state.stopped and not asked():
-                start, first, images_before = time.perf_counter(), state.batch, history.images
+        with hooks.stop.graceful(escalate=not hooks.world.distributed):
+            while state.epoch < options.epochs and not state.stopped and not plan.halted(hooks):
+                start, images_before = time.perf_counter(), state.history.images
                 model.train()
-                loader.generator.set_state(state.shuffle)
-                for images, labels in loader.batches(start=state.batch, stop=per_epoch):
-                    count = len(labels)
-                    if schedule != "none":
-                        set_lr(optimizer, base_lrs, lr_factor(schedule, state.step, total_steps))
-                    if augment is not None:  # the whole batch on every process: the draws of a single one
-                        images = distort(images, augment)
-                    if world.distributed:
-                        images, labels = shard(world, images, labels)
-                    if fast_step is not None:
-                        loss = fast_step(images, labels)
-                    else:
-                        if outliers is None:
-                            with autocast():
-                                loss = objective = task.loss(model(images), labels)
-                        else:  # the loss logged is the digits' alone, comparable with a run without outliers
-                            k = max(1, len(images) // 4)
-                            unsure = non_digits(images[:k], labels[:k], outliers)
-                            with autocast():
-                                output = model(torch.cat([images, unsure]))
-                                loss = task.loss(output[:len(images)], labels)
-                                flat = -F.log_softmax(output[len(images):], 1).mean()  # cross-entropy, flat target
-                                objective = loss + OUTLIER_WEIGHT * flat
-                        optimizer.zero_grad()
-                        objective.backward()
-                        optimizer.step()
-                    if world.distributed:
-                        loss, halted = agree(world, loss, stop.requested)
-                    losses[state.batch] = loss.detach()
-                    if (state.batch + 1) % check_every == 0:
-                        _check_finite(losses, max(first, state.batch + 1 - check_every), state, optimizer)
-                    if state.batch % log_every == 0:
-                        history.loss_list.append(loss.item())
-                        history.log_points.append((state.epoch, state.batch))
-                        history.log_steps.append(state.step)
-                        reporter.logged(state.epoch, state.batch, state.step, history.loss_list[-1])
-                    state.batch += 1
-                    state.step += 1
-                    history.images += count
-                    reporter.step(state.step, loss)
-                    if asked():
-                        break
-                _check_finite(losses, first, state, optimizer, end=state.batch)
-                history.batch_loss += losses[first:state.batch].tolist()
+                _train_epoch(loader, step, state, plan, options, hooks)
                 seconds = time.perf_counter() - start
-                history.seconds += seconds
-                if state.batch < per_epoch:  # a signal stopped the epoch part-way
+                state.history.seconds += seconds
+                if state.batch < plan.per_epoch:  # a signal stopped the epoch part-way
                     break
-                row = _end_epoch(state, model, optimizer, per_epoch, validate, patience)
-                row.update(seconds=seconds, images_per_second=(history.images - images_before) / seconds)
-                history.epochs.append(row)
-                reporter.epoch_end(row)
-                state.epoch += 1
-                state.batch = 0
+                row = _end_epoch(state, model, optimizer, plan.per_epoch, hooks.validate, options.patience)
+                row.update(seconds=seconds, images_per_second=(state.history.images - images_before) / seconds)
+                state.history.epochs.append(row)
+                hooks.reporter.epoch_end(row)
+                state.epoch, state.batch = state.epoch + 1, 0
                 state.shuffle = loader.generator.get_state()  # the next epoch's order starts here
-                if save is not None:
-                    save(state)
-                if state.stopped:  # patience ran out
-                    break
-            if asked() and not state.stopped:
-                state.stopped = asked()
-                if save is not None:
-                    save(state)
+                if hooks.save is not None:
+                    hooks.save(state)
+            if plan.halted(hooks) and not state.stopped:
+                state.stopped = plan.halted(hooks)
+                if hooks.save is not None:
+                    hooks.save(state)
     finally:
-        reporter.close()
+        hooks.reporter.close()
     return state
+
+
+class _Plan:
+    """What fit works out once: batches per epoch, steps in all, each group's base lr, the epoch's
+    loss buffer, and the stop the processes agreed on."""
+
+    def __init__(self, loader, optimizer: torch.optim.Optimizer, options: FitOptions):
+        self.per_epoch = len(loader) if options.max_batches is None else min(len(loader), options.max_batches)
+        self.total_steps = options.epochs * self.per_epoch
+        self.optimizer = optimizer
+        self.base_lrs = [g["initial_lr"] if "initial_lr" in g else g["lr"] for g in optimizer.param_groups]
+        for group, base in zip(optimizer.param_groups, self.base_lrs):
+            group["initial_lr"] = base  # kept in the optimiser's state, so a resumed run scales the same base
+        device = next(p.device for g in optimizer.param_groups for p in g["params"])
+        self.losses = torch.empty(self.per_epoch, device=device)  # one epoch, filled without syncs
+        self.agreed: str | None = None  # under several processes: the stop they all agreed on, after a step
+
+    def halted(self, hooks: Hooks) -> str | None:
+        return self.agreed if hooks.world.distributed else hooks.stop.requested
+
+
+def _train_epoch(loader, step, state: TrainState, plan: _Plan, options: FitOptions, hooks: Hooks) -> None:
+    """The batches of one epoch from `state.batch` on, as pytorch/examples' train(): a step per batch."""
+    first, world = state.batch, hooks.world
+    loader.generator.set_state(state.shuffle)
+    for images, labels in loader.batches(start=state.batch, stop=plan.per_epoch):
+        count = len(labels)
+        if options.schedule != "none":
+            set_lr(plan.optimizer, plan.base_lrs, lr_factor(options.schedule, state.step, plan.total_steps))
+        if options.augment is not None:  # the whole batch on every process: the draws of a single one
+            images = distort(images, options.augment)
+        if world.distributed:
+            images, labels = shard(world, images, labels)
+        loss = step(images, labels)
+        if world.distributed:
+            loss, plan.agreed = agree(world, loss, hooks.stop.requested)
+        _record(state, loss, count, first, plan, options, hooks.reporter)
+        if plan.halted(hooks):
+            break
+    _check_finite(plan.losses, first, state, plan.optimizer, end=state.batch)
+    state.history.batch_loss += plan.losses[first:state.batch].tolist()
+
+
+def _record(state: TrainState, loss: torch.Tensor, count: int, first: int, plan: _Plan, options: FitOptions,
+            reporter: Reporter) -> None:
+    """One step's figures: the loss into the epoch's buffer (checked every BAR_EVERY steps, which costs
+    the mlp less than a check per step would, and a GPU no sync), the chapter's log line, counters."""
+    history = state.history
+    plan.losses[state.batch] = loss.detach()
+    if (state.batch + 1) % BAR_EVERY == 0:
+        _check_finite(plan.losses, max(first, state.batch + 1 - BAR_EVERY), state, plan.optimizer)
+    if state.batch % options.log_every == 0:
+        history.loss_list.append(loss.item())
+        history.log_points.append((state.epoch, state.batch))
+        history.log_steps.append(state.step)
+        reporter.logged(state.epoch, state.batch, state.step, history.loss_list[-1])
+    state.batch += 1
+    state.step += 1
+    history.images += count
+    reporter.step(state.step, loss)
 
 
 def _check_finite(losses: torch.Tensor, start: int, state: TrainState, optimizer, end: int | None = None) -> None:
@@ -255,7 +247,7 @@ def train(
         loader, _ = get_mnist_dataloader(device=next(model.parameters()).device)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    state = fit(model, loader, optimizer, epochs=epochs, task=task, log_every=log_every,
-                fast_step=HandWrittenMLPStep.for_model(model, optimizer, task), reporter=ConsoleReporter(),
-                name=type(model).__name__)
+    options = FitOptions(epochs=epochs, task=task, log_every=log_every, name=type(model).__name__)
+    state = fit(model, loader, optimizer, options, step=choose_step(model, optimizer, task),
+                hooks=Hooks(reporter=ConsoleReporter()))
     return state.history.loss_list

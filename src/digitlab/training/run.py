@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from digitlab.config import CONFIG_FILE, TrainConfig, config_toml
 from digitlab.data import (
@@ -56,7 +57,15 @@ from digitlab.training.folder import (
     TENSORBOARD_DIR,
     claim,
 )
-from digitlab.training.loop import EPOCH_COLUMNS, Diverged, History, TrainState, fit
+from digitlab.training.loop import (
+    EPOCH_COLUMNS,
+    Diverged,
+    FitOptions,
+    History,
+    Hooks,
+    TrainState,
+    fit,
+)
 from digitlab.training.optim import make_optimizer
 from digitlab.training.reporters import (
     ConsoleReporter,
@@ -66,7 +75,7 @@ from digitlab.training.reporters import (
 )
 from digitlab.training.resume import check_resumable, restore
 from digitlab.training.state import history_record, read_state, save_state
-from digitlab.training.steps import HandWrittenMLPStep
+from digitlab.training.steps import choose_step
 
 MAX_VAL_FRACTION = 10  # validation takes at most a tenth of the training images
 
@@ -235,22 +244,19 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
         reporter = ConsoleReporter()
     if cfg.tensorboard and out_dir is not None:
         reporter = Reporters(reporter, TensorBoardReporter(out_dir / TENSORBOARD_DIR))
-    # The hand-written step knows nothing of non-digits (--reject trains through autograd), of other
-    # processes (under DistributedDataParallel the gradients are autograd's, all-reduced) or of bf16.
-    fast_step = (HandWrittenMLPStep.for_model(model, optimizer, cfg.task)
-                 if cfg.fast_mlp and not cfg.reject and not world.distributed and cfg.precision == "fp32" else None)
     net = model
     if world.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step = choose_step(net, optimizer, cfg.task, fast_mlp=cfg.fast_mlp, outliers=augment if cfg.reject else None,
+                       distributed=world.distributed, precision=cfg.precision)
+    options = FitOptions(epochs=cfg.epochs, task=cfg.task, log_every=cfg.log_every, max_batches=cfg.max_batches,
+                         schedule=cfg.schedule, augment=augment if cfg.augment else None, patience=cfg.patience,
+                         name=cfg.model)
+    hooks = Hooks(validate=validate if split.val_images is not None else None,
+                  save=save if out_dir is not None else None, reporter=reporter, stop=stop or StopRequest(),
+                  world=world)
     try:
-        state = fit(net, loader, optimizer, epochs=cfg.epochs, task=cfg.task, state=state,
-                    log_every=cfg.log_every, max_batches=cfg.max_batches, schedule=cfg.schedule,
-                    augment=augment if cfg.augment else None, outliers=augment if cfg.reject else None,
-                    validate=validate if split.val_images is not None else None, patience=cfg.patience,
-                    fast_step=fast_step, reporter=reporter, save=save if out_dir is not None else None,
-                    name=cfg.model, world=world, precision=cfg.precision, stop=stop)
+        state = fit(net, loader, optimizer, options, state=state, step=step, hooks=hooks)
     except Diverged as e:
         if out_dir is not None and (out_dir / STATE_FILE).exists():
             raise Diverged(f"{e}; '{one_line(str(out_dir))}' keeps the state of the last epoch before it") from None
