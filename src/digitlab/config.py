@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,16 +33,16 @@ def _model_names() -> list[str]:
 
 def option(default: Any, help: str, *, choices: tuple | Callable[[], list] | None = None,
            minimum: float | None = None, above: float | None = None, maximum: float | None = None,
-           kind: type | None = None,
-           flag: str | None = None, metavar: str | None = None):
-    """A config field with what the CLI and the config-file reader need to know about it.
+           kind: type | None = None, flag: str | None = None, metavar: str | None = None, hidden: bool = False):
+    """A field of an options dataclass with what the CLI and the config-file reader need to know.
 
     minimum/above/maximum: the value must be >= minimum, > above, <= maximum (and finite).
     kind: the value's type when the annotation allows None (an int or a float).
     flag: the command-line flag, when it is not the field name with dashes.
+    hidden: set by digitlab itself (a worker's command line), not shown in --help.
     """
     meta = dict(help=help, choices=choices, minimum=minimum, above=above, maximum=maximum, kind=kind, flag=flag,
-                metavar=metavar)
+                metavar=metavar, hidden=hidden)
     return field(default=default, metadata=meta)
 
 
@@ -124,19 +124,29 @@ class TrainConfig:
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
-def value_type(name: str) -> type:
+def flag(f: Field) -> str:
+    """The command-line flag of an options field: `--batch-size` for batch_size, unless it names its own."""
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def value_type(name: str, of: type = TrainConfig) -> type:
     """The Python type of a field's value: bool, int, float or str."""
-    f = FIELDS[name]
+    f = _field(of, name)
     return f.metadata["kind"] or type(f.default)
 
 
-def problem(name: str, value: Any) -> str | None:
-    """What is wrong with `value` for field `name`, in a few words, or None if it is fine."""
-    f = FIELDS[name]
+def _field(of: type, name: str) -> Field:
+    return FIELDS[name] if of is TrainConfig else {f.name: f for f in fields(of)}[name]
+
+
+def problem(name: str, value: Any, of: type = TrainConfig) -> str | None:
+    """What is wrong with `value` for field `name` (of TrainConfig, or another options dataclass), in
+    a few words, or None if it is fine."""
+    f = _field(of, name)
     meta = f.metadata
     if value is None:
         return None if f.default is None else "needs a value"
-    kind = value_type(name)
+    kind = value_type(name, of)
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, (float, int) if kind is float else kind):
         return f"must be {_kind_name(kind)}, got {value!r}"
     choices = meta["choices"]
@@ -171,6 +181,67 @@ def check_value(name: str, value: Any) -> Any:
 
 def _kind_name(kind: type) -> str:
     return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[kind]
+
+
+# ---------------------------------------------------------------------------- sweeps and many processes
+
+SAMPLERS = ("grid", "random", "tpe")
+
+
+@dataclass
+class SweepOptions:
+    """How `digitlab sweep` runs its study; the trials' own options are TrainConfig's, from the spec."""
+
+    trials: int = option(10, "trials this command runs", minimum=1, maximum=100_000)
+    workers: int = option(1, "processes on this machine, each running its share of the trials with the cores "
+                             "divided among them", minimum=1, maximum=256)
+    storage: str | None = option(None, "the study's database, shared by every command that joins it, e.g. "
+                                       "postgresql://user:password@host/db (default: sqlite:///OUT/study.db)",
+                                 kind=str, metavar="URL")
+    study: str = option("digitlab", "the study's name in the storage")
+    grace: int = option(60, "a running trial not heard from for this long (its process killed, its machine lost) "
+                            "is failed, and a copy of it queued for the next command", minimum=2, maximum=86_400,
+                        metavar="SECONDS")
+    sampler: str | None = option(None, "grid takes the whole product of the lists; random and tpe draw (default: "
+                                       "grid when every searched option is a list, else tpe)",
+                                 choices=SAMPLERS, kind=str)
+    seed: int = option(0, "random and tpe: the sampler's seed, mixed with the trials the study already holds and "
+                          "the worker's index, so that a continued study or a second worker draws new points; give "
+                          "each machine its own (a grid runs in one fixed order)", minimum=0)
+    out: str = option("runs/sweep", "OUT: trials/ (one run folder per trial), trials.csv, study.db")
+    threads: int | None = option(None, "a worker's torch threads", minimum=1, maximum=256, kind=int, hidden=True)
+    worker: int = option(0, "which worker this is, for its sampler's seed", minimum=0, maximum=255, hidden=True)
+
+    def storage_url(self) -> str:
+        """The study's database: --storage, else a SQLite file in OUT."""
+        return self.storage or f"sqlite:///{(Path(self.out) / 'study.db').resolve()}"
+
+
+@dataclass
+class LaunchOptions:
+    """`digitlab train --nproc N`: how many training processes, on how many machines, meeting where."""
+
+    nproc: int | None = option(None, "train on N processes on this machine (DistributedDataParallel, gloo on the CPU, "
+                                     "nccl on CUDA), started as torchrun does; --batch-size is the global batch "
+                                     "(default: one process)", minimum=1, maximum=256, kind=int, metavar="N")
+    nnodes: int = option(1, "with --nproc: M machines train together, each running this same command",
+                         minimum=1, maximum=256, metavar="M")
+    rdzv_endpoint: str | None = option(None, "with --nnodes: where the machines meet (torchrun's c10d rendezvous), "
+                                             "the same on all", kind=str, metavar="HOST:PORT")
+    rdzv_timeout: int = option(300, "with --nnodes: how long to wait for the other machines", minimum=2,
+                               maximum=86_400, metavar="SECONDS")
+
+
+def as_argv(options) -> list[str]:
+    """The command line that gives an options dataclass these values (fields set to None left out)."""
+    argv = []
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if isinstance(value, bool):
+            argv.append(flag(f) if value else "--no-" + flag(f)[2:])
+        elif value is not None:
+            argv += [flag(f), str(value)]
+    return argv
 
 
 # ---------------------------------------------------------------------------- presets

@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
+from dataclasses import fields
 from pathlib import Path
+
+from digitlab.config import (
+    FIELDS,
+    PRESETS,
+    THRESHOLD,
+    TrainConfig,
+    flag,
+    preset_config,
+    problem,
+    read_config_file,
+    value_type,
+)
+from digitlab.files import prepare_out_dir
 
 
 class ModelNames:
@@ -39,18 +52,16 @@ def non_negative_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 0, "0 or more")
 
 
-def _config_value(name: str):
-    """argparse type for config field `name`: parse the text, then the field's own check."""
-    from digitlab.config import problem, value_type
-
-    kind = value_type(name)
+def _option_value(of: type, name: str):
+    """argparse type for field `name` of options dataclass `of`: parse the text, then the field's own check."""
+    kind = value_type(name, of)
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a {'whole number' if kind is int else 'number'}") from None
-        wrong = problem(name, value)
+        wrong = problem(name, value, of)
         if wrong:
             raise argparse.ArgumentTypeError(wrong)
         return value
@@ -59,16 +70,31 @@ def _config_value(name: str):
     return parse
 
 
+def add_options(p: argparse.ArgumentParser, of: type, *, unset: bool = False, skip: tuple[str, ...] = ()) -> None:
+    """One option per field of the options dataclass `of` (config.py), from the field's own help,
+    choices, bounds and flag. unset: every default is None, meaning "not set here" (TrainConfig's
+    way: the preset, then a --config file, then TrainConfig fill it in, so a typed option wins)."""
+    for f in fields(of):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        shown = f.default
+        help_text = meta["help"] if shown is None or "(default" in meta["help"] else (
+            f"{meta['help']} (default: {str(shown).lower() if isinstance(shown, bool) else shown})")
+        if meta["hidden"]:
+            help_text = argparse.SUPPRESS
+        default = None if unset else f.default
+        if value_type(f.name, of) is bool:
+            p.add_argument(flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            choices = meta["choices"]
+            metavar = meta["metavar"] or ("{" + ",".join(choices) + "}" if isinstance(choices, tuple) else None)
+            p.add_argument(flag(f), dest=f.name, type=_option_value(of, f.name), default=default, metavar=metavar,
+                           help=help_text)
+
+
 def add_training_options(p: argparse.ArgumentParser, default_out: str, resume: bool = False) -> None:
-    """One option per TrainConfig field, from the field's own help, choices and bounds.
-
-    Every default is None, meaning "not set here": the preset, then a --config file, then
-    TrainConfig fill it in, so an option typed on the command line always wins.
-    """
-    from dataclasses import fields
-
-    from digitlab.config import FIELDS, PRESETS, TrainConfig, value_type
-
+    """--preset, --config, every TrainConfig field (unset unless typed), --data-dir, --out, --overwrite."""
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="a named recipe: chapter (the course's settings), fast (99%% in about 10 seconds on a "
                         "CPU, and reads handwriting), best (the most accurate single model, and the one to use for "
@@ -80,27 +106,18 @@ def add_training_options(p: argparse.ArgumentParser, default_out: str, resume: b
         p.add_argument("--resume", type=Path, default=None, metavar="RUN",
                        help="continue the run in this folder exactly where it stopped; --epochs N extends a "
                             "finished run (default: start a new run)")
-    for f in fields(TrainConfig):
-        if f.name == "model":  # a positional argument
-            continue
-        meta = f.metadata
-        flag = meta["flag"] or "--" + f.name.replace("_", "-")
-        shown = FIELDS[f.name].default
-        help_text = meta["help"] if shown is None or "(default" in meta["help"] else (
-            f"{meta['help']} (default: {str(shown).lower() if isinstance(shown, bool) else shown})")
-        if value_type(f.name) is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            choices = meta["choices"]
-            metavar = meta["metavar"] or ("{" + ",".join(choices) + "}" if isinstance(choices, tuple) else None)
-            p.add_argument(flag, dest=f.name, type=_config_value(f.name), default=None, metavar=metavar,
-                           help=help_text)
+    add_options(p, TrainConfig, unset=True, skip=("model",))  # the model is a positional argument
     add_data_dir(p)
     p.add_argument("--out", type=Path, default=None,
                    help=f"folder for the checkpoint, loss history and plots (default: {default_out}, or "
                         f"{default_out}-2, -3, ... when that holds a run already)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run that --out holds already (default: refuse, and keep it)")
+
+
+def add_threshold(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--threshold", type=threshold, default=THRESHOLD, metavar="P",
+                   help=f"{help_text} (default: %(default)s)")
 
 
 def add_data_dir(p: argparse.ArgumentParser) -> None:
@@ -113,16 +130,7 @@ def port(text: str) -> int:
     return _number(text, int, lambda v: 1 <= v <= 65535, "a port number, 1-65535")
 
 
-def workers(text: str) -> int:
-    return _number(text, int, lambda v: 1 <= v <= 256, "a whole number from 1 to 256")
 
-
-def trials(text: str) -> int:
-    return _number(text, int, lambda v: 1 <= v <= 100_000, "a whole number of trials, 1-100000")
-
-
-def seconds(text: str) -> int:
-    return _number(text, int, lambda v: 2 <= v <= 86_400, "a whole number of seconds, 2-86400")
 
 
 def threshold(text: str) -> float:
@@ -139,38 +147,35 @@ def rich_console():
     return Console(highlight=False)
 
 
-def load_data(data_dir: Path | None, stream=None):
-    from digitlab.data import load_mnist
+def load_data(data_dir: Path | None, say=print, quiet: bool = False):
+    """The MNIST set a command asked for, and one line saying which it is (`say` prints it)."""
+    from digitlab.data import (
+        load_mnist,  # imported here: it brings torch, and `--help` must not
+    )
 
-    data = load_mnist(data_dir)
-    print(f"data: {data.source} ({len(data.train_labels):,} train / {len(data.test_labels):,} test images)",
-          file=stream or sys.stdout)
+    data = load_mnist(data_dir, quiet=quiet)  # quiet: no notice that the offline sample stands in
+    say(f"data: {data.source} ({len(data.train_labels):,} train / {len(data.test_labels):,} test images)")
     return data
 
 
 def given_options(args: argparse.Namespace, model: str | None) -> dict:
     """The training options typed on the command line (and the model, if one was named)."""
-    from digitlab.config import FIELDS
-
     given = {name: getattr(args, name) for name in FIELDS if name != "model" and getattr(args, name) is not None}
     return {**({"model": model} if model else {}), **given}
 
 
 def train_config(model: str | None, args: argparse.Namespace):
-    from digitlab.config import preset_config, read_config_file
-
     from_file = read_config_file(args.config) if args.config else {}
     given = {**from_file, **given_options(args, model)}
     return preset_config(args.preset or "chapter", given.pop("model", None), **given)
 
 
-def report_files(files) -> None:
+def report_files(files, say=print) -> None:
     for path in files:
-        print(f"wrote {path}")
+        say(f"wrote {path}")
 
 
 def save_plot(fig, stem: Path) -> None:
-    from digitlab.files import prepare_out_dir
     from digitlab.plots import save_figure
 
     prepare_out_dir(stem.parent)

@@ -2,12 +2,33 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from digitlab.cli.options import add_threshold, opset, port
 from digitlab.errors import UserError
 
 if TYPE_CHECKING:
     from digitlab.stop import StopRequest
+
+
+def add_serve_parser(commands) -> None:
+    p = commands.add_parser("serve", help="a local web page: draw a digit and watch every loaded model read it")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="run folders (or checkpoints) to load; the first one answers in large (`digitlab train "
+                        "--preset best` makes the model that reads real handwriting best)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=port, default=8000, help="port to listen on (default: %(default)s)")
+    add_threshold(p, "an answer with a (calibrated) confidence below P is 'not sure'")
+    p.set_defaults(func=cmd_serve)
+
+
+def add_export_parser(commands) -> None:
+    p = commands.add_parser("export", help="write a run's model as ONNX, for onnxruntime and other tools")
+    p.add_argument("run", type=Path, metavar="RUN", help="a run folder (its best checkpoint) or a checkpoint")
+    p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=opset, default=17, help="ONNX opset, 17 or newer (default: %(default)s)")
+    p.set_defaults(func=cmd_export)
 
 
 def cmd_serve(args: argparse.Namespace, stop: StopRequest) -> int:

@@ -2,12 +2,41 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from digitlab.cli.options import rich_console, save_plot
+from digitlab.cli.options import ModelNames, rich_console, save_plot
+from digitlab.config import TASKS
 
 if TYPE_CHECKING:
     from digitlab.stop import StopRequest
+
+
+def add_summary_parser(commands) -> None:
+    p = commands.add_parser("summary", help="print a model's layer table, as the chapter's paddle.summary")
+    p.add_argument("model", choices=ModelNames(), metavar="MODEL", help="one of: %(choices)s")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="regress: 1 output; classify: 10 outputs (default: the model's, regress for mlp and cnn)")
+    p.set_defaults(func=cmd_summary)
+
+
+def add_plot_parser(commands) -> None:
+    p = commands.add_parser("plot", help="draw a loss curve, a two-run comparison, or the sigmoid")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    k = kinds.add_parser("loss", help="one run's loss curve")
+    k.add_argument("run", type=Path, metavar="RUN", help="a run folder (or its history.json)")
+    k.add_argument("--out", type=Path, default=None,
+                   help="file name without extension; writes .png and .svg (default: RUN/loss)")
+    k.set_defaults(func=cmd_plot_loss)
+    k = kinds.add_parser("compare", help="two runs' losses in the chapter's style")
+    k.add_argument("runs", type=Path, nargs=2, metavar="RUN", help="two run folders (or history.json files)")
+    k.add_argument("--out", type=Path, default=Path("runs/plots/compare"),
+                   help="file name without extension; writes .png and .svg (default: %(default)s)")
+    k.set_defaults(func=cmd_plot_compare)
+    k = kinds.add_parser("sigmoid", help="the chapter's sigmoid curve")
+    k.add_argument("--out", type=Path, default=Path("runs/plots/sigmoid"),
+                   help="file name without extension; writes .png and .svg (default: %(default)s)")
+    k.set_defaults(func=cmd_plot_sigmoid)
 
 
 def cmd_summary(args: argparse.Namespace, stop: StopRequest) -> int:

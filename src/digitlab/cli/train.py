@@ -4,57 +4,86 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from digitlab.cli.options import (
+    ModelNames,
+    add_options,
+    add_training_options,
     given_options,
     load_data,
     report_files,
     rich_console,
     train_config,
 )
+from digitlab.config import LaunchOptions
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
-from digitlab.stop import SIGNALS
+from digitlab.stop import SIGNALS, stopped_by
 
 if TYPE_CHECKING:
     from digitlab.stop import StopRequest
 
 
+def add_train_parser(commands) -> None:
+    p = commands.add_parser("train", help="train one model with the chapter's loop and save it")
+    p.add_argument("model", nargs="?", choices=ModelNames(), metavar="MODEL",
+                   help="one of: %(choices)s (default: the preset's, cnn for the chapter)")
+    add_training_options(p, default_out="runs/MODEL", resume=True)
+    add_options(p, LaunchOptions)
+    p.set_defaults(func=cmd_train)
+
+
+def add_compare_parser(commands) -> None:
+    p = commands.add_parser("compare", help="the chapter's experiment: summarise, train and plot two models")
+    p.add_argument("models", nargs=2, choices=ModelNames(), metavar="MODEL", help="two of: %(choices)s")
+    add_training_options(p, default_out="runs/compare")
+    p.set_defaults(func=cmd_compare)
+
+
 def cmd_train(args: argparse.Namespace, stop: StopRequest) -> int:
-    from digitlab.reading.evaluate import SAMPLE_WORDS
     from digitlab.training import distributed, launch
-    from digitlab.training.folder import fresh_run_dir
-    from digitlab.training.resume import resume_config
-    from digitlab.training.run import run
 
     if args.nproc is not None and not distributed.launched():
         if args.device == "cuda":  # here, once, rather than in every process
             distributed.check_gpus(args.nproc, f"--nproc {args.nproc}")
-        return launch.launch(launch.worker_argv(args.argv), args.nproc, args.nnodes, args.rdzv_endpoint,
-                                  args.rdzv_timeout)
+        options = LaunchOptions(**{f.name: getattr(args, f.name) for f in fields(LaunchOptions)})
+        return launch.launch(launch.worker_argv(args.argv), options)
     if args.nnodes > 1 or args.rdzv_endpoint:
         raise UserError("--nnodes and --rdzv-endpoint go with --nproc N (or use torchrun's own options)")
-    if distributed.launched():
-        distributed.quiet()  # rank 0 alone prints: its log lines, and the errors every rank meets alike
-    if args.resume is not None:
-        if args.preset or args.config or args.out or args.overwrite:
-            raise UserError("--resume continues a run as it was configured; drop --preset, --config, --out "
-                            "and --overwrite")
-        out = args.resume
-        # the run folder is rank 0's (the other machines need no copy): it sends the others the config
-        config = resume_config(out, given_options(args, args.model)) if distributed.launched_rank() == 0 else None
-    else:
-        config = train_config(args.model, args)
-        out = args.out or fresh_run_dir(Path("runs") / config.model)
+    if distributed.launched_rank() == 0:
+        return _train(args, stop, speaks=True)
+    # rank 0 alone speaks: its log lines, and the errors every rank meets alike; the others stay quiet
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return _train(args, stop, speaks=False)
+        except UserError:
+            return ExitCode.USAGE
+        except (KeyboardInterrupt, Exception) as e:
+            if stopped_by(e) is None:
+                raise
+            return ExitCode[stopped_by(e)]
+
+
+def _train(args: argparse.Namespace, stop: StopRequest, speaks: bool) -> int:
+    """One training process: alone, or one of several that torchrun (or --nproc) started."""
+    from digitlab.training import distributed, launch
+    from digitlab.training.run import run
+
+    say = print if speaks else _silent
+    config, out = _config_and_folder(args)
     world = distributed.SINGLE
     try:
         if distributed.launched():
             world = distributed.start(config.device if config else args.device or "auto")
             config = distributed.from_main(world, config)
-        data = distributed.everywhere(world, lambda: load_data(args.data_dir))
-        result = run(config, data, out, resume=args.resume is not None, overwrite=args.overwrite, stop=stop)
+        data = distributed.everywhere(world, lambda: load_data(args.data_dir, say=say, quiet=not speaks))
+        result = run(config, data, out, resume=args.resume is not None, overwrite=args.overwrite, stop=stop,
+                     world=world)
     except Exception as e:
         # a collective that fails, or fails once the launcher has signalled this process to stop (a peer
         # died: the failure can read "Interrupted system call"), means the others are gone
@@ -66,32 +95,60 @@ def cmd_train(args: argparse.Namespace, stop: StopRequest) -> int:
                         f"saved state in '{out}' is resumable with --resume") from None
     finally:
         distributed.stop()
-    if not world.main:
-        return stopped_exit(result.state.stopped)
-    h = result.history
+    if world.main:
+        _report(result, data, say)
+    return stopped_exit(result.state.stopped, say)
+
+
+def _config_and_folder(args: argparse.Namespace):
+    """The run's config and folder: a new run's from the preset, file and options, or the saved run's."""
+    from digitlab.training import distributed
+    from digitlab.training.folder import fresh_run_dir
+    from digitlab.training.resume import resume_config
+
+    if args.resume is None:
+        config = train_config(args.model, args)
+        return config, args.out or fresh_run_dir(Path("runs") / config.model)
+    if args.preset or args.config or args.out or args.overwrite:
+        raise UserError("--resume continues a run as it was configured; drop --preset, --config, --out "
+                        "and --overwrite")
+    # the run folder is rank 0's (the other machines need no copy): it sends the others the config
+    config = resume_config(args.resume, given_options(args, args.model)) if distributed.launched_rank() == 0 else None
+    return config, args.resume
+
+
+def _report(result, data, say) -> None:
+    """What a finished (or stopped) run tells its user: speed, loss, accuracy, calibration, files."""
+    from digitlab.reading.evaluate import SAMPLE_WORDS
+
+    h, config = result.history, result.config
     if data.is_sample:
-        print(f"note: figures from {SAMPLE_WORDS}, not comparable with full-MNIST figures")
-    print(f"{config.model}: {h.images:,} images in {h.seconds:.1f} s ({h.images_per_second:,.0f} images/s), "
-          f"final loss {h.final_loss if h.final_loss is None else round(h.final_loss, 4)}, test accuracy {result.test_accuracy:.2%} ({result.checkpoint.name})")
+        say(f"note: figures from {SAMPLE_WORDS}, not comparable with full-MNIST figures")
+    say(f"{config.model}: {h.images:,} images in {h.seconds:.1f} s ({h.images_per_second:,.0f} images/s), "
+        f"final loss {h.final_loss if h.final_loss is None else round(h.final_loss, 4)}, test accuracy "
+        f"{result.test_accuracy:.2%} ({result.checkpoint.name})")
     c = result.calibration
     if "temperature" in c:
-        print(f"confidence: temperature {c['temperature']:.3f} fitted on the validation split; expected calibration "
-              f"error on the test set {c['test_ece_uncalibrated']:.2%} before, {c['test_ece']:.2%} after")
+        say(f"confidence: temperature {c['temperature']:.3f} fitted on the validation split; expected calibration "
+            f"error on the test set {c['test_ece_uncalibrated']:.2%} before, {c['test_ece']:.2%} after")
     elif c:
         why = ("the validation split is too small or all right to fit a temperature (give --val-split 200 or more)"
                if c.get("calibration") == "skipped" else "calibration needs --val-split")
-        print(f"confidence: not calibrated ({why}); expected calibration error on the test set {c['test_ece']:.2%}")
+        say(f"confidence: not calibrated ({why}); expected calibration error on the test set {c['test_ece']:.2%}")
     if result.state.stopped == "patience":
-        print(f"stopped early: no better validation accuracy for {config.patience} epochs after epoch "
-              f"{result.state.best_epoch}")
-    report_files(result.files)
-    return stopped_exit(result.state.stopped)
+        say(f"stopped early: no better validation accuracy for {config.patience} epochs after epoch "
+            f"{result.state.best_epoch}")
+    report_files(result.files, say)
 
 
-def stopped_exit(stopped: str | None) -> int:
+def _silent(*_, **__) -> None:
+    pass
+
+
+def stopped_exit(stopped: str | None, say=print) -> int:
     if stopped in SIGNALS:
-        print(f"digitlab: interrupted ({stopped}): saved the state after the last complete batch; "
-              "continue with --resume", file=sys.stderr)
+        say(f"digitlab: interrupted ({stopped}): saved the state after the last complete batch; "
+            "continue with --resume", file=sys.stderr)
         return ExitCode[stopped]
     return 0
 

@@ -174,62 +174,15 @@ def segment(labels: np.ndarray, count: int, source: str = "image") -> list[np.nd
     4. A group much wider than tall is two or more digits joined by a stroke: it is cut at the
        columns with the least ink near the even cuts (see `_cuts`).
     """
-    from scipy import ndimage
-
-    sizes = _sizes(labels, count)
-    slices = ndimage.find_objects(labels)
-    spans = [(sl[1].start, sl[1].stop) for sl in slices]  # columns of each blob
-    big = [i for i in range(count) if sizes[i] >= MIN_BLOB * sizes.max()]
+    blobs = _Blobs(labels, count)
+    big = [i for i in range(count) if blobs.sizes[i] >= MIN_BLOB * blobs.sizes.max()]
     if len(big) > MAX_BLOBS:  # a page of text or a texture, not a row of digits (and pairs of them cost time)
         raise ImageError(f"{source}: {len(big)} separate marks of similar size; digitlab reads one row of digits: "
                          "crop the picture to them")
-    group = {i: i for i in big}
-
-    def root(i: int) -> int:
-        while group[i] != i:
-            i = group[i]
-        return i
-
-    tallest = max(slices[i][0].stop - slices[i][0].start for i in big)  # of the strokes, not of a thin line
-
-    def overlap(a: tuple[int, int], b: tuple[int, int]) -> float:
-        """Shared columns as a fraction of the narrower span; below 0 when apart."""
-        return (min(a[1], b[1]) - max(a[0], b[0])) / max(1, min(a[1] - a[0], b[1] - b[0]))
-
-    def gap(a: tuple[int, int], b: tuple[int, int]) -> int:
-        return max(a[0], b[0]) - min(a[1], b[1])  # columns between them; 0 or less when they overlap
-
-    for n, i in enumerate(big):
-        for j in big[n + 1:]:
-            shared = overlap(spans[i], spans[j])
-            small = min(sizes[i], sizes[j]) < PART * max(sizes[i], sizes[j])
-            if shared >= SHARED or (small and (shared > 0.1 or gap(spans[i], spans[j]) <= TOUCH * tallest)):
-                group[root(j)] = root(i)
-    members: dict[int, list[int]] = {}
-    for i in big:
-        members.setdefault(root(i), []).append(i)
-
-    def span(m: list[int]) -> tuple[int, int]:
-        return min(spans[i][0] for i in m), max(spans[i][1] for i in m)
-
-    def height(m: list[int]) -> int:
-        return max(slices[i][0].stop for i in m) - min(slices[i][0].start for i in m)
-
-    # Short groups are pieces of the digit beside them (a stroke the pen broke off), or else dropped.
-    tall = {r: m for r, m in members.items() if height(m) >= MIN_HEIGHT * tallest}
-    for r, m in members.items():
-        if r not in tall and tall:
-            near = min(tall, key=lambda t: gap(span(m), span(tall[t])))
-            if gap(span(m), span(tall[near])) <= NEAR * tallest:
-                tall[near] = tall[near] + m
-    for i in range(count):
-        if i not in group and sizes[i] >= MIN_SPECK * sizes.max() and tall:
-            best = max(tall, key=lambda r: overlap(spans[i], span(tall[r])))
-            if overlap(spans[i], span(tall[best])) > 0:
-                tall[best] = tall[best] + [i]
-    masks = [np.isin(labels, [i + 1 for i in m]) for m in tall.values()]
+    blobs.tallest = max(blobs.slices[i][0].stop - blobs.slices[i][0].start for i in big)  # of strokes, not a line
+    digits = _attach_pieces(blobs, _group_strokes(blobs, big), set(big))
     pieces = []
-    for m in masks:
+    for m in (np.isin(labels, [i + 1 for i in m]) for m in digits.values()):
         cols = np.nonzero(m.any(0))[0]
         x0, x1 = cols.min(), cols.max() + 1
         cuts = _cuts(m[:, x0:x1]) + x0
@@ -239,6 +192,76 @@ def segment(labels: np.ndarray, count: int, source: str = "image") -> list[np.nd
             if piece.any():
                 pieces.append(piece)
     return sorted(pieces, key=lambda p: np.nonzero(p.any(0))[0].mean())
+
+
+class _Blobs:
+    """The labelled blobs of ink: their sizes, bounding boxes and column spans, and how groups of
+    them (lists of blob indices) sit against each other."""
+
+    def __init__(self, labels: np.ndarray, count: int):
+        from scipy import (
+            ndimage,  # imported here: scipy loads slowly, and only pictures need it
+        )
+
+        self.count, self.sizes = count, _sizes(labels, count)
+        self.slices = ndimage.find_objects(labels)
+        self.spans = [(sl[1].start, sl[1].stop) for sl in self.slices]  # columns of each blob
+        self.tallest = 0
+
+    def span(self, m: list[int]) -> tuple[int, int]:
+        return min(self.spans[i][0] for i in m), max(self.spans[i][1] for i in m)
+
+    def height(self, m: list[int]) -> int:
+        return max(self.slices[i][0].stop for i in m) - min(self.slices[i][0].start for i in m)
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> float:
+    """Shared columns as a fraction of the narrower span; below 0 when apart."""
+    return (min(a[1], b[1]) - max(a[0], b[0])) / max(1, min(a[1] - a[0], b[1] - b[0]))
+
+
+def _gap(a: tuple[int, int], b: tuple[int, int]) -> int:
+    return max(a[0], b[0]) - min(a[1], b[1])  # columns between them; 0 or less when they overlap
+
+
+def _group_strokes(blobs: _Blobs, big: list[int]) -> dict[int, list[int]]:
+    """Step 1: strokes whose columns overlap enough, or a small stroke on or touching a larger one, are
+    one digit; returns the groups, keyed by their first stroke."""
+    group = {i: i for i in big}
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    sizes, spans = blobs.sizes, blobs.spans
+    for n, i in enumerate(big):
+        for j in big[n + 1:]:
+            shared = _overlap(spans[i], spans[j])
+            small = min(sizes[i], sizes[j]) < PART * max(sizes[i], sizes[j])
+            if shared >= SHARED or (small and (shared > 0.1 or _gap(spans[i], spans[j]) <= TOUCH * blobs.tallest)):
+                group[root(j)] = root(i)
+    members: dict[int, list[int]] = {}
+    for i in big:
+        members.setdefault(root(i), []).append(i)
+    return members
+
+
+def _attach_pieces(blobs: _Blobs, members: dict[int, list[int]], strokes: set[int]) -> dict[int, list[int]]:
+    """Steps 2 and 3: short groups join the digit beside them (a stroke the pen broke off) or are
+    dropped; specks join the digit whose columns they overlap (a pen's dot), or are noise."""
+    tall = {r: m for r, m in members.items() if blobs.height(m) >= MIN_HEIGHT * blobs.tallest}
+    for r, m in members.items():
+        if r not in tall and tall:
+            near = min(tall, key=lambda t: _gap(blobs.span(m), blobs.span(tall[t])))
+            if _gap(blobs.span(m), blobs.span(tall[near])) <= NEAR * blobs.tallest:
+                tall[near] = tall[near] + m
+    for i in range(blobs.count):
+        if i not in strokes and blobs.sizes[i] >= MIN_SPECK * blobs.sizes.max() and tall:
+            best = max(tall, key=lambda r: _overlap(blobs.spans[i], blobs.span(tall[r])))
+            if _overlap(blobs.spans[i], blobs.span(tall[best])) > 0:
+                tall[best] = tall[best] + [i]
+    return tall
 
 
 def _cuts(mask: np.ndarray) -> np.ndarray:

@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import os
 import pickle
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -100,12 +99,6 @@ def stop() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def quiet() -> None:
-    """Silence every rank but 0 (from torchrun's RANK): the log lines, bars, notices and errors appear once."""
-    if launched_rank() != 0:
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
 def shard(world: World, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

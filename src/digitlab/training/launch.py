@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import fields
 
+from digitlab.config import LaunchOptions, flag
 from digitlab.errors import ExitCode, UserError
 
-LAUNCH_FLAGS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-timeout")
+LAUNCH_FLAGS = tuple(flag(f) for f in fields(LaunchOptions))  # the launcher's own: its workers get the rest
 LAUNCHER = "DIGITLAB_LAUNCHER"  # set for the workers `--nproc` starts: their launcher reports a lost process
 
 
@@ -24,9 +26,11 @@ def worker_argv(argv: list[str]) -> list[str]:
     return kept
 
 
-def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = None, timeout: int = 300) -> int:
-    """Start `python -m digitlab ARGV` on `nproc` processes here (and meet `nnodes - 1` other machines
-    at `endpoint`) through torch's elastic launcher, as torchrun does; returns the exit code."""
+def launch(argv: list[str], options: LaunchOptions) -> int:
+    """Start `python -m digitlab ARGV` on `options.nproc` processes here (and meet `nnodes - 1` other
+    machines at `rdzv_endpoint`) through torch's elastic launcher, as torchrun does; returns the exit
+    code. As the launcher, it alone sets environment variables (for itself and its workers)."""
+    nproc, nnodes, endpoint, timeout = options.nproc, options.nnodes, options.rdzv_endpoint, options.rdzv_timeout
     import logging
     import signal
     import uuid

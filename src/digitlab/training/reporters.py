@@ -3,6 +3,7 @@ progress bar, TensorBoard event files, or several at once. A reporter records no
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -23,6 +24,9 @@ class Reporter:
     def epoch_end(self, row: dict) -> None: ...
 
     def close(self) -> None: ...
+
+    def notice(self, text: str) -> None:
+        """Something the user should know about the run that is not a figure (a shrunk validation split)."""
 
 
 class ConsoleReporter(Reporter):
@@ -65,6 +69,9 @@ class ConsoleReporter(Reporter):
         self._catch_up()
         self.bar.stop()
 
+    def notice(self, text):
+        print(f"digitlab: {text}", file=sys.stderr)
+
     def _catch_up(self):
         if self.loss is not None:
             self.bar.update(self.task, completed=self.done, loss=f"{self.loss.item():.4f}")
@@ -95,6 +102,10 @@ class Reporters(Reporter):
     def close(self):
         for r in self.reporters:
             r.close()
+
+    def notice(self, text):
+        for r in self.reporters:
+            r.notice(text)
 
 
 class TensorBoardReporter(Reporter):

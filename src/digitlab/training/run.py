@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from digitlab.reading.evaluate import evaluate, model_outputs
 from digitlab.stop import StopRequest
 from digitlab.tasks import get_task, probabilities
 from digitlab.training import distributed
+from digitlab.training.distributed import SINGLE, World
 from digitlab.training.folder import (
     HISTORY_FILE,
     METRICS_FILE,
@@ -113,14 +113,14 @@ class Split:
     info: dict  # what the run was trained on, recorded in its files and checked on resume
 
 
-def split_data(data: MNIST, config: TrainConfig) -> tuple[Split, TrainConfig]:
+def split_data(data: MNIST, config: TrainConfig, reporter: Reporter | None = None) -> tuple[Split, TrainConfig]:
     """Hold out the validation images; a split over a tenth of the set shrinks to a tenth, with a notice."""
     n = len(data.train_labels)
     val = config.val_split
     if val > n // MAX_VAL_FRACTION:
         val = n // MAX_VAL_FRACTION
-        print(f"digitlab: validating on {val:,} images, a tenth of the {n:,} training images "
-              f"(--val-split {config.val_split:,} asks for more)", file=sys.stderr)
+        (reporter or ConsoleReporter()).notice(f"validating on {val:,} images, a tenth of the {n:,} training images "
+                                               f"(--val-split {config.val_split:,} asks for more)")
         config = replace(config, val_split=val)
     if val:
         kept, held_out = stratified_split(data.train_labels, val, config.seed)
@@ -135,8 +135,8 @@ def split_data(data: MNIST, config: TrainConfig) -> tuple[Split, TrainConfig]:
     return Split(*parts, info=info), config
 
 
-def _checkpoint_meta(config: TrainConfig, state: TrainState, data_info: dict, results: dict | None) -> dict:
-    world = distributed.current()
+def _checkpoint_meta(config: TrainConfig, state: TrainState, data_info: dict, results: dict | None,
+                     world: World) -> dict:
     return {
         "model": config.model,
         "task": config.task,
@@ -164,10 +164,10 @@ def write_metrics(path: Path, history: History) -> Path:
 
 
 def save_progress(out_dir: Path, config: TrainConfig, state: TrainState, model, optimizer,
-                  augment: torch.Generator | None, data_info: dict) -> None:
+                  augment: torch.Generator | None, data_info: dict, world: World = SINGLE) -> None:
     """What a run writes at every epoch's end and when a signal stops it: the state, the last
     weights, the best ones when this epoch is the best so far, and metrics.csv."""
-    meta = _checkpoint_meta(config, state, data_info, None)
+    meta = _checkpoint_meta(config, state, data_info, None, world)
     save_checkpoint(out_dir / WEIGHTS_FILE, model, meta)
     if state.best_epoch is not None and state.best_epoch == state.epoch - 1 and state.batch == 0:
         save_checkpoint(out_dir / BEST_FILE, model, meta)
@@ -177,16 +177,18 @@ def save_progress(out_dir: Path, config: TrainConfig, state: TrainState, model, 
 
 
 def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-        reporter: Reporter | None = None, stop: StopRequest | None = None) -> RunResult:
+        reporter: Reporter | None = None, stop: StopRequest | None = None, world: World = SINGLE) -> RunResult:
     """Train one model from a config (or continue the run in `out_dir`), writing its run folder.
 
     overwrite: replace a run that `out_dir` holds already (else that is refused).
     reporter: where the loop's output goes; the console's log lines and progress bar by default.
     Pass `Reporter()` for silence: what is recorded stays the same.
+    stop: the command's Ctrl-C and SIGTERM (stop.py). world: the processes training together
+    (distributed.start); rank 0 alone reports and writes the folder.
     """
     cfg = config.resolved()
-    split, cfg = split_data(data, cfg)
-    world = distributed.current()
+    reporter = (reporter or ConsoleReporter()) if world.main else Reporter()
+    split, cfg = split_data(data, cfg, reporter)
     if world.distributed and cfg.batch_size % world.size:
         raise UserError(f"--batch-size {cfg.batch_size} does not split evenly over {world.size} processes; "
                         f"give a multiple of {world.size} (it is the global batch)")
@@ -196,7 +198,7 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
     out_dir = Path(out_dir)
     if not world.main:  # rank 0 owns the folder; the others train with it and write nothing
         record, tensors = distributed.follow(world)
-        return _train(cfg, data, split, None, device, record, tensors, Reporter(), world, stop)
+        return _train(cfg, data, split, None, device, record, tensors, reporter, world, stop)
     with distributed.setting_out(world) as share:
         record = tensors = None
         if cfg.tensorboard:
@@ -212,8 +214,8 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
 
 
 def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, device: torch.device,
-           record: dict | None, tensors: dict | None, reporter: Reporter | None,
-           world: distributed.World = distributed.SINGLE, stop: StopRequest | None = None) -> RunResult:
+           record: dict | None, tensors: dict | None, reporter: Reporter,
+           world: World = SINGLE, stop: StopRequest | None = None) -> RunResult:
     """The body of `run`, in a folder it has claimed (or, on ranks other than 0, none): build,
     restore, train."""
     torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
@@ -238,10 +240,8 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
         return distributed.from_main(world, figures)
 
     def save(s: TrainState) -> None:
-        save_progress(out_dir, cfg, s, model, optimizer, augment, split.info)
+        save_progress(out_dir, cfg, s, model, optimizer, augment, split.info, world)
 
-    if reporter is None:
-        reporter = ConsoleReporter()
     if cfg.tensorboard and out_dir is not None:
         reporter = Reporters(reporter, TensorBoardReporter(out_dir / TENSORBOARD_DIR))
     net = model
@@ -263,11 +263,11 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
         raise
     if out_dir is None:  # another rank's copy: rank 0 scores the test set and writes the files
         return RunResult(cfg, state, sum(p.numel() for p in model.parameters()), float("nan"), Path(), Path(), [])
-    return _finish(cfg, data, split, out_dir, state, model, device)
+    return _finish(cfg, data, split, out_dir, state, model, device, world)
 
 
 def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: TrainState, model,
-            device: torch.device) -> RunResult:
+            device: torch.device, world: World) -> RunResult:
     """Score the test set once, on the checkpoint that `evaluate` and `predict` use (the best one
     when the run validated), and write the run's final files."""
     scored, test_model = out_dir / WEIGHTS_FILE, model
@@ -296,7 +296,7 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
         "data": split.info,
         **{k: v for k, v in calibration.items() if k.startswith("test_")},
     }
-    meta = _checkpoint_meta(cfg, state, split.info, results)
+    meta = _checkpoint_meta(cfg, state, split.info, results, world)
     if "temperature" in calibration:  # fitted to the scored weights: the best ones when the run validated
         meta["temperature"] = calibration["temperature"]
     files = [out_dir / CONFIG_FILE]
