@@ -59,13 +59,13 @@ def ece(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> floa
 
 def measure(run: Path, hw: Path, data) -> dict:
     model, meta = load_checkpoint(run)
-    out = {"run": run.name, "model": meta["model"], "task": meta["task"],
-           "seconds": (meta.get("results") or {}).get("seconds")}
-    outputs = model_outputs(model, data.test_images, normalization=meta.get("normalization"))
+    out = {"run": run.name, "model": meta.model, "task": meta.task.name,
+           "seconds": (meta.results or {}).get("seconds")}
+    outputs = model_outputs(model, data.test_images, normalization=meta.normalization)
     labels = data.test_labels.long()
-    if meta["task"] == "classify":
+    if meta.task.confident:
         out["mnist"] = float((outputs.argmax(1) == labels).double().mean())
-        confidence, guess = (outputs / (meta.get("temperature") or 1.0)).softmax(1).max(1)
+        confidence, guess = (outputs / (meta.temperature or 1.0)).softmax(1).max(1)
         out["ece"] = ece(confidence, guess == labels)
     else:
         out["mnist"] = float((outputs.squeeze(1).round().clamp(0, 9) == labels).double().mean())
@@ -79,10 +79,10 @@ def measure(run: Path, hw: Path, data) -> dict:
     out["digits"] = float(right.mean())
     read = [k for k, p in enumerate(said) if p.error is None and p.confidence is not None]
     out["hw_ece"] = (ece(torch.tensor([said[k].confidence for k in read]), torch.from_numpy(right[read]))
-                     if meta["task"] == "classify" and read else None)
+                     if meta.task.confident and read else None)
     # an older version is always "sure"; a file it could not read is not
     sure = np.array([p.error is None and getattr(p, "sure", None) is not False for p in said])
-    out["sure"] = float(sure.mean()) if meta["task"] == "classify" else None  # regression: no confidence
+    out["sure"] = float(sure.mean()) if meta.task.confident else None  # regression: no confidence
     out["right_when_sure"] = float(right[sure].mean()) if sure.any() and out["sure"] is not None else None
     numbers = rows(hw / "numbers")
     said = predict_files(model, meta, [hw / "numbers" / r["file"] for r in numbers])
@@ -91,7 +91,7 @@ def measure(run: Path, hw: Path, data) -> dict:
     others = rows(hw / "others")
     said = predict_files(model, meta, [hw / "others" / r["file"] for r in others])
     out["not_sure"] = (float(np.mean([p.error is not None or getattr(p, "sure", True) is False for p in said]))
-                       if meta["task"] == "classify" else None)
+                       if meta.task.confident else None)
     return out
 
 

@@ -51,7 +51,7 @@ def main() -> None:
         single = np.mean([p.text == str(y) for p, y in zip(predict_files(model, meta, files, single=True), labels)])
         naive = np.stack([naive_resize(load_grey(f)) for f in files])
         guesses = model_outputs(model, torch.from_numpy(naive)).argmax(1).numpy()
-    print(f"{args.photos} photos, model {meta['model']} ({meta['results']['test_accuracy']:.2%} on MNIST test)")
+    print(f"{args.photos} photos, model {meta.model} ({meta.results['test_accuracy']:.2%} on MNIST test)")
     print("| preprocessing | agreement with the label |\n|---|---:|")
     print(f"| digitlab (Otsu, crop, 20x20 box, centre of mass), reading whole numbers | {ours:.1%} |")
     print(f"| the same with `--single` (one digit per picture) | {single:.1%} |")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from digitlab.errors import UserError
+from digitlab.files import regular_file
 
 TASKS = ("regress", "classify")  # the names; what each task is lives in tasks.py (which needs torch)
 DEVICES = ("auto", "cpu", "cuda")
@@ -26,7 +27,7 @@ CONFIG_FILE = "config.toml"
 
 
 def _model_names() -> list[str]:
-    from digitlab.models import list_models
+    from digitlab.models import list_models  # imports torch: only when a model name is checked or shown
 
     return list_models()
 
@@ -278,8 +279,6 @@ def read_toml(path: str | os.PathLike, what: str = "config file") -> dict[str, A
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
-
-    from digitlab.files import regular_file
 
     path = Path(path)
     try:

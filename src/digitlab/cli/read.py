@@ -1,7 +1,12 @@
-"""`digitlab evaluate` and `digitlab predict`: a trained model reads the test set, or your pictures."""
+"""`digitlab evaluate` and `digitlab predict`: a trained model reads the test set, or your pictures.
+
+The library is imported inside each command function, not at the top: `digitlab --help` builds
+every parser here without loading torch.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,12 +64,7 @@ def add_predict_parser(commands) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, stop: StopRequest) -> int:
-    import json
-
-    from rich.table import Table
-
     from digitlab.files import prepare_out_dir
-    from digitlab.plots import plot_confusion, plot_digit_grid, save_figure
     from digitlab.reading.calibrate import expected_calibration_error
     from digitlab.reading.checkpoint import describe, load_checkpoint, resolve
     from digitlab.reading.evaluate import data_note, evaluate
@@ -78,29 +78,42 @@ def cmd_evaluate(args: argparse.Namespace, stop: StopRequest) -> int:
     if note:
         print(note, file=info)
     out = prepare_out_dir(args.out or resolve(args.checkpoint).parent)
-    result = evaluate(model, data.test_images, data.test_labels, meta["task"],
-                      normalization=meta.get("normalization"))
-    report = {"model": meta["model"], "task": meta["task"], "checkpoint": str(resolve(args.checkpoint)),
+    result = evaluate(model, data.test_images, data.test_labels, meta.task, normalization=meta.normalization)
+    report = {"model": meta.model, "task": meta.task.name, "checkpoint": str(resolve(args.checkpoint)),
               "data": data.source, "sample": data.is_sample, "note": note, **result.as_dict()}
-    if result.task.confident:
-        report["temperature"] = meta.get("temperature")
+    if meta.task.confident:
+        report["temperature"] = meta.temperature
         report["calibration_error"] = expected_calibration_error(
-            probabilities(result.outputs, meta.get("temperature")), result.labels)
-    title = f"{meta['model']} ({meta['task']}): {result.accuracy:.2%} of {len(result.labels):,}"
-    files = save_figure(plot_confusion(report["confusion"], title=title), out / "confusion")
-    worst = result.worst(args.worst)
-    if len(worst):
-        captions = [f"true {int(result.labels[i])}, said {int(result.predictions[i])}" for i in worst]
-        grid = plot_digit_grid(data.test_images[worst].numpy(), captions, title="most confidently wrong")
-        files += save_figure(grid, out / "worst")
-    report["files"] = [str(f) for f in files]
+            probabilities(result.outputs, meta.temperature), result.labels)
+    title = f"{meta.model} ({meta.task.name}): {result.accuracy:.2%} of {len(result.labels):,}"
+    report["files"] = [str(f) for f in _evaluation_figures(result, data, report, title, out, args.worst)]
     if args.json:
         print(json.dumps(report, indent=1))
-        return 0
+    else:
+        _print_evaluation(report, title, result.mean_loss, meta)
+    return 0
+
+
+def _evaluation_figures(result, data, report: dict, title: str, out: Path, worst: int) -> list[Path]:
+    """confusion.png (and .svg), and worst.png: the most confidently wrong test digits."""
+    from digitlab.plots import plot_confusion, plot_digit_grid, save_figure
+
+    files = save_figure(plot_confusion(report["confusion"], title=title), out / "confusion")
+    wrong = result.worst(worst)
+    if len(wrong):
+        captions = [f"true {int(result.labels[i])}, said {int(result.predictions[i])}" for i in wrong]
+        grid = plot_digit_grid(data.test_images[wrong].numpy(), captions, title="most confidently wrong")
+        files += save_figure(grid, out / "worst")
+    return files
+
+
+def _print_evaluation(report: dict, title: str, mean_loss: float, meta) -> None:
+    from rich.table import Table
+
     console = rich_console()
-    console.print(f"{title}; mean loss {result.mean_loss:.4f}")
-    if result.task.confident:
-        how = (f"with temperature {meta['temperature']:.3f}" if meta.get("temperature") is not None
+    console.print(f"{title}; mean loss {mean_loss:.4f}")
+    if meta.task.confident:
+        how = (f"with temperature {meta.temperature:.3f}" if meta.temperature is not None
                else "not calibrated (no temperature in this checkpoint: a run's best.safetensors has one when "
                     "it was trained with --val-split)")
         console.print(f"confidence: expected calibration error {report['calibration_error']:.2%}, {how}")
@@ -108,13 +121,10 @@ def cmd_evaluate(args: argparse.Namespace, stop: StopRequest) -> int:
     for digit, (p, r) in enumerate(zip(report["precision"], report["recall"])):
         table.add_row(str(digit), f"{p:.4f}", f"{r:.4f}", f"{sum(report['confusion'][digit]):,}")
     console.print(table)
-    report_files(files)
-    return 0
+    report_files(report["files"])
 
 
 def cmd_predict(args: argparse.Namespace, stop: StopRequest) -> int:
-    import json
-
     from PIL import Image
     from rich.table import Table
 
@@ -122,7 +132,6 @@ def cmd_predict(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.reading.checkpoint import describe, load_checkpoint
     from digitlab.reading.image import expand_inputs
     from digitlab.reading.predict import predict_files, preprocessed_names
-    from digitlab.tasks import get_task
 
     model, meta = load_checkpoint(args.checkpoint)
     print(f"checkpoint: {describe(args.checkpoint, meta)}", file=sys.stderr if args.json else sys.stdout)
@@ -151,7 +160,7 @@ def cmd_predict(args: argparse.Namespace, stop: StopRequest) -> int:
                 read = p.text if p.sure is not False else f"not sure: {' or '.join(guesses[:2])}"
                 table.add_row(p.file, read, confidence, ", ".join(guesses[1:]))
         rich_console().print(table)
-        if get_task(meta["task"]).confident and meta.get("temperature") is None:
+        if meta.task.confident and meta.temperature is None:
             print("note: this checkpoint has no calibration temperature (a run's best.safetensors has one when it "
                   "was trained with --val-split): its confidences are the plain softmax's")
     return ExitCode.USAGE if any(p.error for p in predictions) else 0

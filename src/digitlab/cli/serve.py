@@ -1,4 +1,8 @@
-"""`digitlab serve` and `digitlab export`."""
+"""`digitlab serve` and `digitlab export`.
+
+The library is imported inside each command function, not at the top: `digitlab --help` builds
+every parser here without loading torch.
+"""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +39,7 @@ def cmd_serve(args: argparse.Namespace, stop: StopRequest) -> int:
     try:
         from digitlab.serving.server import serve
     except ImportError as e:
-        raise UserError(f"serve needs the serve extra ({e.name} is missing): pip install 'digitlab[serve]'") from None
+        raise UserError(f"serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]' in digitlab's folder (or make setup)") from None
     serve(args.runs, host=args.host, port=args.port, threshold=args.threshold)
     stop.check()  # uvicorn stops on Ctrl-C or SIGTERM itself, and hands the signal back
     return 0

@@ -1,4 +1,8 @@
-"""`digitlab summary` and `digitlab plot`: a model's layer table, and figures of runs."""
+"""`digitlab summary` and `digitlab plot`: a model's layer table, and figures of runs.
+
+The library is imported inside each command function, not at the top: `digitlab --help` builds
+every parser here without loading torch.
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,8 @@
-"""`digitlab sweep`."""
+"""`digitlab sweep`.
+
+The library is imported inside each command function, not at the top: `digitlab --help` builds
+every parser here without loading torch.
+"""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +39,7 @@ def cmd_sweep(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.studies.sweep_report import report
 
     if importlib.util.find_spec("optuna") is None:
-        raise UserError("sweep needs the sweep extra (optuna): pip install 'digitlab[sweep]'")
+        raise UserError("sweep needs the sweep extra (optuna): pip install -e '.[sweep]' in digitlab's folder (or make setup)")
     options = SweepOptions(**{f.name: getattr(args, f.name) for f in fields(SweepOptions)})
     if args.report is not None:
         report(args.report, storage=options.storage, study=options.study, console=rich_console())

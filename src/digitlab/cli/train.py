@@ -1,4 +1,8 @@
-"""`digitlab train` and `digitlab compare`."""
+"""`digitlab train` and `digitlab compare`.
+
+The library is imported inside each command function, not at the top: `digitlab --help` builds
+every parser here without loading torch.
+"""
 from __future__ import annotations
 
 import argparse

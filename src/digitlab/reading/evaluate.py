@@ -122,7 +122,7 @@ def data_note(meta: dict, data, allow_overlap: bool = False) -> str | None:
     set has seen them, so scoring it on them measures memory, not accuracy: refused unless
     `allow_overlap`. Other mismatches are scored with a note.
     """
-    trained = meta.get("data") if isinstance(meta.get("data"), dict) else None
+    trained = meta.data
     if trained is None:
         return "note: this checkpoint does not record its training data; the score may not be comparable"
     if trained.get("fingerprint") == fingerprint(data):

@@ -13,7 +13,6 @@ from digitlab.errors import UserError
 from digitlab.reading.evaluate import model_outputs
 from digitlab.reading.image import load_grey
 from digitlab.reading.segment import Found, find_digits
-from digitlab.tasks import get_task
 
 
 def preprocessed_names(files: list[Path]) -> list[str]:
@@ -113,8 +112,8 @@ def read_digits(model, meta: dict, found: list[Found], threshold: float = THRESH
     if not found:
         return []
     outputs = model_outputs(model, torch.from_numpy(np.stack([f.image for f in found])),
-                            normalization=meta.get("normalization"))
-    answers = get_task(meta["task"]).answers(outputs, meta.get("temperature"), threshold)
+                            normalization=meta.normalization)
+    answers = meta.task.answers(outputs, meta.temperature, threshold)
     return [Reading(a.digit, a.confidence, a.sure, a.top3, f.box, f.image) for a, f in zip(answers, found)]
 
 

@@ -16,11 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from digitlab.data import PIXEL_CENTER, PIXEL_SCALE
 from digitlab.errors import UserError
 from digitlab.files import write_atomic
 from digitlab.reading.checkpoint import load_checkpoint
-from digitlab.tasks import get_task
 
 
 class PixelInput(nn.Module):
@@ -39,12 +37,12 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17)
     try:
         import onnx
     except ImportError:
-        raise UserError("export needs the onnx extra: pip install 'digitlab[onnx]'") from None
+        raise UserError("export needs the onnx extra: pip install -e '.[onnx]' in digitlab's folder (or make setup)") from None
     model, meta = load_checkpoint(run)
-    norm = meta.get("normalization") or {"center": PIXEL_CENTER, "scale": PIXEL_SCALE}
+    norm = meta.normalization
     # Eval mode fixes the graph: dropout off, BatchNorm's running statistics, the index-free pool.
     wrapped = PixelInput(model.to(memory_format=torch.contiguous_format), **norm).eval()
-    output = get_task(meta["task"]).onnx_output
+    output = meta.task.onnx_output
     out = Path(out)
 
     def write(tmp: Path) -> None:
@@ -56,8 +54,8 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17)
                               input_names=["image"], output_names=[output],
                               dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}})
         graph = onnx.load(str(tmp))
-        if meta.get("temperature") is not None:  # calibrated confidence: softmax(logits / temperature)
-            onnx.helper.set_model_props(graph, {"temperature": repr(meta["temperature"])})
+        if meta.temperature is not None:  # calibrated confidence: softmax(logits / temperature)
+            onnx.helper.set_model_props(graph, {"temperature": repr(meta.temperature)})
             onnx.save(graph, str(tmp))
         onnx.checker.check_model(graph)
 

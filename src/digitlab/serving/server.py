@@ -37,11 +37,10 @@ from digitlab import __version__
 from digitlab.config import THRESHOLD
 from digitlab.errors import UserError
 from digitlab.files import one_line
-from digitlab.reading.checkpoint import describe, load_checkpoint
+from digitlab.reading.checkpoint import CheckpointMeta, describe, load_checkpoint
 from digitlab.reading.evaluate import model_outputs
 from digitlab.reading.image import load_grey
 from digitlab.reading.segment import preprocess
-from digitlab.tasks import get_task
 
 MAX_BODY = 10 * 1024 * 1024  # bytes; a phone photo is 2-5 MB
 MAX_MAPS = 32  # feature maps drawn per layer: enough to see what a layer does, small enough to send
@@ -51,15 +50,15 @@ MAX_MAPS = 32  # feature maps drawn per layer: enough to see what a layer does, 
 class Loaded:
     name: str  # the run folder's name, which tells two runs of one model apart
     model: nn.Module
-    meta: dict
+    meta: CheckpointMeta
     checkpoint: str
     convs: list[tuple[str, nn.Conv2d]]
 
     def info(self) -> dict:
-        results = self.meta.get("results") or {}
-        return {"name": self.name, "model": self.meta["model"], "task": self.meta["task"],
+        results = self.meta.results or {}
+        return {"name": self.name, "model": self.meta.model, "task": self.meta.task.name,
                 "params": sum(p.numel() for p in self.model.parameters()),
-                "test_accuracy": results.get("test_accuracy"), "val_accuracy": self.meta.get("val_accuracy"),
+                "test_accuracy": results.get("test_accuracy"), "val_accuracy": self.meta.val_accuracy,
                 "checkpoint": self.checkpoint, "conv_layers": [name for name, _ in self.convs]}
 
 
@@ -119,15 +118,15 @@ class Reader:
                 hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: captured.__setitem__(n, out[0].detach()))
                          for n, m in entry.convs]
                 try:
-                    out = model_outputs(entry.model, batch, normalization=entry.meta.get("normalization"))[0]
+                    out = model_outputs(entry.model, batch, normalization=entry.meta.normalization)[0]
                 finally:
                     for h in hooks:
                         h.remove()
-                answer = {"name": entry.name, "model": entry.meta["model"], "task": entry.meta["task"],
+                answer = {"name": entry.name, "model": entry.meta.model, "task": entry.meta.task.name,
                           "feature_maps": [{"layer": n, "shape": list(captured[n].shape),
                                             "shown": min(len(captured[n]), MAX_MAPS),
                                             "grid": png_data_url(feature_grid(captured[n]))} for n, _ in entry.convs]}
-                read = get_task(entry.meta["task"]).answers(out[None], entry.meta.get("temperature"), self.threshold)[0]
+                read = entry.meta.task.answers(out[None], entry.meta.temperature, self.threshold)[0]
                 answer.update(digit=read.digit, **read.details)
                 answers.append(answer)
         return {"image": png_data_url(digit), "threshold": self.threshold, "models": answers}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,8 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 from digitlab.config import CONFIG_FILE, TrainConfig, config_toml
 from digitlab.data import (
     MNIST,
-    PIXEL_CENTER,
-    PIXEL_SCALE,
     InMemoryLoader,
     fingerprint,
     stratified_split,
@@ -42,6 +40,7 @@ from digitlab.reading.calibrate import expected_calibration_error, fit_temperatu
 from digitlab.reading.checkpoint import (
     BEST_FILE,
     WEIGHTS_FILE,
+    CheckpointMeta,
     read_checkpoint,
     save_checkpoint,
 )
@@ -136,23 +135,10 @@ def split_data(data: MNIST, config: TrainConfig, reporter: Reporter | None = Non
 
 
 def _checkpoint_meta(config: TrainConfig, state: TrainState, data_info: dict, results: dict | None,
-                     world: World) -> dict:
-    return {
-        "model": config.model,
-        "task": config.task,
-        "num_outputs": get_task(config.task).outputs,
-        "normalization": {"center": PIXEL_CENTER, "scale": PIXEL_SCALE},
-        "epochs": len(state.history.epochs),
-        "seed": config.seed,
-        "final_loss": state.history.final_loss,
-        "best_epoch": state.best_epoch,
-        "val_accuracy": state.best_accuracy,
-        "config": asdict(config),
-        "data": data_info,
-        "world_size": world.size,  # how it was trained: processes, and their backend (null for one)
-        "backend": world.backend,
-        "results": results,
-    }
+                     world: World) -> CheckpointMeta:
+    return CheckpointMeta(config, epochs=len(state.history.epochs), final_loss=state.history.final_loss,
+                          best_epoch=state.best_epoch, val_accuracy=state.best_accuracy, data=data_info,
+                          world_size=world.size, backend=world.backend, results=results)
 
 
 def write_metrics(path: Path, history: History) -> Path:
@@ -296,22 +282,22 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
         "data": split.info,
         **{k: v for k, v in calibration.items() if k.startswith("test_")},
     }
-    meta = _checkpoint_meta(cfg, state, split.info, results, world)
-    if "temperature" in calibration:  # fitted to the scored weights: the best ones when the run validated
-        meta["temperature"] = calibration["temperature"]
+    last = _checkpoint_meta(cfg, state, split.info, {k: v for k, v in results.items() if not k.startswith("test_")},
+                            world)
     files = [out_dir / CONFIG_FILE]
+    # the temperature is fitted to the scored weights: the best ones when the run validated
+    scored_meta = replace(last, results=results, temperature=calibration.get("temperature"))
     if scored.name == BEST_FILE:
         best_row = history.epochs[state.best_epoch]
-        files.append(save_checkpoint(scored, test_model, {**meta, "epochs": state.best_epoch + 1,
-                                                          "final_loss": best_row["train_loss"]}))
-        last_results = {k: v for k, v in results.items() if not k.startswith("test_")}
-        last_meta = {k: v for k, v in meta.items() if k != "temperature"}
-        files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, {**last_meta, "results": last_results}))
+        files.append(save_checkpoint(scored, test_model, replace(scored_meta, epochs=state.best_epoch + 1,
+                                                                 final_loss=best_row["train_loss"])))
+        files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, last))
     else:
-        files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, meta))
+        files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, scored_meta))
     files.append(out_dir / STATE_FILE)
-    files.append(write_text(out_dir / HISTORY_FILE, json.dumps({**meta, **history_record(history)}, indent=1,
-                                                               allow_nan=False)))
+    record = {"model": cfg.model, "task": cfg.task, **scored_meta.as_json(), "epochs": len(history.epochs),
+              "final_loss": history.final_loss, **history_record(history)}
+    files.append(write_text(out_dir / HISTORY_FILE, json.dumps(record, indent=1, allow_nan=False)))
     files.append(write_metrics(out_dir / METRICS_FILE, history))
     files += save_figure(plot_run_loss(history, title=f"{cfg.model} ({cfg.task})"), out_dir / "loss")
     return RunResult(cfg, state, params, final.accuracy, scored, out_dir, files, calibration)
