@@ -1,33 +1,30 @@
-"""The real `digitlab` command, end to end, in subprocesses."""
+"""The `digitlab` command, end to end: in-process through `main(argv)` (the `cli` fixture), and
+in a real process where the process is the point (the installed console script, Ctrl-C)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_cli, write_idx
-from digitlab.reading.checkpoint import load_checkpoint
+from conftest import copy_run, one_error_line, popen_cli, wait_for, write_idx
+from digitlab.reading.checkpoint import load_checkpoint, read_checkpoint
 from digitlab.data import IMAGE_MAGIC, MIRRORS
 
 
-def _one_error_line(result, *fragments: str) -> str:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
 
 def test_help_lists_commands_without_importing_torch():
-    result = run_cli("--help")
-    assert result.returncode == 0
+    script = Path(sys.executable).with_name("digitlab")  # the console script pip installed
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "digitlab"]
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "COLUMNS"})
+    assert result.returncode == 0, result.stderr
     for command in ("summary", "train", "compare", "plot"):
         assert command in result.stdout
     check = subprocess.run([sys.executable, "-c", "import sys, digitlab.cli as c; c.build_parser(); "
@@ -35,23 +32,23 @@ def test_help_lists_commands_without_importing_torch():
     assert check.stdout.strip() == "False"
 
 
-def test_train_help_lists_registered_models():
-    result = run_cli("train", "--help")
+def test_train_help_lists_registered_models(cli):
+    result = cli("train", "--help")
     assert result.returncode == 0
     assert "one of: cnn, convnet, convnet_small, lenet5, mlp" in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize("model, total, size", [("mlp", "7,971", "0.03"), ("cnn", "11,521", "0.23")])
-def test_summary(model, total, size):
-    result = run_cli("summary", model)
+def test_summary(model, total, size, cli):
+    result = cli("summary", model)
     assert result.returncode == 0, result.stderr
     assert f"Total params: {total}" in result.stdout
     assert f"Estimated Total Size (MB): {size}" in result.stdout
 
 
-def test_train_writes_a_run_folder(digits_dir, tmp_path):
+def test_train_writes_a_run_folder(digits_dir, tmp_path, cli):
     out = tmp_path / "run"
-    result = run_cli("train", "mlp", "--epochs", "2", "--batches", "60", "--log-every", "50", "--data-dir", str(digits_dir),
+    result = cli("train", "mlp", "--epochs", "2", "--batches", "60", "--log-every", "50", "--data-dir", str(digits_dir),
                      "--out", str(out))
     assert result.returncode == 0, result.stderr
     logs = [line for line in result.stdout.splitlines() if line.startswith("epoch: ")]
@@ -62,14 +59,14 @@ def test_train_writes_a_run_folder(digits_dir, tmp_path):
     for name in ("model.safetensors", "history.json", "loss.png", "loss.svg"):
         assert f"wrote {out / name}" in result.stdout
     model, meta = load_checkpoint(out)
-    assert meta["epochs"] == 2 and meta["config"]["lr"] == 0.01
+    assert meta.epochs == 2 and meta.config.lr == 0.01
     history = json.loads((out / "history.json").read_text())
     assert len(history["loss_list"]) == 4 and len(history["epoch_mean_loss"]) == 2
 
 
-def test_compare_is_the_chapter_experiment(digits_dir, tmp_path):
+def test_compare_is_the_chapter_experiment(digits_dir, tmp_path, cli):
     out = tmp_path / "cmp"
-    result = run_cli("compare", "mlp", "cnn", "--epochs", "1", "--batches", "40", "--data-dir", str(digits_dir),
+    result = cli("compare", "mlp", "cnn", "--epochs", "1", "--batches", "40", "--data-dir", str(digits_dir),
                      "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "Total params: 7,971" in result.stdout and "Total params: 11,521" in result.stdout
@@ -87,26 +84,26 @@ def test_compare_is_the_chapter_experiment(digits_dir, tmp_path):
     assert Image.open(out / "compare.png").size[0] > 500
 
 
-def test_plot_commands(digits_dir, tmp_path):
+def test_plot_commands(digits_dir, tmp_path, cli):
     runs = []
     for model in ("mlp", "cnn"):
         runs.append(tmp_path / model)
-        assert run_cli("train", model, "--epochs", "1", "--batches", "5", "--log-every", "1",
-                       "--data-dir", str(digits_dir), "--out", str(runs[-1])).returncode == 0
+        assert cli("train", model, "--epochs", "1", "--batches", "5", "--log-every", "1",
+                   "--data-dir", str(digits_dir), "--out", str(runs[-1])).returncode == 0
     (runs[0] / "loss.png").unlink()
-    assert run_cli("plot", "loss", str(runs[0])).returncode == 0
+    assert cli("plot", "loss", str(runs[0])).returncode == 0
     assert Image.open(runs[0] / "loss.png").format == "PNG"
-    result = run_cli("plot", "compare", *map(str, runs), "--out", str(tmp_path / "both.png"))
+    result = cli("plot", "compare", *map(str, runs), "--out", str(tmp_path / "both.png"))
     assert result.returncode == 0, result.stderr
     width, height = Image.open(tmp_path / "both.png").size
     assert width > 800 and 350 < height < width  # the chapter's 10 x 5 inch figure
     svg = (tmp_path / "both.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "#e4007f" in svg and "#f19ec2" in svg
-    result = run_cli("plot", "sigmoid", "--out", str(tmp_path / "sig"))
+    result = cli("plot", "sigmoid", "--out", str(tmp_path / "sig"))
     assert result.returncode == 0
     width, height = Image.open(tmp_path / "sig.png").size
     assert width > 300 and height > 200
-    _one_error_line(run_cli("plot", "loss", str(tmp_path / "nope")), "no training history")
+    one_error_line(cli("plot", "loss", str(tmp_path / "nope")), "no training history")
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -124,53 +121,46 @@ def test_plot_commands(digits_dir, tmp_path):
     (["train", "mlp", "--lr", "nan"], "--lr: must be a number above 0"),
     (["train", "mlp", "--batch-size", "0"], "--batch-size: must be 1 or more"),
 ])
-def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path):
-    result = run_cli(*args, "--out", str(tmp_path / "out")) if args[0] != "summary" else run_cli(*args)
-    _one_error_line(result, fragment)
+def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path, cli):
+    result = cli(*args, "--out", str(tmp_path / "out")) if args[0] != "summary" else cli(*args)
+    one_error_line(result, fragment)
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_and_malformed_data_dirs(tmp_path):
+def test_missing_and_malformed_data_dirs(tmp_path, cli):
     out = tmp_path / "out"
-    _one_error_line(run_cli("train", "mlp", "--data-dir", str(tmp_path / "absent"), "--out", str(out)),
-                    "absent' does not exist")
+    one_error_line(cli("train", "mlp", "--data-dir", str(tmp_path / "absent"), "--out", str(out)),
+                   "absent' does not exist")
     bad = tmp_path / "bad"
     bad.mkdir()
-    _one_error_line(run_cli("train", "mlp", "--data-dir", str(bad), "--out", str(out)), "no train-images")
+    one_error_line(cli("train", "mlp", "--data-dir", str(bad), "--out", str(out)), "no train-images")
     for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         write_idx(bad / f"{stem}.gz", IMAGE_MAGIC, (2, 28, 28), bytes(100))  # truncated on purpose
-    _one_error_line(run_cli("train", "mlp", "--data-dir", str(bad), "--out", str(out)),
-                    "train-images-idx3-ubyte.gz: truncated")
-    _one_error_line(run_cli("train", "mlp", "--out", str(out), env={"DIGITLAB_DATA_DIR": str(bad)}),
-                    "truncated")
+    one_error_line(cli("train", "mlp", "--data-dir", str(bad), "--out", str(out)),
+                   "train-images-idx3-ubyte.gz: truncated")
+    one_error_line(cli("train", "mlp", "--out", str(out), env={"DIGITLAB_DATA_DIR": str(bad)}), "truncated")
     assert not out.exists()
 
 
-def test_unwritable_output_folder(digits_dir, tmp_path):
+def test_unwritable_output_folder(digits_dir, tmp_path, cli):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    _one_error_line(run_cli("train", "mlp", "--data-dir", str(digits_dir), "--out", str(blocker / "run")),
-                    "cannot write to output folder", "--out")
+    one_error_line(cli("train", "mlp", "--data-dir", str(digits_dir), "--out", str(blocker / "run")),
+                   "cannot write to output folder", "--out")
     assert blocker.read_text() == "not a folder"
 
 
 def test_ctrl_c_saves_the_last_complete_state_and_exits_130(digits_dir, tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "digitlab", "train", "cnn", "--epochs", "50", "--log-every", "20",
-         "--data-dir", str(digits_dir), "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )
-    for line in process.stdout:  # wait until training has really started
-        if line.startswith("epoch: 0, batch: 20,"):
-            break
+    process = popen_cli("train", "cnn", "--epochs", "50", "--log-every", "20", "--data-dir", digits_dir, "--out", out)
+    wait_for(process, "epoch: 0, batch: 20,")  # training has really started
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted" in stderr
     model, meta = load_checkpoint(out)
-    assert meta["results"]["interrupted"] is True and meta["epochs"] == 0
+    assert meta.results["interrupted"] is True and meta.epochs == 0
     history = json.loads((out / "history.json").read_text())
     assert 21 <= len(history["batch_loss"]) < 62
     assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["config.toml", "history.json", "loss.png", "loss.svg",
@@ -187,9 +177,9 @@ def _mirror_reachable() -> bool:
 
 
 @pytest.mark.skipif(_mirror_reachable(), reason="this machine is online: a first run downloads MNIST")
-def test_first_run_on_a_fresh_offline_machine_uses_the_sample(tmp_path):
+def test_first_run_on_a_fresh_offline_machine_uses_the_sample(tmp_path, cli):
     env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": "", "DIGITLAB_DATA_DIR": ""}
-    result = run_cli("train", "mlp", "--epochs", "1", "--out", str(tmp_path / "run"), env=env, cwd=tmp_path)
+    result = cli("train", "mlp", "--epochs", "1", "--out", str(tmp_path / "run"), env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "5,000-digit MNIST sample" in result.stderr and "--data-dir" in result.stderr
     assert "4,000 train / 1,000 test" in result.stdout
@@ -197,31 +187,37 @@ def test_first_run_on_a_fresh_offline_machine_uses_the_sample(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-def test_evaluate_needs_only_the_checkpoint(digits_dir, tmp_path):
-    run_dir = tmp_path / "lenet"
-    assert run_cli("train", "lenet5", "--epochs", "3", "--optimizer", "adam", "--lr", "0.002",
-                   "--data-dir", str(digits_dir), "--out", str(run_dir)).returncode == 0
-    result = run_cli("evaluate", str(run_dir), "--json", "--data-dir", str(digits_dir))
+def test_evaluate_needs_only_the_checkpoint(digits_model, digits_dir, tmp_path, cli):
+    run_dir = copy_run(digits_model, tmp_path)  # evaluate writes its figures next to the checkpoint
+    temperature = read_checkpoint(run_dir / "best.safetensors")[1].temperature
+    # the folder means its best checkpoint, calibrated on the run's validation split ...
+    result = cli("evaluate", str(run_dir), "--json", "--data-dir", str(digits_dir))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["model"] == "lenet5" and report["task"] == "classify" and report["images"] == 1000
+    assert report["checkpoint"] == str(run_dir / "best.safetensors")
+    assert report["temperature"] == temperature and 0 <= report["calibration_error"] < 0.1
+    for name in ("confusion.png", "worst.png"):
+        assert Image.open(run_dir / name).format == "PNG"
+    # ... and the last epoch's weights carry no temperature: scored as they are
+    result = cli("evaluate", str(run_dir / "model.safetensors"), "--json", "--data-dir", str(digits_dir))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"] == "convnet_small" and report["task"] == "classify" and report["images"] == 1000
     assert 0.85 < report["accuracy"] < 1  # a fraction, not a percentage
     assert len(report["precision"]) == len(report["recall"]) == 10
     assert sum(report["confusion"][d][d] for d in range(10)) == round(report["accuracy"] * 1000)
-    assert report["temperature"] is None and 0 <= report["calibration_error"] < 0.1  # no validation split
-    for name in ("confusion.png", "worst.png"):
-        assert Image.open(run_dir / name).format == "PNG"
-    text = run_cli("evaluate", str(run_dir / "model.safetensors"), "--data-dir", str(digits_dir),
-                   "--out", str(tmp_path / "report"))
+    assert report["temperature"] is None and 0 <= report["calibration_error"] < 0.1  # not calibrated
+    text = cli("evaluate", str(run_dir / "model.safetensors"), "--data-dir", str(digits_dir),
+               "--out", str(tmp_path / "report"))
     assert text.returncode == 0 and f"{report['accuracy']:.2%}" in text.stdout and "precision" in text.stdout
     assert f"expected calibration error {report['calibration_error']:.2%}, not calibrated" in text.stdout
     assert (tmp_path / "report" / "confusion.svg").is_file()
 
 
-def test_evaluate_a_regression_checkpoint_rounds_its_output(digits_dir, tmp_path):
+def test_evaluate_a_regression_checkpoint_rounds_its_output(digits_dir, tmp_path, cli):
     run_dir = tmp_path / "mlp"
-    assert run_cli("train", "mlp", "--epochs", "15", "--data-dir", str(digits_dir), "--out", str(run_dir)).returncode == 0
-    report = json.loads(run_cli("evaluate", str(run_dir), "--json", "--data-dir", str(digits_dir)).stdout)
+    assert cli("train", "mlp", "--epochs", "15", "--data-dir", str(digits_dir), "--out", str(run_dir)).returncode == 0
+    report = json.loads(cli("evaluate", str(run_dir), "--json", "--data-dir", str(digits_dir)).stdout)
     assert report["task"] == "regress" and 0.2 < report["accuracy"] < 0.7  # rounding a regression is crude
 
 
@@ -232,5 +228,5 @@ def test_evaluate_a_regression_checkpoint_rounds_its_output(digits_dir, tmp_path
     (["train", "--preset", "turbo"], "invalid choice: 'turbo'"),
     (["train", "mlp", "--val-split", "-2"], "--val-split: must be 0 or more"),
 ])
-def test_more_bad_arguments(args, fragment):
-    _one_error_line(run_cli(*args), fragment)
+def test_more_bad_arguments(args, fragment, cli):
+    one_error_line(cli(*args), fragment)

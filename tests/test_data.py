@@ -85,9 +85,12 @@ def _peak_rss_of(code: str) -> tuple[int, str]:
 
 
 def _gzip_of_zeros(path, header: bytes, megabytes: int) -> None:
-    with gzip.open(path, "wb", compresslevel=1) as f:
-        f.write(header)
-        block = bytes(1 << 20)
+    """`header`, then `megabytes` MB of zeros, gzipped. A gzip file may hold several members, which a
+    reader takes as one stream: one member per MB, compressed once and written `megabytes` times, makes
+    the same bomb in a few MB without compressing gigabytes first."""
+    block = gzip.compress(bytes(1 << 20), compresslevel=9)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(header))
         for _ in range(megabytes):
             f.write(block)
 

@@ -1,5 +1,9 @@
 """Training on several processes for real: torchrun and `--nproc` on 127.0.0.1 with gloo, against
-the single-process run, a two-node rendezvous, a resumed distributed run, and the bad set-ups."""
+the single-process run, a two-node rendezvous, a resumed distributed run, and the bad set-ups.
+
+The workers are always real processes. The `--nproc` launcher runs in-process (`cli`) where
+only its answer matters, and in a process of its own where a signal or a killed worker is the
+point; the stopped runs resume for one more epoch, not to their end."""
 from __future__ import annotations
 
 import json
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, call_main, popen_cli
 
 pytestmark = pytest.mark.slow
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -41,12 +45,13 @@ def _train(digits_dir, out, *options: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def single(digits_dir, tmp_path_factory):
-    """The single-process runs the distributed ones must reproduce: 100 steps, 2 epochs of 50 batches."""
+    """The single-process runs the distributed ones must reproduce: 100 steps, 2 epochs of 50 batches
+    (in-process, on one thread as each of two processes would be)."""
     runs = {}
     for model in ("mlp", "lenet5"):
         out = tmp_path_factory.mktemp("single") / model
-        result = run_cli(*_train(digits_dir, out, model, "--epochs", "2", "--batches", "50"), env=ONE_THREAD)
-        assert result.returncode == 0, result.stderr
+        result = call_main(None, *_train(digits_dir, out, model, "--epochs", "2", "--batches", "50"), threads=1)
+        assert result.returncode == 0, "the single-process run failed: see its output above"
         runs[model] = out
     return runs
 
@@ -66,17 +71,17 @@ def test_torchrun_on_two_processes_reproduces_one(digits_dir, tmp_path, single):
     from digitlab.reading.checkpoint import read_checkpoint
 
     meta = read_checkpoint(out / "model.safetensors")[1]
-    assert meta["world_size"] == 2 and meta["backend"] == "gloo"
+    assert meta.world_size == 2 and meta.backend == "gloo"
     alone = json.loads((single["mlp"] / "history.json").read_text())
     assert alone["world_size"] == 1 and alone["backend"] is None
 
 
-def test_nproc_two_reproduces_one_and_resumes(digits_dir, tmp_path, single):
+def test_nproc_two_reproduces_one_and_resumes(digits_dir, tmp_path, single, cli):
     out = tmp_path / "lenet5"
-    first = run_cli(*_train(digits_dir, out, "lenet5", "--epochs", "1", "--batches", "50", "--nproc", "2"))
+    first = cli(*_train(digits_dir, out, "lenet5", "--epochs", "1", "--batches", "50", "--nproc", "2"))
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("epoch 0 done") == 1 and first.stderr.count("\n") <= 1, first.stderr
-    again = run_cli("train", "--resume", str(out), "--epochs", "2", "--nproc", "2", "--data-dir", str(digits_dir))
+    again = cli("train", "--resume", str(out), "--epochs", "2", "--nproc", "2", "--data-dir", str(digits_dir))
     assert again.returncode == 0, again.stderr
     # one epoch on two processes, then one more after a resume: the single process's 100 steps
     assert _max_relative_difference(_losses(out), _losses(single["lenet5"])) < 1e-4
@@ -98,12 +103,12 @@ def test_two_nodes_meet_at_a_c10d_rendezvous(digits_dir, tmp_path, single):
     assert _max_relative_difference(_losses(out), _losses(single["mlp"])) < 1e-4
 
 
-def test_a_rendezvous_nobody_joins_times_out_in_one_line(digits_dir, tmp_path):
+def test_a_rendezvous_nobody_joins_times_out_in_one_line(digits_dir, tmp_path, cli):
     start = time.monotonic()
-    result = run_cli(*_train(digits_dir, tmp_path / "never", "mlp", "--nproc", "1", "--nnodes", "2",
-                             "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-timeout", "5"))
-    assert result.returncode == 2 and time.monotonic() - start < 90
-    assert "did not meet at 127.0.0.1" in result.stderr and "within 5 s" in result.stderr
+    result = cli(*_train(digits_dir, tmp_path / "never", "mlp", "--nproc", "1", "--nnodes", "2",
+                         "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-timeout", "2"))
+    assert result.returncode == 2 and time.monotonic() - start < 90  # a hang, not a speed
+    assert "did not meet at 127.0.0.1" in result.stderr and "within 2 s" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists(), result.stderr
 
 
@@ -112,28 +117,24 @@ def test_a_rendezvous_nobody_joins_times_out_in_one_line(digits_dir, tmp_path):
     (("--batch-size", "63"), "--batch-size 63 does not split evenly over 2 processes"),
     (("--data-dir", "/nowhere/mnist"), "/nowhere/mnist"),  # every process fails alike: one line, rank 0's
 ])
-def test_bad_set_ups_get_one_line(digits_dir, tmp_path, options, fragment):
+def test_bad_set_ups_get_one_line(digits_dir, tmp_path, options, fragment, cli):
     import torch
 
     if "cuda" in options and torch.cuda.device_count() >= 2:
         pytest.skip("this machine has the GPUs")
     data = options[1] if options[0] == "--data-dir" else str(digits_dir)
     options = options if options[0] != "--data-dir" else ()
-    result = run_cli("train", "mlp", "--nproc", "2", *options, "--data-dir", data, "--out", str(tmp_path / "never"))
+    result = cli("train", "mlp", "--nproc", "2", *options, "--data-dir", data, "--out", str(tmp_path / "never"))
     assert result.returncode == 2 and fragment in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "never").exists()
 
 
-def test_a_rank_that_dies_stops_the_others_and_the_run_resumes(digits_dir, tmp_path):
-    out = tmp_path / "run"
-    launcher = subprocess.Popen([sys.executable, "-m", "digitlab",
-                                 *_train(digits_dir, out, "mlp", "--epochs", "30", "--batches", "40", "--nproc", "2")],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "state.safetensors").exists():  # an epoch is saved
-        assert time.monotonic() < deadline and launcher.poll() is None, launcher.stderr.read()
-        time.sleep(0.1)
+def test_a_rank_that_dies_stops_the_others_and_the_run_resumes(digits_dir, tmp_path, cli):
+    out = tmp_path / "run"  # far more epochs than the test waits for: the kill lands mid-run on any machine
+    launcher = popen_cli(*_train(digits_dir, out, "mlp", "--epochs", "30", "--batches", "40", "--nproc", "2"),
+                         start_new_session=True)  # a session of its own: cleared up at once if the test fails
+    _wait_for_file(launcher, out / "state.safetensors")  # an epoch is saved
     os.kill(_workers(launcher.pid)[-1], signal.SIGKILL)
     killed = time.monotonic()
     _, stderr = launcher.communicate(timeout=120)
@@ -144,22 +145,18 @@ def test_a_rank_that_dies_stops_the_others_and_the_run_resumes(digits_dir, tmp_p
 
     done = read_state(out, tensors=False)[0]["position"]["epoch"]
     assert 1 <= done < 30
-    resumed = run_cli("train", "--resume", str(out), "--data-dir", str(digits_dir))  # on one process, even
+    # on one process, even; one more epoch is enough to show the saved state carries on
+    resumed = cli("train", "--resume", str(out), "--epochs", str(done + 1), "--data-dir", str(digits_dir))
     assert resumed.returncode == 0, resumed.stderr
     history = json.loads((out / "history.json").read_text())
-    assert len(history["epochs"]) == 30 and len(history["batch_loss"]) == 30 * 40
+    assert len(history["epochs"]) == done + 1 and len(history["batch_loss"]) == (done + 1) * 40
 
 
-def test_ctrl_c_stops_every_process_after_the_same_step(digits_dir, tmp_path):
-    out = tmp_path / "run"
-    launcher = subprocess.Popen([sys.executable, "-m", "digitlab",
-                                 *_train(digits_dir, out, "mlp", "--epochs", "100", "--batches", "40", "--nproc", "2")],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (out / "state.safetensors").exists():
-        assert time.monotonic() < deadline and launcher.poll() is None, launcher.stderr.read()
-        time.sleep(0.1)
+def test_ctrl_c_stops_every_process_after_the_same_step(digits_dir, tmp_path, cli):
+    out = tmp_path / "run"  # far more epochs than the test waits for: the signal lands mid-run on any machine
+    launcher = popen_cli(*_train(digits_dir, out, "mlp", "--epochs", "100", "--batches", "40", "--nproc", "2"),
+                         start_new_session=True)
+    _wait_for_file(launcher, out / "state.safetensors")  # epoch 0 is saved: epoch 1 is under way
     os.killpg(launcher.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the launcher and every worker
     _, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode == 130 and "Traceback" not in stderr, stderr
@@ -168,10 +165,24 @@ def test_ctrl_c_stops_every_process_after_the_same_step(digits_dir, tmp_path):
     from digitlab.training.state import read_state
 
     position = read_state(out, tensors=False)[0]["position"]
-    assert position["stopped"] == "SIGINT" and position["epoch"] < 100
-    resumed = run_cli("train", "--resume", str(out), "--data-dir", str(digits_dir))
+    assert position["stopped"] == "SIGINT" and 1 <= position["epoch"] < 100
+    # the epoch it stopped in, finished on one process: every step of it taken once
+    epochs = position["epoch"] + 1
+    resumed = cli("train", "--resume", str(out), "--epochs", str(epochs), "--data-dir", str(digits_dir))
     assert resumed.returncode == 0, resumed.stderr
-    assert len(json.loads((out / "history.json").read_text())["batch_loss"]) == 100 * 40
+    assert len(json.loads((out / "history.json").read_text())["batch_loss"]) == epochs * 40
+
+
+def _wait_for_file(process, path: Path, timeout: float = 120) -> None:
+    """Until `path` exists; fails (stopping the process first) if the process ends or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL) if os.getpgid(process.pid) == process.pid else process.kill()
+            _, stderr = process.communicate(timeout=60)
+            raise AssertionError(f"no {path.name} within {timeout} s (exit code {process.returncode}): {stderr}")
+        time.sleep(0.1)
 
 
 def _workers(parent: int) -> list[int]:

@@ -1,7 +1,8 @@
 """Property-based fuzzing: whatever bytes or metadata arrive, digitlab answers with its own error
 (one line for the user) or a result, never another exception.
 
-Budgets are small by default (a few seconds a property). For a long local campaign:
+Budgets are small by default (the "ci" profile, registered in conftest.py: 60 cases a property,
+derandomised). For a long local campaign:
     HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest tests/test_fuzz.py
 """
 from __future__ import annotations
@@ -9,14 +10,13 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import struct
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
@@ -27,11 +27,6 @@ from digitlab.errors import UserError
 from digitlab.models import create_model
 from digitlab.reading.image import load_grey
 from digitlab.reading.segment import preprocess
-
-settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SCRATCH = Path(tempfile.mkdtemp(prefix="digitlab-fuzz-"))
 
@@ -132,6 +127,13 @@ META = st.one_of(
                            "num_outputs": st.one_of(st.sampled_from([1, 10, 0, -1, 10**8, 1.0, True]), JSON)},
                           optional={"normalization": JSON, "epochs": JSON, "best_epoch": JSON, "val_accuracy": JSON,
                                     "results": JSON}),
+    st.fixed_dictionaries({"format": st.sampled_from([2, 2, 3]),
+                           "config": st.one_of(st.fixed_dictionaries(
+                               {"model": st.sampled_from(["mlp", "cnn", "vgg", None, 3]),
+                                "task": st.sampled_from(["regress", "classify", "", None])},
+                               optional={"epochs": JSON, "lr": JSON, "seed": JSON, "colour": JSON}), JSON)},
+                          optional={"normalization": JSON, "epochs": JSON, "best_epoch": JSON, "temperature": JSON,
+                                    "world_size": JSON, "data": JSON, "results": JSON, "extra": JSON}),
     JSON,
 )
 WEIGHTS = {k: v.contiguous() for k, v in create_model("mlp").state_dict().items()}
@@ -145,4 +147,4 @@ def test_checkpoint_metadata_of_any_shape(meta):
         model, loaded = load_checkpoint(path)
     except UserError:
         return
-    assert loaded["num_outputs"] == 1 and model.fc3.out_features == 1
+    assert loaded.task.outputs == 1 and model.fc3.out_features == 1

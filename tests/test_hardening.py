@@ -1,9 +1,12 @@
 """Hostile and careless use, reproduced for real: bad numbers, bombs, NaNs, signals at any moment,
-a full disk, concurrent runs, kill -9 while saving. Each ends in one line and a clean folder."""
+a full disk, concurrent runs, kill -9 while saving. Each ends in one line and a clean folder.
+
+Bad input runs in-process (the `cli` fixture); signals, kills and memory are measured on real
+processes. The random moments (Ctrl-C, kill -9) are a handful a run; HYPOTHESIS_PROFILE=long
+tries many more."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -16,24 +19,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import ROOT, run_cli, write_idx
+from conftest import LONG, one_error_line, popen_cli, wait_for, write_idx
 from digitlab.reading.checkpoint import load_checkpoint, save_checkpoint
 from digitlab.data import FILES, IMAGE_MAGIC, LABEL_MAGIC
 from digitlab.models import create_model
 from digitlab.training.state import read_state
-from test_cli import _one_error_line
 
 
-def _popen(*args: str, cwd: Path = ROOT) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "digitlab", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def _meta(model: str, task: str):
+    from digitlab.config import TrainConfig
+    from digitlab.reading.checkpoint import CheckpointMeta
 
-
-def _wait_for(process: subprocess.Popen, prefix: str) -> None:
-    for line in process.stdout:
-        if line.startswith(prefix):
-            return
-    raise AssertionError(f"the run ended before printing {prefix!r}: {process.stderr.read()}")
+    return CheckpointMeta(TrainConfig(model=model, task=task).resolved())
 
 
 def _run_files(folder: Path) -> list[str]:
@@ -48,15 +45,15 @@ def _run_files(folder: Path) -> list[str]:
     (["--epochs", "1" + "0" * 400], "--epochs: must be 9,223,372,036,854,775,807 or less"),
     (["--patience", "2"], "early stopping needs validation; give --val-split N"),
 ])
-def test_numbers_out_of_range(args, fragment, tmp_path):
-    _one_error_line(run_cli("train", "mlp", *args, "--out", str(tmp_path / "out")), fragment)
+def test_numbers_out_of_range(args, fragment, tmp_path, cli):
+    one_error_line(cli("train", "mlp", *args, "--out", str(tmp_path / "out")), fragment)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_billion_epochs_costs_no_memory_up_front(digits_dir, tmp_path):
-    process = _popen("train", "mlp", "--epochs", "1000000000", "--log-every", "1", "--data-dir", str(digits_dir),
-                     "--out", str(tmp_path / "run"))
-    _wait_for(process, "epoch: 1, batch: 0,")  # a whole epoch done, and its state saved
+    process = popen_cli("train", "mlp", "--epochs", "1000000000", "--log-every", "1", "--data-dir", str(digits_dir),
+                        "--out", str(tmp_path / "run"))
+    wait_for(process, "epoch: 1, batch: 0,")  # a whole epoch done, and its state saved
     status = Path(f"/proc/{process.pid}/status").read_text()
     peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) // 1024
     process.send_signal(signal.SIGINT)
@@ -65,37 +62,37 @@ def test_a_billion_epochs_costs_no_memory_up_front(digits_dir, tmp_path):
     assert peak < 1000, f"{peak} MB"
 
 
-def test_plotting_a_history_that_is_not_one(tmp_path):
+def test_plotting_a_history_that_is_not_one(tmp_path, cli):
     for text in ("[]", "{}", '{"loss_list": "nope"}', '{"loss_list": [1, "x"]}', "{"):
         (tmp_path / "history.json").write_text(text)
-        _one_error_line(run_cli("plot", "loss", str(tmp_path)), "history")
+        one_error_line(cli("plot", "loss", str(tmp_path)), "history")
     assert not list(tmp_path.glob("loss.*"))
 
 
-def test_a_nan_model_is_refused_by_evaluate_and_predict(digits_dir, tmp_path):
+def test_a_nan_model_is_refused_by_evaluate_and_predict(digits_dir, tmp_path, cli):
     model = create_model("cnn", num_outputs=10)
     with torch.no_grad():
         model.fc.weight.fill_(float("nan"))
-    save_checkpoint(tmp_path / "model.safetensors", model, {"model": "cnn", "num_outputs": 10, "task": "classify"})
-    _one_error_line(run_cli("evaluate", str(tmp_path), "--data-dir", str(digits_dir)), "NaN or infinite")
+    save_checkpoint(tmp_path / "model.safetensors", model, _meta("cnn", "classify"))
+    one_error_line(cli("evaluate", str(tmp_path), "--data-dir", str(digits_dir)), "NaN or infinite")
     page = tmp_path / "seven.png"
     from PIL import Image, ImageDraw
 
     image = Image.new("L", (100, 100), 255)
     ImageDraw.Draw(image).line([(20, 20), (80, 20), (40, 90)], fill=0, width=8)
     image.save(page)
-    _one_error_line(run_cli("predict", str(tmp_path), str(page)), "NaN or infinite")
+    one_error_line(cli("predict", str(tmp_path), str(page)), "NaN or infinite")
 
 
-def test_divergence_stops_at_once_and_keeps_the_last_good_state(digits_dir, tmp_path):
+def test_divergence_stops_at_once_and_keeps_the_last_good_state(digits_dir, tmp_path, cli):
     out = tmp_path / "early"
-    result = run_cli("train", "cnn", "--lr", "5", "--epochs", "2", "--data-dir", str(digits_dir), "--out", str(out))
-    _one_error_line(result, "diverged at epoch 0, batch", "try a lower --lr (this run's: 5)")
+    result = cli("train", "cnn", "--lr", "5", "--epochs", "2", "--data-dir", str(digits_dir), "--out", str(out))
+    one_error_line(result, "diverged at epoch 0, batch", "try a lower --lr (this run's: 5)")
     assert not out.exists()  # nothing good to keep: nothing left behind
     out = tmp_path / "later"  # the one-cycle warm-up takes the learning rate past what the mlp can bear
-    result = run_cli("train", "mlp", "--lr", "2", "--schedule", "onecycle", "--epochs", "8", "--data-dir",
-                     str(digits_dir), "--out", str(out))
-    line = _one_error_line(result, "diverged at epoch", "keeps the state of the last epoch before it")
+    result = cli("train", "mlp", "--lr", "2", "--schedule", "onecycle", "--epochs", "8", "--data-dir",
+                 str(digits_dir), "--out", str(out))
+    line = one_error_line(result, "diverged at epoch", "keeps the state of the last epoch before it")
     epoch = int(line.split("diverged at epoch ")[1].split(",")[0])
     assert epoch >= 1
     record, _ = read_state(out)
@@ -106,7 +103,7 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_state(digits_dir, tmp_
     assert not (out / "history.json").exists()
 
 
-def test_a_checkpoint_bomb_is_refused_before_anything_is_built(tmp_path):
+def test_a_checkpoint_bomb_is_refused_before_anything_is_built(tmp_path, cli):
     weights = {k: v.contiguous() for k, v in create_model("mlp").state_dict().items()}
     cases = {"10**8 outputs": {"format": 1, "model": "mlp", "task": "regress", "num_outputs": 10**8},
              "10**9 outputs": {"format": 1, "model": "mlp", "task": "regress", "num_outputs": 10**9},
@@ -119,8 +116,8 @@ def test_a_checkpoint_bomb_is_refused_before_anything_is_built(tmp_path):
         save_file(weights, str(path), metadata={"digitlab": json.dumps(meta)})
         assert path.stat().st_size < 40_000
         start = time.perf_counter()
-        _one_error_line(run_cli("predict", str(path), str(path)), "impossible checkpoint metadata")
-        assert time.perf_counter() - start < 20
+        one_error_line(cli("predict", str(path), str(path)), "impossible checkpoint metadata")
+        assert time.perf_counter() - start < 20  # a hang, not a speed: building 10**9 outputs takes minutes
 
 
 def test_a_signal_wrapped_by_a_library_is_still_a_signal():
@@ -171,10 +168,10 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(digits_dir, tmp_path):
     commands = [["train", "mlp", "--epochs", "3", "--batches", "5", "--data-dir", str(digits_dir)],
                 ["summary", "cnn"], ["evaluate", str(tmp_path / "none"), "--data-dir", str(digits_dir)]]
     outcomes = []
-    for trial in range(20):
+    for trial in range(60 if LONG else 6):  # each command, at a few moments
         args = commands[trial % len(commands)]
         extra = ["--out", str(tmp_path / f"run{trial}")] if args[0] == "train" else []
-        process = _popen(*args, *extra)
+        process = popen_cli(*args, *extra)
         time.sleep(rng.uniform(0.0, 1.2))
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
@@ -188,16 +185,10 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(digits_dir, tmp_path):
         else:  # it had finished (or failed on its own) before the signal came
             assert process.returncode in (0, 2), stderr
         outcomes.append(process.returncode)
-    assert outcomes.count(130) >= 10, outcomes  # most signals land while the command runs
+    assert outcomes.count(130) >= len(outcomes) // 2, outcomes  # most signals land while the command runs
 
 
-def test_sigterm_is_143_in_one_line(digits_dir, tmp_path):
-    process = _popen("train", "cnn", "--epochs", "20", "--log-every", "5", "--data-dir", str(digits_dir),
-                     "--out", str(tmp_path / "run"))
-    _wait_for(process, "epoch: 0, batch: 5,")
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143 and stderr.strip().startswith("digitlab: interrupted (SIGTERM)")
+# SIGTERM is 143 in one line: tests/test_runs.py::test_a_real_signal_then_resume_gives_the_same_losses
 
 
 @pytest.fixture
@@ -221,11 +212,11 @@ def tiny_disk(tmp_path):
 
 
 @pytest.mark.parametrize("kilobytes", [8, 24, 40, 60])
-def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(digits_dir, tiny_disk, kilobytes):
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(digits_dir, tiny_disk, kilobytes, cli):
     disk = tiny_disk(kilobytes)
-    result = run_cli("train", "mlp", "--epochs", "2", "--batches", "5", "--data-dir", str(digits_dir),
-                     "--out", str(disk / "run"))
-    line = _one_error_line(result, "no space left on device")
+    result = cli("train", "mlp", "--epochs", "2", "--batches", "5", "--data-dir", str(digits_dir),
+                 "--out", str(disk / "run"))
+    line = one_error_line(result, "no space left on device")
     assert str(disk / "run") in line
     assert not list(disk.rglob("*.part"))
     if (disk / "run" / "state.safetensors").exists():  # an epoch was saved before the disk filled up
@@ -234,45 +225,52 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(digits_dir, tin
         assert not (disk / "run").exists()  # nothing worth keeping: nothing left
 
 
-def test_a_run_folder_is_never_mixed_or_shared(digits_dir, tmp_path):
+def test_a_run_folder_is_never_mixed_or_shared(digits_dir, tmp_path, cli):
     common = ["--epochs", "1", "--batches", "3", "--data-dir", str(digits_dir)]
     # No --out: the same command twice keeps both runs, in numbered folders.
     for _ in range(2):
-        assert run_cli("train", "mlp", *common, cwd=tmp_path).returncode == 0
+        assert cli("train", "mlp", *common, cwd=tmp_path).returncode == 0
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mlp", "mlp-2"]
     # An explicit folder that holds a run: refused, untouched, unless --overwrite.
     out = tmp_path / "runs" / "mlp"
     before = (out / "model.safetensors").read_bytes()
-    _one_error_line(run_cli("train", "cnn", *common, "--out", str(out)), "holds a run already", "--overwrite")
+    one_error_line(cli("train", "cnn", *common, "--out", str(out)), "holds a run already", "--overwrite")
     assert (out / "model.safetensors").read_bytes() == before
     (out / ".model.safetensors.dead.part").write_bytes(b"left by a killed run")
-    assert run_cli("train", "cnn", *common, "--out", str(out), "--overwrite").returncode == 0
-    assert load_checkpoint(out)[1]["model"] == "cnn" and not list(out.glob("*.part"))
+    assert cli("train", "cnn", *common, "--out", str(out), "--overwrite").returncode == 0
+    assert load_checkpoint(out)[1].model == "cnn" and not list(out.glob("*.part"))
     # Two trainings into one folder at once: the second is told the folder is in use.
     busy = tmp_path / "busy"
-    first = _popen("train", "cnn", "--epochs", "50", "--log-every", "5", "--data-dir", str(digits_dir),
-                   "--out", str(busy))
-    _wait_for(first, "epoch: 0, batch: 5,")
-    _one_error_line(run_cli("train", "mlp", *common, "--out", str(busy), "--overwrite"), "is in use")
+    first = popen_cli("train", "cnn", "--epochs", "50", "--log-every", "5", "--data-dir", str(digits_dir),
+                      "--out", str(busy))
+    wait_for(first, "epoch: 0, batch: 5,")
+    one_error_line(cli("train", "mlp", *common, "--out", str(busy), "--overwrite"), "is in use")
     first.send_signal(signal.SIGINT)
     first.communicate(timeout=60)
-    assert first.returncode == 130 and load_checkpoint(busy)[1]["model"] == "cnn"
+    assert first.returncode == 130 and load_checkpoint(busy)[1].model == "cnn"
 
 
 @pytest.mark.slow
-def test_kill_9_at_any_moment_leaves_a_complete_or_resumable_folder(digits_dir, tmp_path):
-    """Epochs of two batches spend most of their time saving, so kills land inside saves too."""
-    args = ["train", "mlp", "--epochs", "150", "--batches", "2", "--log-every", "1", "--data-dir", str(digits_dir)]
+def test_kill_9_at_any_moment_leaves_a_complete_or_resumable_folder(digits_dir, tmp_path, cli):
+    """Epochs of two batches spend most of their time saving, so kills land inside saves too.
+
+    Each kill lands at a random moment of the run (a few a test run; HYPOTHESIS_PROFILE=long: many): in
+    a random epoch, at a random point of it; the run left alone, in this process, says how long one takes."""
+    epochs = 30
+    args = ["train", "mlp", "--epochs", str(epochs), "--batches", "2", "--log-every", "1", "--data-dir", str(digits_dir)]
     reference = tmp_path / "alone"
-    assert run_cli(*args, "--out", str(reference)).returncode == 0
+    started = time.monotonic()
+    assert cli(*args, "--out", str(reference)).returncode == 0
+    epoch_seconds = (time.monotonic() - started) / epochs  # at most: the run's set-up and final files count too
     expected = json.loads((reference / "history.json").read_text())["batch_loss"]
     rng = random.Random(1)
     states = {"none": 0, "resumable": 0, "complete": 0}
-    for trial in range(8):
+    trials = 40 if LONG else 5
+    for trial in range(trials):
         out = tmp_path / f"kill{trial}"
-        process = _popen(*args, "--out", str(out))
-        _wait_for(process, "epoch: 0, batch: 0,")
-        time.sleep(rng.uniform(0.0, 1.0))
+        process = popen_cli(*args, "--out", str(out))
+        wait_for(process, f"epoch: {rng.randrange(epochs)}, batch: 0,")
+        time.sleep(rng.uniform(0.0, 2 * epoch_seconds))
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=60)
         if (out / "history.json").exists():
@@ -284,14 +282,14 @@ def test_kill_9_at_any_moment_leaves_a_complete_or_resumable_folder(digits_dir, 
             continue
         states["resumable"] += 1
         read_state(out)  # a complete state, never half of one
-        resumed = run_cli("train", "--resume", str(out), "--data-dir", str(digits_dir))
+        resumed = cli("train", "--resume", str(out), "--data-dir", str(digits_dir))
         assert resumed.returncode == 0, resumed.stderr
         assert json.loads((out / "history.json").read_text())["batch_loss"] == expected
         assert not list(out.glob("*.part")) and not list(out.glob(".*.part"))
-    assert states["resumable"] >= 4, states
+    assert states["resumable"] >= trials // 2, states
 
 
-def test_evaluating_a_model_on_its_own_training_digits_is_refused(digits, tmp_path):
+def test_evaluating_a_model_on_its_own_training_digits_is_refused(digits, tmp_path, cli):
     # A model trained on a set that holds the offline sample's digits (here: all but 100 of them) ...
     folder = tmp_path / "bigger"
     folder.mkdir()
@@ -300,21 +298,22 @@ def test_evaluating_a_model_on_its_own_training_digits_is_refused(digits, tmp_pa
         write_idx(folder / f"{stem}.gz", IMAGE_MAGIC if tensor.dim() == 3 else LABEL_MAGIC, tuple(tensor.shape),
                   tensor.numpy().tobytes())
     out = tmp_path / "run"
-    assert run_cli("train", "lenet5", "--epochs", "1", "--data-dir", str(folder), "--out", str(out)).returncode == 0
+    assert cli("train", "lenet5", "--epochs", "1", "--batches", "5", "--data-dir", str(folder),
+               "--out", str(out)).returncode == 0
     # ... scored offline, on the sample itself: refused, unless the user insists.
     offline = {"HOME": str(tmp_path), "XDG_CACHE_HOME": "", "DIGITLAB_DATA_DIR": ""}
     if (Path.home() / ".cache" / "digitlab" / "mnist").exists():
         shutil.rmtree(tmp_path / ".cache", ignore_errors=True)
-    result = run_cli("evaluate", str(out), env=offline)
+    result = cli("evaluate", str(out), env=offline)
     if "offline" not in result.stderr:
         pytest.skip("this machine is online: evaluate downloads the full set")
     lines = [line for line in result.stderr.splitlines() if line.startswith("digitlab: error")]
     assert result.returncode == 2 and len(lines) == 1 and "measure memory, not accuracy" in lines[0]
-    insisted = run_cli("evaluate", str(out), "--allow-overlap", "--json", env=offline)
+    insisted = cli("evaluate", str(out), "--allow-overlap", "--json", env=offline)
     assert insisted.returncode == 0 and "not a test score" in json.loads(insisted.stdout)["note"]
 
 
-def test_libtiff_complaints_do_not_reach_the_terminal(digits_dir, tmp_path):
+def test_libtiff_complaints_do_not_reach_the_terminal(digits_model, tmp_path, cli):
     import io
 
     import numpy as np
@@ -329,10 +328,7 @@ def test_libtiff_complaints_do_not_reach_the_terminal(digits_dir, tmp_path):
     damaged[8:40] = bytes(32)  # the LZW strip: libtiff writes "LZWDecode: ..." to descriptor 2 itself
     (tmp_path / "damaged.tiff").write_bytes(bytes(damaged))
     (tmp_path / "cut.tiff").write_bytes(data[: len(data) // 3])
-    model = tmp_path / "model"
-    assert run_cli("train", "mlp", "--epochs", "1", "--batches", "3", "--task", "classify",
-                   "--data-dir", str(digits_dir), "--out", str(model)).returncode == 0
-    for name in ("damaged.tiff", "cut.tiff"):
-        result = run_cli("predict", str(model), str(tmp_path / name))
+    for name in ("damaged.tiff", "cut.tiff"):  # libtiff's own lines would reach file descriptor 2
+        result = cli("predict", str(digits_model), str(tmp_path / name))
         assert result.returncode == 2
         assert [line for line in result.stderr.splitlines() if not line.startswith("digitlab: error")] == []

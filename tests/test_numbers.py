@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import run_cli
 from digitlab.reading.calibrate import expected_calibration_error, fit_temperature
 from digitlab.tasks import probabilities
 from digitlab.reading.checkpoint import read_checkpoint
@@ -62,9 +61,9 @@ def test_each_digit_of_a_number_is_found_in_its_place(numbers):
     assert right >= 0.9 * len(truth), f"{right} of {len(truth)} numbers segmented right"  # 37 of 40 when written
 
 
-def test_predict_reads_whole_numbers(digits_model, numbers):
+def test_predict_reads_whole_numbers(digits_model, numbers, cli):
     folder, truth = numbers
-    result = run_cli("predict", str(digits_model), str(folder), "--json")
+    result = cli("predict", str(digits_model), str(folder), "--json")
     assert result.returncode == 0, result.stderr
     answers = {a["file"].split("/")[-1]: a for a in json.loads(result.stdout)}
     assert set(answers) == set(truth)
@@ -77,7 +76,7 @@ def test_predict_reads_whole_numbers(digits_model, numbers):
         assert boxes == sorted(boxes)  # left to right
     exact = np.mean([answers[n]["text"] == text for n, (text, _) in truth.items()])
     assert exact >= 0.75, f"only {exact:.0%} of the numbers read exactly"
-    single = json.loads(run_cli("predict", str(digits_model), str(folder), "--json", "--single").stdout)
+    single = json.loads(cli("predict", str(digits_model), str(folder), "--json", "--single").stdout)
     assert all(len(a["digits"]) == 1 and a["digit"] is not None for a in single)  # --single: one digit each
 
 
@@ -142,25 +141,25 @@ def test_fitted_temperature_undoes_overconfidence():
 
 def test_a_validated_run_saves_its_temperature_and_both_calibration_errors(digits_model):
     _, meta = read_checkpoint(digits_model / "best.safetensors")
-    assert 0.05 < meta["temperature"] < 20
-    results = meta["results"]
+    assert 0.05 < meta.temperature < 20
+    results = meta.results
     assert 0 <= results["test_ece"] < 0.1 and 0 <= results["test_ece_uncalibrated"] < 0.2
     _, last = read_checkpoint(digits_model / "model.safetensors")
-    assert "temperature" not in last  # fitted to the best weights, not to the last epoch's
+    assert last.temperature is None  # fitted to the best weights, not to the last epoch's
 
 
-def test_not_sure_below_the_threshold_with_the_best_guesses(digits_model, tmp_path):
+def test_not_sure_below_the_threshold_with_the_best_guesses(digits_model, tmp_path, cli):
     rng = np.random.default_rng(3)
     picture, _ = on_paper(non_digit("scribble", rng, []), rng, dark_board=False)
     picture.save(tmp_path / "scribble.png")
-    strict = run_cli("predict", str(digits_model), str(tmp_path / "scribble.png"), "--single", "--threshold", "1")
+    strict = cli("predict", str(digits_model), str(tmp_path / "scribble.png"), "--single", "--threshold", "1")
     assert strict.returncode == 0, strict.stderr
     assert "not sure: " in strict.stdout and " or " in strict.stdout
-    loose = json.loads(run_cli("predict", str(digits_model), str(tmp_path / "scribble.png"), "--single",
-                               "--threshold", "0", "--json").stdout)[0]
+    loose = json.loads(cli("predict", str(digits_model), str(tmp_path / "scribble.png"), "--single",
+                           "--threshold", "0", "--json").stdout)[0]
     assert loose["sure"] is True and loose["digit"] == loose["top3"][0]["digit"]
-    strict = json.loads(run_cli("predict", str(digits_model), str(tmp_path / "scribble.png"), "--single",
-                                "--threshold", "1", "--json").stdout)[0]
+    strict = json.loads(cli("predict", str(digits_model), str(tmp_path / "scribble.png"), "--single",
+                            "--threshold", "1", "--json").stdout)[0]
     assert strict["sure"] is False and strict["digit"] == loose["digit"]  # the best guess is kept
-    bad = run_cli("predict", str(digits_model), str(tmp_path / "scribble.png"), "--threshold", "1.5")
+    bad = cli("predict", str(digits_model), str(tmp_path / "scribble.png"), "--threshold", "1.5")
     assert bad.returncode == 2 and "a probability from 0 to 1" in bad.stderr and "Traceback" not in bad.stderr

@@ -14,24 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
 from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.reading.image import ImageError, load_grey
 from helpers.photos import naive_resize, synthetic_photo
 from digitlab.reading.segment import preprocess
-from digitlab.config import preset_config
-from digitlab.training.reporters import Reporter
-from digitlab.training.run import run
 
 N_PHOTOS = 120
-
-
-@pytest.fixture(scope="session")
-def best_model(mnist, tmp_path_factory):
-    """The best preset's recipe (convnet, AdamW, onecycle, augmentation), cut to one epoch for CI."""
-    out = tmp_path_factory.mktemp("best")
-    run(preset_config("best", epochs=1), mnist, out, reporter=Reporter())
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +39,10 @@ def photos(mnist, tmp_path_factory):
     return folder, labels
 
 
-def test_predict_reads_realistic_photos(best_model, photos, tmp_path):
+def test_predict_reads_realistic_photos(mnist_model, photos, tmp_path, cli):
+    """The best preset's recipe (convnet, AdamW, onecycle, augmentation), cut to one epoch on the full set."""
     folder, labels = photos
-    result = run_cli("predict", str(best_model), str(folder), "--json", "--save-preprocessed", str(tmp_path / "seen"))
+    result = cli("predict", str(mnist_model), str(folder), "--json", "--save-preprocessed", str(tmp_path / "seen"))
     assert result.returncode == 0, result.stderr
     answers = json.loads(result.stdout)
     assert len(answers) == N_PHOTOS
@@ -68,7 +57,7 @@ def test_predict_reads_realistic_photos(best_model, photos, tmp_path):
     assert Image.open(tmp_path / "seen" / seen[0]).size == (28, 28)
 
     # The naive way, shrinking the whole picture to 28x28, reads far fewer of the same photos.
-    model, meta = load_checkpoint(best_model)
+    model, meta = load_checkpoint(mnist_model)
     from digitlab.reading.evaluate import model_outputs
 
     naive = np.stack([naive_resize(load_grey(folder / name)) for name in sorted(labels)])
@@ -91,7 +80,7 @@ def test_preprocess_centres_the_digit_like_mnist(digits):
     assert digit[0].max() == 0 and digit[:, 0].max() == 0  # clean background, as in MNIST
 
 
-def test_bad_pictures_get_one_line_each(digits_model, tmp_path):
+def test_bad_pictures_get_one_line_each(digits_model, tmp_path, cli):
     (tmp_path / "notes.png").write_text("this is not an image")
     Image.new("L", (400, 300), 230).save(tmp_path / "blank.png")
     good = Image.new("L", (200, 200), 235)
@@ -99,7 +88,7 @@ def test_bad_pictures_get_one_line_each(digits_model, tmp_path):
     good.save(tmp_path / "one.png")
     whole = (tmp_path / "one.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
-    result = run_cli("predict", str(digits_model), str(tmp_path), "--json")
+    result = cli("predict", str(digits_model), str(tmp_path), "--json")
     assert result.returncode == 2  # some inputs were bad ...
     answers = {a["file"].split("/")[-1]: a for a in json.loads(result.stdout)}
     assert answers["one.png"]["digit"] == 1  # ... and the good one was still read
@@ -133,11 +122,11 @@ def test_light_ink_and_transparency(tmp_path):
     assert np.array_equal(preprocess(np.asarray(board, dtype=np.float32) / 255) > 100, digit > 100)
 
 
-def test_corrupt_checkpoint_is_refused(tmp_path):
+def test_corrupt_checkpoint_is_refused(tmp_path, cli):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x00" * 64)
     Image.new("L", (50, 50), 255).save(tmp_path / "x.png")
-    result = run_cli("predict", str(bad), str(tmp_path / "x.png"))
+    result = cli("predict", str(bad), str(tmp_path / "x.png"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "not a readable checkpoint" in result.stderr
 
@@ -156,23 +145,23 @@ def _a_seven(size: int = 200) -> np.ndarray:
     return ndimage.gaussian_filter(np.asarray(page, dtype=np.float32) / 255, 1.5)  # a pen's soft edge
 
 
-def test_save_preprocessed_names_never_collide_and_all_bad_leaves_no_folder(digits_model, tmp_path):
+def test_save_preprocessed_names_never_collide_and_all_bad_leaves_no_folder(digits_model, tmp_path, cli):
     ink = _a_seven()
     for rel in ("a/x.png", "a/x.jpg", "b/x.png"):
         (tmp_path / rel).parent.mkdir(exist_ok=True)
         Image.fromarray((255 - ink * 200).astype(np.uint8)).save(tmp_path / rel)
     seen = tmp_path / "seen"
-    result = run_cli("predict", str(digits_model), str(tmp_path / "a"), str(tmp_path / "b" / "x.png"),
-                     "--save-preprocessed", str(seen))
+    result = cli("predict", str(digits_model), str(tmp_path / "a"), str(tmp_path / "b" / "x.png"),
+                 "--save-preprocessed", str(seen))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in seen.iterdir()) == ["a_x.jpg.28x28.png", "a_x.png.28x28.png", "b_x.png.28x28.png"]
     (tmp_path / "junk.png").write_text("not an image")
-    result = run_cli("predict", str(digits_model), str(tmp_path / "junk.png"), "--save-preprocessed",
-                     str(tmp_path / "never"))
+    result = cli("predict", str(digits_model), str(tmp_path / "junk.png"), "--save-preprocessed",
+                 str(tmp_path / "never"))
     assert result.returncode == 2 and not (tmp_path / "never").exists()
 
 
-def test_sixteen_bit_greys_are_read_at_full_depth(digits_model, tmp_path):
+def test_sixteen_bit_greys_are_read_at_full_depth(digits_model, tmp_path, cli):
     ink = _a_seven()
     # A pencil 7 in a 16-bit scan: paper at 40,000, ink 8,000 darker, out of 65,535. Pillow's
     # own squeeze to 8 bits clips everything above 255: a white page, "no digit found".
@@ -182,21 +171,37 @@ def test_sixteen_bit_greys_are_read_at_full_depth(digits_model, tmp_path):
     assert Image.open(path).mode.startswith("I")
     grey = load_grey(path)
     assert len(np.unique(np.round(grey * 65535))) > 20  # the anti-aliased edge survives
-    result = run_cli("predict", str(digits_model), str(path), "--json")
+    result = cli("predict", str(digits_model), str(path), "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)[0]["digit"] == 7
 
 
-def test_a_pipe_and_a_newline_in_a_name_get_one_line(digits_model, tmp_path):
+def test_a_pipe_and_a_newline_in_a_name_get_one_line(digits_model, tmp_path, cli):
     import os
+    import threading
 
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
-    result = run_cli("predict", str(digits_model), str(fifo), timeout=60)  # must not hang
+    unblocked = []
+
+    def unblock():  # a reader stuck on the pipe gets end-of-file, and the test fails instead of hanging
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            unblocked.append(True)
+        except OSError:  # ENXIO: nobody is reading it
+            pass
+
+    watchdog = threading.Timer(60, unblock)
+    watchdog.start()
+    try:
+        result = cli("predict", str(digits_model), str(fifo))  # must not hang
+    finally:
+        watchdog.cancel()
+    assert not unblocked, "predict waited on a named pipe"
     assert result.returncode == 2 and "not a regular file" in result.stderr
     odd = tmp_path / "two\nlines.png"
     odd.write_text("not an image")
-    result = run_cli("predict", str(digits_model), str(odd))
+    result = cli("predict", str(digits_model), str(odd))
     errors = [line for line in result.stderr.splitlines() if line.startswith("digitlab: error")]
     assert len(errors) == 1 and "two\\nlines.png: not an image" in errors[0]
     assert result.stderr.strip().splitlines() == errors

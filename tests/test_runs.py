@@ -6,8 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT, run_cli
+from conftest import one_error_line, popen_cli, wait_for
 from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.config import TrainConfig, read_config_file
 from digitlab.errors import UserError
@@ -29,6 +27,13 @@ def small(digits):
     """3,200 training images (50 batches of 64), 1,000 test images: epochs of a fraction of a second."""
     return replace(digits, train_images=digits.train_images[:3200], train_labels=digits.train_labels[:3200],
                    source="subset")
+
+
+@pytest.fixture(scope="session")
+def tiny(digits):
+    """960 training images (15 batches of 64), 1,000 test images: for the runs that are stopped and resumed."""
+    return replace(digits, train_images=digits.train_images[:960], train_labels=digits.train_labels[:960],
+                   source="tiny subset")
 
 
 class SignalAt(Reporter):
@@ -57,27 +62,41 @@ RESUME_CASES = {
         model="convnet_small", optimizer="momentum", lr=0.02, schedule="cosine", augment=True, reject=True, epochs=3,
         log_every=7),
     "lenet5-adamw-step-val": TrainConfig(model="lenet5", optimizer="adamw", lr=0.003, weight_decay=0.05,
-                                         schedule="step", val_split=320, epochs=3, log_every=7),
+                                         schedule="step", val_split=96, epochs=3, log_every=7),
 }
 
 
-# Epochs are 50 batches (45 with the validation split): step 70 is mid-epoch; step 90 is mid-epoch or,
+@pytest.fixture(scope="module")
+def left_alone_runs(tiny, tmp_path_factory):
+    """Each resume case's run left alone, trained once for both stopping points: {case: (result, folder)}."""
+    made = {}
+
+    def get(case: str):
+        if case not in made:
+            out = tmp_path_factory.mktemp("alone") / case
+            made[case] = run(RESUME_CASES[case], tiny, out, reporter=Reporter()), out
+        return made[case]
+
+    return get
+
+
+# Epochs are 15 batches (13 with the validation split): step 20 is mid-epoch; step 26 is mid-epoch or,
 # with validation, an epoch's very last step.
-@pytest.mark.parametrize("stop_at", [70, 90])
+@pytest.mark.parametrize("stop_at", [20, 26])
 @pytest.mark.parametrize("case", sorted(RESUME_CASES))
-def test_interrupted_and_resumed_equals_left_alone(small, tmp_path, case, stop_at):
+def test_interrupted_and_resumed_equals_left_alone(tiny, tmp_path, case, stop_at, left_alone_runs):
     config = RESUME_CASES[case]
-    alone = run(config, small, tmp_path / "alone", reporter=Reporter())
-    stopped = run(config, small, tmp_path / "resumed", reporter=SignalAt(stop_at))
+    alone, alone_dir = left_alone_runs(case)
+    stopped = run(config, tiny, tmp_path / "resumed", reporter=SignalAt(stop_at))
     assert stopped.state.interrupted and stopped.state.stopped == "SIGINT"
     assert len(stopped.history.batch_loss) == stop_at
-    resumed = run(config, small, tmp_path / "resumed", resume=True, reporter=Reporter())
+    resumed = run(config, tiny, tmp_path / "resumed", resume=True, reporter=Reporter())
     assert resumed.history.batch_loss == alone.history.batch_loss  # bit for bit
     assert resumed.history.loss_list == alone.history.loss_list
     assert resumed.history.log_points == alone.history.log_points
     assert [r["val_accuracy"] for r in resumed.history.epochs] == [r["val_accuracy"] for r in alone.history.epochs]
     assert resumed.test_accuracy == alone.test_accuracy
-    a, _ = load_checkpoint(tmp_path / "alone" / "model.safetensors")
+    a, _ = load_checkpoint(alone_dir / "model.safetensors")
     b, _ = load_checkpoint(tmp_path / "resumed" / "model.safetensors")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
@@ -131,7 +150,7 @@ def test_patience_stops_early_and_the_best_checkpoint_is_kept(small, tmp_path):
     assert result.state.stopped == "patience" and result.state.best_epoch == 0
     assert [r["epoch"] for r in result.history.epochs] == [0, 1, 2]
     _, meta = load_checkpoint(tmp_path)
-    assert meta["best_epoch"] == 0 and meta["epochs"] == 1
+    assert meta.best_epoch == 0 and meta.epochs == 1
     with pytest.raises(UserError, match="stopped early after epoch 2"):
         run(config, small, tmp_path, resume=True)
     more = run(replace(config, patience=3), small, tmp_path, resume=True, reporter=Reporter())
@@ -197,37 +216,36 @@ def test_config_file_reproduces_a_run_and_bad_files_name_the_key(small, tmp_path
 # ---------------------------------------------------------------------------- the real command, real signals
 
 TRAIN = ["train", "cnn", "--task", "classify", "--optimizer", "adam", "--lr", "0.002", "--schedule", "cosine",
-         "--augment", "--epochs", "3", "--batches", "40", "--log-every", "1", "--val-split", "400"]
+         "--augment", "--epochs", "3", "--batches", "20", "--log-every", "1", "--val-split", "400"]
 
 
-def _start(digits_dir: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "digitlab", *TRAIN, "--data-dir", str(digits_dir), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def _wait_for(process: subprocess.Popen, prefix: str) -> None:
-    for line in process.stdout:
-        if line.startswith(prefix):
-            return
-    raise AssertionError(f"the run ended before printing {prefix!r}: {process.stderr.read()}")
+def _start(digits_dir: Path, out: Path):
+    return popen_cli(*TRAIN, "--data-dir", digits_dir, "--out", out)
 
 
 @pytest.fixture(scope="module")
-def left_alone(digits_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("alone") / "run"
-    result = run_cli(*TRAIN, "--data-dir", str(digits_dir), "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    assert "cnn ━" in result.stdout  # the progress bar names the run's model
-    return json.loads((out / "history.json").read_text())
+def _alone_history() -> dict:
+    return {}
+
+
+@pytest.fixture
+def left_alone(digits_dir, tmp_path_factory, cli, _alone_history):
+    """The run the signalled ones must reproduce, trained once (in-process) for the module."""
+    if not _alone_history:
+        out = tmp_path_factory.mktemp("alone") / "run"
+        result = cli(*TRAIN, "--data-dir", str(digits_dir), "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        assert "cnn ━" in result.stdout  # the progress bar names the run's model
+        _alone_history.update(json.loads((out / "history.json").read_text()))
+    return _alone_history
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
-def test_a_real_signal_then_resume_gives_the_same_losses(digits_dir, tmp_path, left_alone, signum, code):
+def test_a_real_signal_then_resume_gives_the_same_losses(digits_dir, tmp_path, left_alone, signum, code, cli):
     out = tmp_path / "run"
     process = _start(digits_dir, out)
-    _wait_for(process, "epoch 0 done")  # the state of epoch 0 is on disk ...
-    _wait_for(process, "epoch: 1, batch: 12,")  # ... and epoch 1 is under way
+    wait_for(process, "epoch 0 done")  # the state of epoch 0 is on disk ...
+    wait_for(process, "epoch: 1, batch: 6,")  # ... and epoch 1 is under way
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr
@@ -238,40 +256,39 @@ def test_a_real_signal_then_resume_gives_the_same_losses(digits_dir, tmp_path, l
     if signum == signal.SIGKILL:  # no chance to save: the state is the end of epoch 0
         assert (state["position"]["epoch"], state["position"]["batch"]) == (1, 0)
     else:
-        assert stderr.strip().splitlines()[-1].startswith(f"digitlab: interrupted ({signal.Signals(signum).name})")
-        assert state["position"]["epoch"] == 1 and 13 <= state["position"]["batch"] < 40
-    resumed = run_cli("train", "--resume", str(out), "--data-dir", str(digits_dir))
+        lines = stderr.strip().splitlines()  # one line: what stopped it, and how to go on
+        assert len(lines) == 1 and lines[0].startswith(f"digitlab: interrupted ({signal.Signals(signum).name})"), stderr
+        assert state["position"]["epoch"] == 1 and 7 <= state["position"]["batch"] < 20
+    resumed = cli("train", "--resume", str(out), "--data-dir", str(digits_dir))
     assert resumed.returncode == 0, resumed.stderr
     history = json.loads((out / "history.json").read_text())
-    assert len(history["batch_loss"]) == 120
+    assert len(history["batch_loss"]) == 60
     assert history["batch_loss"] == left_alone["batch_loss"]  # bit for bit
     assert history["epochs"][-1]["val_accuracy"] == left_alone["epochs"][-1]["val_accuracy"]
 
 
-def test_resume_errors_on_the_command_line(digits_dir, tmp_path):
-    from test_cli import _one_error_line
-
-    _one_error_line(run_cli("train", "--resume", str(tmp_path)), "holds no state.safetensors")
-    _one_error_line(run_cli("train", "--resume", str(tmp_path / "absent")), "not a folder")
+def test_resume_errors_on_the_command_line(digits_dir, tmp_path, cli):
+    one_error_line(cli("train", "--resume", str(tmp_path)), "holds no state.safetensors")
+    one_error_line(cli("train", "--resume", str(tmp_path / "absent")), "not a folder")
     out = tmp_path / "run"
-    assert run_cli("train", "mlp", "--epochs", "1", "--batches", "5", "--data-dir", str(digits_dir),
-                   "--out", str(out)).returncode == 0
+    assert cli("train", "mlp", "--epochs", "1", "--batches", "5", "--data-dir", str(digits_dir),
+               "--out", str(out)).returncode == 0
     before = _folder_digest(out)
-    _one_error_line(run_cli("train", "cnn", "--resume", str(out), "--data-dir", str(digits_dir)),
-                    "with model = 'cnn': the run was trained with 'mlp'")
-    _one_error_line(run_cli("train", "--resume", str(out), "--lr", "0.1", "--data-dir", str(digits_dir)),
-                    "--resume may change only epochs, patience, device, tensorboard")
-    _one_error_line(run_cli("train", "--resume", str(out), "--data-dir", str(digits_dir)), "finished all 1 epochs")
+    one_error_line(cli("train", "cnn", "--resume", str(out), "--data-dir", str(digits_dir)),
+                   "with model = 'cnn': the run was trained with 'mlp'")
+    one_error_line(cli("train", "--resume", str(out), "--lr", "0.1", "--data-dir", str(digits_dir)),
+                   "--resume may change only epochs, patience, device, tensorboard")
+    one_error_line(cli("train", "--resume", str(out), "--data-dir", str(digits_dir)), "finished all 1 epochs")
     assert _folder_digest(out) == before
-    more = run_cli("train", "--resume", str(out), "--epochs", "2", "--data-dir", str(digits_dir))
+    more = cli("train", "--resume", str(out), "--epochs", "2", "--data-dir", str(digits_dir))
     assert more.returncode == 0, more.stderr
     assert len(json.loads((out / "history.json").read_text())["epochs"]) == 2
     config = tmp_path / "c.toml"
     config.write_text('model = "mlp"\nepochs = 1\nmax_batches = 5\nlr = 0.5\n')
-    again = run_cli("train", "--config", str(config), "--lr", "0.02", "--data-dir", str(digits_dir),
-                    "--out", str(tmp_path / "from-file"))
+    again = cli("train", "--config", str(config), "--lr", "0.02", "--data-dir", str(digits_dir),
+                "--out", str(tmp_path / "from-file"))
     assert again.returncode == 0, again.stderr
     saved = read_config_file(tmp_path / "from-file" / "config.toml")
     assert saved["lr"] == 0.02 and saved["max_batches"] == 5  # the command line wins over the file
     config.write_text("epochs = 0\n")
-    _one_error_line(run_cli("train", "--config", str(config)), "c.toml: epochs: must be 1 or more, got 0")
+    one_error_line(cli("train", "--config", str(config)), "c.toml: epochs: must be 1 or more, got 0")

@@ -20,29 +20,17 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import ROOT, run_cli
-from digitlab.config import preset_config
-from digitlab.training.reporters import Reporter
+from conftest import ROOT
 from helpers.photos import synthetic_photo
-from digitlab.training.run import run
 
 httpx = pytest.importorskip("httpx")
 
 
 @pytest.fixture(scope="module")
-def runs(digits, tmp_path_factory, request):
-    """A classifier that reads hand-drawn digits (the fast recipe; on the full set where there is one)
-    and the chapter's regression cnn."""
-    from conftest import MNIST_DIR
-
-    folder = tmp_path_factory.mktemp("served")
-    if (MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
-        data, epochs = request.getfixturevalue("mnist"), 1
-    else:
-        data, epochs = digits, 6
-    run(preset_config("fast", epochs=epochs), data, folder / "convnet_small", reporter=Reporter())
-    run(preset_config("chapter", "cnn", epochs=1), digits, folder / "cnn", reporter=Reporter())
-    return [folder / "convnet_small", folder / "cnn"]
+def runs(served_model, chapter_model):
+    """The session's shared models: a calibrated classifier that reads hand-drawn digits (the fast
+    recipe; on the full set where there is one) and the chapter's regression cnn."""
+    return [served_model, chapter_model]
 
 
 def _free_port() -> int:
@@ -257,10 +245,10 @@ def test_a_real_browser_draws_and_uploads(server, digits, tmp_path):
 
 # ---------------------------------------------------------------------------- ONNX
 
-def _onnx_check(run_dir: Path, data, tmp_path: Path) -> tuple[float, float]:
+def _onnx_check(run_dir: Path, data, tmp_path: Path, cli) -> tuple[float, float]:
     ort = pytest.importorskip("onnxruntime")
     out = tmp_path / "model.onnx"
-    result = run_cli("export", str(run_dir), "--out", str(out))
+    result = cli("export", str(run_dir), "--out", str(out))
     assert result.returncode == 0, result.stderr
     session = ort.InferenceSession(str(out))
     assert [i.name for i in session.get_inputs()] == ["image"]
@@ -270,30 +258,30 @@ def _onnx_check(run_dir: Path, data, tmp_path: Path) -> tuple[float, float]:
     from digitlab.reading.evaluate import evaluate
 
     model, meta = load_checkpoint(run_dir)
-    reference = evaluate(model, data.test_images, data.test_labels, meta["task"])
+    reference = evaluate(model, data.test_images, data.test_labels, meta.task)
     assert np.abs(logits - reference.outputs.numpy()).max() < 1e-4
     accuracy = float((logits.argmax(1) == data.test_labels.numpy()).mean())
     assert accuracy == reference.accuracy
     return accuracy, float(np.abs(logits - reference.outputs.numpy()).max())
 
 
-def test_onnx_export_agrees_with_pytorch(runs, digits, tmp_path):
-    _onnx_check(runs[0], digits, tmp_path)
+def test_onnx_export_agrees_with_pytorch(runs, digits, tmp_path, cli):
+    _onnx_check(runs[0], digits, tmp_path, cli)
     import onnx
 
     from digitlab.reading.checkpoint import read_checkpoint
 
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
-    assert float(props["temperature"]) == read_checkpoint(runs[0])[1]["temperature"]
+    assert float(props["temperature"]) == read_checkpoint(runs[0])[1].temperature
     out = tmp_path / "value.onnx"
-    assert run_cli("export", str(runs[1]), "--out", str(out)).returncode == 0
+    assert cli("export", str(runs[1]), "--out", str(out)).returncode == 0
     graph = onnx.load(str(out)).graph
     assert [o.name for o in graph.output] == ["value"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # any batch size
 
 
-def test_onnx_on_the_full_test_set(runs, mnist, tmp_path):
-    accuracy, difference = _onnx_check(runs[0], mnist, tmp_path)
+def test_onnx_on_the_full_test_set(runs, mnist, tmp_path, cli):
+    accuracy, difference = _onnx_check(runs[0], mnist, tmp_path, cli)
     assert accuracy > 0.98
 
 

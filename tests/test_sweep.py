@@ -1,14 +1,15 @@
-"""`digitlab sweep` for real: Optuna studies in SQLite, trials as run folders, FLOPs counted."""
+"""`digitlab sweep` for real: Optuna studies in SQLite, trials as run folders, FLOPs counted.
+
+A sweep command runs in-process (`cli`) where its answer is the point; where two commands share
+a study, one of them is a real process running beside it; signals and kills go to real processes."""
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import one_error_line, popen_cli, wait_for
 from digitlab.config import TrainConfig
 from digitlab.studies.sweep import training_flops
 
@@ -48,11 +49,11 @@ def test_flops_are_counted_not_estimated():
     assert with_rejects > training_flops(TrainConfig(model="mlp", task="classify", batch_size=64).resolved())
 
 
-def test_a_grid_sweep_runs_every_combination_once(digits_dir, tmp_path):
+def test_a_grid_sweep_runs_every_combination_once(digits_dir, tmp_path, cli):
     spec = tmp_path / "grid.toml"
     spec.write_text(GRID)
     out = tmp_path / "sweep"
-    result = run_cli("sweep", str(spec), "--trials", "4", "--out", str(out), "--data-dir", str(digits_dir))
+    result = cli("sweep", str(spec), "--trials", "4", "--out", str(out), "--data-dir", str(digits_dir))
     assert result.returncode == 0, result.stderr
     rows = _rows(out)
     assert [r["state"] for r in rows] == ["COMPLETE"] * 4
@@ -70,32 +71,30 @@ def test_a_grid_sweep_runs_every_combination_once(digits_dir, tmp_path):
     from PIL import Image
 
     assert Image.open(out / "pareto.png").format == "PNG" and (out / "pareto.svg").is_file()
-    told = run_cli("sweep", "--report", str(out))
+    told = cli("sweep", "--report", str(out))
     assert told.returncode == 0, told.stderr
     best = max(rows, key=lambda r: float(r["val_accuracy"]))
     assert f"4 finished trials of 4; best: trial {best['trial']} " in told.stdout
     assert "Pareto front" in told.stdout and "option importance" in told.stdout
-    missing = run_cli("sweep", "--report", str(tmp_path / "nowhere"))
-    assert missing.returncode == 2 and "no study in" in missing.stderr and "Traceback" not in missing.stderr
-    no_spec = run_cli("sweep")
-    assert no_spec.returncode == 2 and "sweep needs a SPEC.toml" in no_spec.stderr
+    one_error_line(cli("sweep", "--report", str(tmp_path / "nowhere")), "no study in")
+    one_error_line(cli("sweep"), "sweep needs a SPEC.toml")
     # a trial is an ordinary run folder
-    evaluated = run_cli("evaluate", lenet["run"], "--json", "--data-dir", str(digits_dir))
+    evaluated = cli("evaluate", lenet["run"], "--json", "--data-dir", str(digits_dir))
     assert evaluated.returncode == 0, evaluated.stderr
 
 
-def test_two_commands_join_one_sqlite_study(digits_dir, tmp_path):
+def test_two_commands_join_one_sqlite_study(digits_dir, tmp_path, cli):
     spec = tmp_path / "grid.toml"
     spec.write_text(GRID)
     out = tmp_path / "shared"
-    command = [sys.executable, "-m", "digitlab", "sweep", str(spec), "--trials", "2", "--out", str(out),
-               "--data-dir", str(digits_dir)]
+    command = ["sweep", str(spec), "--trials", "2", "--out", str(out), "--data-dir", str(digits_dir)]
     out.mkdir()
-    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    second = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for process in (first, second):
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, stderr
+    other = popen_cli(*command)  # one command in a process of its own, the other in this one, at once:
+    wait_for(other, "data: ")  # it has its data and opens the study now, as this one does
+    here = cli(*command)
+    _, stderr = other.communicate(timeout=300)
+    assert other.returncode == 0, stderr
+    assert here.returncode == 0, here.stderr
     rows = _rows(out)  # written by whichever finished last: the whole study
     assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE"}
     # the grid is shared out: each command sees the other's trials (Optuna may still give one point to
@@ -116,48 +115,45 @@ def test_two_commands_join_one_sqlite_study(digits_dir, tmp_path):
     ('[fixed]\nepochs = 1', "[search] is empty"),
     ("[search\n", "not valid TOML"),
 ])
-def test_bad_specs_get_one_line_naming_the_key(tmp_path, text, fragment):
+def test_bad_specs_get_one_line_naming_the_key(tmp_path, text, fragment, cli):
     spec = tmp_path / "bad.toml"
     spec.write_text(text + "\n")
-    result = run_cli("sweep", str(spec), "--out", str(tmp_path / "never"))
-    assert result.returncode == 2 and fragment in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    one_error_line(cli("sweep", str(spec), "--out", str(tmp_path / "never")), fragment)
     assert not (tmp_path / "never").exists()
 
 
-def test_a_grid_needs_lists(tmp_path, digits_dir):
+def test_a_grid_needs_lists(tmp_path, digits_dir, cli):
     spec = tmp_path / "range.toml"
     spec.write_text('[search]\nlr = { low = 0.001, high = 0.1, log = true }\n')
-    result = run_cli("sweep", str(spec), "--sampler", "grid", "--out", str(tmp_path / "never"),
-                     "--data-dir", str(digits_dir))
+    result = cli("sweep", str(spec), "--sampler", "grid", "--out", str(tmp_path / "never"),
+                 "--data-dir", str(digits_dir))
     assert result.returncode == 2 and "--sampler grid needs lists of choices; 'lr' is a range" in result.stderr
     assert not (tmp_path / "never").exists()
     spec.write_text('[search]\nmodel = ["mlp"]\n')
-    result = run_cli("sweep", str(spec), "--storage", "nosuchdb://x", "--out", str(tmp_path / "never"),
-                     "--data-dir", str(digits_dir))
-    assert result.returncode == 2 and "cannot open the study at nosuchdb://x" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+    result = cli("sweep", str(spec), "--storage", "nosuchdb://x", "--out", str(tmp_path / "never"),
+                 "--data-dir", str(digits_dir))
+    one_error_line(result, "cannot open the study at nosuchdb://x")
+    assert not (tmp_path / "never").exists()
 
 
-def test_ctrl_c_fails_the_running_trial_and_a_second_command_finishes_the_study(digits_dir, tmp_path):
+def test_ctrl_c_fails_the_running_trial_and_a_second_command_finishes_the_study(digits_dir, tmp_path, cli):
     import signal
 
     spec = tmp_path / "slow.toml"
-    spec.write_text('[fixed]\ntask = "classify"\nepochs = 20\nmax_batches = 25\n[search]\nmodel = ["mlp", "lenet5"]\n')
+    # the grid runs the mlp first (a fraction of a second), then the lenet5 (seconds): the signal,
+    # sent as the first trial is reported, finds the second one training on any machine
+    spec.write_text('[fixed]\ntask = "classify"\nepochs = 10\nmax_batches = 25\n[search]\nmodel = ["lenet5", "mlp"]\n')
     out = tmp_path / "sweep"
-    command = [sys.executable, "-m", "digitlab", "sweep", str(spec), "--out", str(out), "--data-dir", str(digits_dir)]
-    process = subprocess.Popen(command + ["--trials", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    for line in process.stdout:  # the first trial is done: the second one is training
-        if line.startswith("trial 0:"):
-            break
+    command = ["sweep", str(spec), "--out", str(out), "--data-dir", str(digits_dir)]
+    process = popen_cli(*command, "--trials", "2")
+    wait_for(process, "trial 0:")  # the first trial is done: the second one is training
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "digitlab: interrupted (SIGINT)"
     assert "trial 1 stopped: queued to run again when the sweep goes on" in stdout
     assert [r["state"] for r in _rows(out)] == ["COMPLETE", "FAIL", "WAITING"]  # the table is written all the same
-    again = run_cli(*command[3:], "--trials", "1")
+    again = cli(*command, "--trials", "1")
     assert again.returncode == 0, again.stderr
     rows = _rows(out)
     assert [r["state"] for r in rows] == ["COMPLETE", "FAIL", "COMPLETE"]
@@ -166,35 +162,35 @@ def test_ctrl_c_fails_the_running_trial_and_a_second_command_finishes_the_study(
     assert rows[1]["model"] in ("", rows[2]["model"])
 
 
-def test_a_killed_sweep_is_taken_for_dead_after_its_grace_and_retried(digits_dir, tmp_path):
+def test_a_killed_sweep_is_taken_for_dead_after_its_grace_and_retried(digits_dir, tmp_path, cli):
     import signal
 
     spec = tmp_path / "random.toml"
-    spec.write_text('[fixed]\ntask = "classify"\nepochs = 50\nmax_batches = 25\n[search]\n'
+    spec.write_text('[fixed]\ntask = "classify"\nepochs = 10\nmax_batches = 25\n[search]\n'
                     'model = ["lenet5"]\nlr = { low = 0.0005, high = 0.05, log = true }\n')
     out = tmp_path / "sweep"
-    command = [sys.executable, "-m", "digitlab", "sweep", str(spec), "--sampler", "random", "--grace", "2",
-               "--out", str(out), "--data-dir", str(digits_dir)]
-    process = subprocess.Popen(command + ["--trials", "1"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    command = ["sweep", str(spec), "--sampler", "random", "--grace", "2", "--out", str(out), "--data-dir", str(digits_dir)]
+    process = popen_cli(*command, "--trials", "1")
     _wait_for_running(out, 1, process)
-    time.sleep(3)  # a few heartbeats
+    # killed in its first epochs, once the study holds a heartbeat of it (the run has 9 epochs to go)
+    _wait_until(lambda: _heartbeats(out) and (out / "trials" / "0000" / "state.safetensors").exists(), process,
+                "a heartbeat and the trial's first epoch")
     process.send_signal(signal.SIGKILL)  # no chance to say goodbye: the trial stays RUNNING in the study
     process.communicate(timeout=60)
     time.sleep(3)  # past the grace period
-    again = run_cli(*command[3:], "--trials", "1")
+    again = cli(*command, "--trials", "1")
     assert again.returncode == 0, again.stderr
     rows = _rows(out)
     assert [r["state"] for r in rows] == ["FAIL", "COMPLETE"]
     assert rows[1]["retry_of"] == "0" and rows[1]["lr"] == rows[0]["lr"]  # the same drawn point, run again
 
 
-def test_two_workers_share_the_trials_and_the_cores(digits_dir, tmp_path):
+def test_two_workers_share_the_trials_and_the_cores(digits_dir, tmp_path, cli):
     spec = tmp_path / "grid.toml"
     spec.write_text(GRID)
     out = tmp_path / "sweep"
-    result = run_cli("sweep", str(spec), "--trials", "4", "--workers", "2", "--out", str(out),
-                     "--data-dir", str(digits_dir))
+    result = cli("sweep", str(spec), "--trials", "4", "--workers", "2", "--out", str(out),
+                 "--data-dir", str(digits_dir))
     assert result.returncode == 0, result.stderr
     rows = _rows(out)
     assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE"}
@@ -202,14 +198,14 @@ def test_two_workers_share_the_trials_and_the_cores(digits_dir, tmp_path):
     assert "best of 4 finished trials" in result.stdout
 
 
-def test_random_draws_are_new_in_a_continued_study_and_in_each_worker(digits_dir, tmp_path):
+def test_random_draws_are_new_in_a_continued_study_and_in_each_worker(digits_dir, tmp_path, cli):
     spec = tmp_path / "random.toml"
     spec.write_text('[fixed]\ntask = "classify"\nmodel = "mlp"\nepochs = 1\nmax_batches = 2\nval_split = 400\n'
                     '[search]\nlr = { low = 0.0001, high = 0.1, log = true }\n')
 
     def lrs(out, *extra) -> list[str]:
-        result = run_cli("sweep", str(spec), "--sampler", "random", "--out", str(out), "--data-dir", str(digits_dir),
-                         *extra)
+        result = cli("sweep", str(spec), "--sampler", "random", "--out", str(out), "--data-dir", str(digits_dir),
+                     *extra)
         assert result.returncode == 0, result.stderr
         return [r["lr"] for r in _rows(out)]
 
@@ -228,15 +224,34 @@ def test_ctrl_c_reaches_every_worker_once(digits_dir, tmp_path):
     spec.write_text('[fixed]\ntask = "classify"\nepochs = 30\nmax_batches = 25\n[search]\n'
                     'model = ["lenet5", "convnet_small"]\nlr = [0.001, 0.002]\n')
     out = tmp_path / "sweep"
-    process = subprocess.Popen([sys.executable, "-m", "digitlab", "sweep", str(spec), "--trials", "4", "--workers", "2",
-                                "--out", str(out), "--data-dir", str(digits_dir)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = popen_cli("sweep", str(spec), "--trials", "4", "--workers", "2", "--out", str(out),
+                        "--data-dir", str(digits_dir))
     _wait_for_running(out, 2, process)  # both workers are training a trial
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     states = [r["state"] for r in _rows(out)]
     assert "FAIL" in states and "RUNNING" not in states  # every worker stopped its trial, none was left behind
+
+
+def _heartbeats(out) -> int:
+    """How many trials of the study in OUT have a heartbeat recorded (Optuna's table in its database)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(out / "study.db", timeout=10) as db:
+            return db.execute("SELECT COUNT(*) FROM trial_heartbeats").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def _wait_until(condition, process, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{what}: not within {timeout} s: {process.communicate()[1]}")
+        time.sleep(0.05)
 
 
 def _wait_for_running(out, count: int, process, timeout: float = 60) -> None:
@@ -256,20 +271,20 @@ def _wait_for_running(out, count: int, process, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-def test_two_machines_join_one_study_through_postgresql(digits_dir, tmp_path, postgres_url):
+def test_two_machines_join_one_study_through_postgresql(digits_dir, tmp_path, postgres_url, cli):
     import optuna
 
     spec = tmp_path / "grid.toml"
     spec.write_text(GRID)
     machines = [tmp_path / "machine-a", tmp_path / "machine-b"]  # each its own OUT, one database between them
-    processes = [subprocess.Popen([sys.executable, "-m", "digitlab", "sweep", str(spec), "--trials", "2",
-                                   "--storage", postgres_url, "--study", "grid", "--out", str(out),
-                                   "--data-dir", str(digits_dir)],
-                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for out in machines]
-    outputs = [p.communicate(timeout=300) for p in processes]
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr
+    commands = [["sweep", str(spec), "--trials", "2", "--storage", postgres_url, "--study", "grid", "--out", str(out),
+                 "--data-dir", str(digits_dir)] for out in machines]
+    other = popen_cli(*commands[1])  # machine b in a process of its own, machine a in this one, at once
+    wait_for(other, "data: ")
+    here = cli(*commands[0])
+    _, stderr = other.communicate(timeout=300)
+    assert other.returncode == 0, stderr
+    assert here.returncode == 0, here.stderr
     trials = optuna.load_study(study_name="grid", storage=postgres_url).trials
     assert len(trials) == 4 and {t.state.name for t in trials} == {"COMPLETE"}
     assert len({(t.params["model"], t.params["lr"]) for t in trials}) >= 3  # shared out, as with SQLite
@@ -278,9 +293,9 @@ def test_two_machines_join_one_study_through_postgresql(digits_dir, tmp_path, po
     assert all(len(numbers) == 2 for numbers in ran.values())
     last = max(machines, key=lambda out: (out / "trials.csv").stat().st_mtime)
     assert len(_rows(last)) == 4  # the whole study's table, wherever it is written
-    told = run_cli("sweep", "--report", str(tmp_path), "--storage", postgres_url, "--study", "grid")
+    told = cli("sweep", "--report", str(tmp_path), "--storage", postgres_url, "--study", "grid")
     assert told.returncode == 0 and "4 finished trials of 4" in told.stdout, told.stderr
-    wrong = run_cli("sweep", str(spec), "--storage", postgres_url.rsplit("/", 1)[0] + "/nosuchdb",
-                    "--out", str(tmp_path / "never"), "--data-dir", str(digits_dir))
-    assert wrong.returncode == 2 and "cannot open the study at postgresql+psycopg://" in wrong.stderr
-    assert len(wrong.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+    wrong = cli("sweep", str(spec), "--storage", postgres_url.rsplit("/", 1)[0] + "/nosuchdb",
+                "--out", str(tmp_path / "never"), "--data-dir", str(digits_dir))
+    one_error_line(wrong, "cannot open the study at postgresql+psycopg://")
+    assert not (tmp_path / "never").exists()

@@ -19,6 +19,13 @@ from digitlab.training.loop import fit, train
 from digitlab.training.run import run
 
 
+def _meta(model: str, task: str):
+    from digitlab.config import TrainConfig
+    from digitlab.reading.checkpoint import CheckpointMeta
+
+    return CheckpointMeta(TrainConfig(model=model, task=task).resolved())
+
+
 def test_mlp_loss_falls_on_real_data(mnist):
     torch.manual_seed(0)
     model = create_model("mlp")
@@ -73,10 +80,10 @@ def test_run_writes_a_checkpoint_that_rebuilds_the_model(digits, tmp_path):
                      "state.safetensors"]  # no temporary files
 
     model, meta = load_checkpoint(tmp_path / "run")  # the folder is enough
-    assert meta["model"] == "cnn" and meta["num_outputs"] == 1 and meta["seed"] == 1
-    assert meta["normalization"] == {"center": 127.5, "scale": 127.5}
-    assert meta["config"]["max_batches"] == 30 and meta["epochs"] == 1
-    assert meta["final_loss"] == result.history.final_loss
+    assert meta.model == "cnn" and meta.task.outputs == 1 and meta.config.seed == 1
+    assert meta.normalization == {"center": 127.5, "scale": 127.5}
+    assert meta.config.max_batches == 30 and meta.epochs == 1
+    assert meta.final_loss == result.history.final_loss
     images = normalize(digits.test_images[:100])
     with torch.inference_mode():
         reloaded = model(images)
@@ -92,20 +99,20 @@ def test_run_writes_a_checkpoint_that_rebuilds_the_model(digits, tmp_path):
 
 def test_checkpoint_errors_are_one_clear_line(tmp_path):
     model = create_model("mlp")
-    path = save_checkpoint(tmp_path / "m.safetensors", model, {"model": "mlp", "num_outputs": 1, "task": "regress"})
+    path = save_checkpoint(tmp_path / "m.safetensors", model, _meta("mlp", "regress"))
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(path.read_bytes()[:100])
     with pytest.raises(UserError, match="cut.safetensors: not a readable checkpoint"):
         read_checkpoint(truncated)
     future = tmp_path / "future.safetensors"
     save_file({"w": torch.zeros(1)}, str(future), metadata={"digitlab": json.dumps({"format": 99})})
-    with pytest.raises(UserError, match="checkpoint format 99, this digitlab reads format 1"):
+    with pytest.raises(UserError, match="checkpoint format 99, this digitlab reads formats 1 and 2"):
         read_checkpoint(future)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(1)}, str(foreign))
     with pytest.raises(UserError, match="without digitlab metadata"):
         read_checkpoint(foreign)
-    mismatch = save_checkpoint(tmp_path / "x.safetensors", model, {"model": "cnn", "num_outputs": 1, "task": "regress"})
+    mismatch = save_checkpoint(tmp_path / "x.safetensors", model, _meta("cnn", "regress"))
     with pytest.raises(UserError, match="weights do not fit model 'cnn'"):
         load_checkpoint(mismatch)
     with pytest.raises(UserError, match="no checkpoint at"):
@@ -114,7 +121,7 @@ def test_checkpoint_errors_are_one_clear_line(tmp_path):
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     model = create_model("mlp")
-    path = save_checkpoint(tmp_path / "m.safetensors", model, {"model": "mlp", "num_outputs": 1, "task": "regress"})
+    path = save_checkpoint(tmp_path / "m.safetensors", model, _meta("mlp", "regress"))
     before = path.read_bytes()
     with pytest.raises(RuntimeError):
         with atomic_path(path) as tmp:
@@ -259,10 +266,10 @@ def test_classification_run_validates_each_epoch_and_keeps_the_best(digits, tmp_
     best = max(range(2), key=lambda e: (rows[e]["val_accuracy"], -e))
     assert result.state.best_epoch == best and result.checkpoint.name == "best.safetensors"
     model, meta = load_checkpoint(tmp_path)  # the folder means its best checkpoint
-    assert meta["best_epoch"] == best and meta["val_accuracy"] == rows[best]["val_accuracy"]
-    assert meta["task"] == "classify" and meta["num_outputs"] == 10
-    assert meta["results"]["test_accuracy"] == result.test_accuracy > 0.8
-    assert meta["data"]["val"] == 320 and meta["data"]["train"] == 2880
+    assert meta.best_epoch == best and meta.val_accuracy == rows[best]["val_accuracy"]
+    assert meta.task.name == "classify" and meta.task.outputs == 10
+    assert meta.results["test_accuracy"] == result.test_accuracy > 0.8
+    assert meta.data["val"] == 320 and meta.data["train"] == 2880
 
 
 @pytest.mark.parametrize("task", ["regress", "classify"])
@@ -316,7 +323,7 @@ def test_fit_with_the_hand_written_mlp_step_trains_as_autograd_does(digits, weig
 
 def test_load_checkpoint_places_the_model_as_training_does(tmp_path):
     model = create_model("cnn", num_outputs=10)
-    save_checkpoint(tmp_path / "m.safetensors", model, {"model": "cnn", "num_outputs": 10, "task": "classify"})
+    save_checkpoint(tmp_path / "m.safetensors", model, _meta("cnn", "classify"))
     loaded, _ = load_checkpoint(tmp_path / "m.safetensors")
     assert loaded.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # oneDNN's fast layout
     assert not loaded.training

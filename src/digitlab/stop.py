@@ -86,6 +86,22 @@ class StopRequest:
             raise Interrupted(self.requested)
 
     @contextlib.contextmanager
+    def deferred(self):
+        """Within this block a signal only sets `requested`, and `check()` after it acts on it: for code
+        that cannot be unwound, such as a C++ extension loading (an exception raised inside `import torch`
+        aborts the process: "terminate called after throwing an instance of 'pybind11::error_already_set'")."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._graceful += 1
+        was, self._escalate = self._escalate, False
+        try:
+            yield
+        finally:
+            self._graceful -= 1
+            self._escalate = was
+
+    @contextlib.contextmanager
     def graceful(self, escalate: bool = True):
         """Within this block, a first signal only sets `requested`; a second unwinds, unless not
         `escalate` (a process training with others must stop with them, after a step).

@@ -39,10 +39,11 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
     is made and installed here."""
     stop = stop or StopRequest().install()
     try:
-        args = build_parser().parse_args(argv)
-        args.argv = sys.argv[1:] if argv is None else list(argv)
-        importlib.import_module("torch")  # every command's libraries come with torch (and numpy) ...
-        stop.check()  # ... and a signal that one of them swallowed while loading stops the command here
+        with stop.deferred():  # a signal raised inside torch's C++ start-up would abort the process
+            args = build_parser().parse_args(argv)
+            args.argv = sys.argv[1:] if argv is None else list(argv)
+            importlib.import_module("torch")  # every command's libraries come with torch (and numpy) ...
+        stop.check()  # ... and a signal that came while they loaded stops the command here
         return args.func(args, stop)
     except UserError as e:
         print(f"digitlab: error: {one_line(str(e))}", file=sys.stderr)
