@@ -93,8 +93,14 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        with self._holding(escalate=False):
+            yield
+
+    @contextlib.contextmanager
+    def _holding(self, escalate: bool):
+        """Signals only set `requested` (a second one unwinds if `escalate`) while the block runs."""
         self._graceful += 1
-        was, self._escalate = self._escalate, False
+        was, self._escalate = self._escalate, escalate
         try:
             yield
         finally:
@@ -116,13 +122,10 @@ class StopRequest:
         previous = {s: signal.getsignal(s) for s in HANDLED}
         for s in HANDLED:
             signal.signal(s, self._handler)
-        self._graceful += 1
-        was, self._escalate = self._escalate, escalate
         try:
-            yield
+            with self._holding(escalate):
+                yield
         finally:
-            self._graceful -= 1
-            self._escalate = was
             self.requested = None
             for s, h in previous.items():
                 signal.signal(s, h)
