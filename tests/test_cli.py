@@ -27,9 +27,21 @@ def test_help_lists_commands_without_importing_torch():
     assert result.returncode == 0, result.stderr
     for command in ("summary", "train", "compare", "plot"):
         assert command in result.stdout
+    # nor the package metadata (read only for --version), before the signal handlers are set
     check = subprocess.run([sys.executable, "-c", "import sys, digitlab.cli as c; c.build_parser(); "
-                            "print('torch' in sys.modules)"], capture_output=True, text=True)
-    assert check.stdout.strip() == "False"
+                            "print('torch' in sys.modules, 'importlib.metadata' in sys.modules)"],
+                           capture_output=True, text=True)
+    assert check.stdout.strip() == "False False", check.stderr
+
+
+def test_version_is_the_installed_packages(cli):
+    from importlib.metadata import version
+
+    import digitlab
+
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout == f"digitlab {version('digitlab')}\n"
+    assert digitlab.__version__ == version("digitlab") and "__version__" in digitlab.__all__
 
 
 def test_train_help_lists_registered_models(cli):

@@ -130,6 +130,21 @@ def test_bad_set_ups_get_one_line(digits_dir, tmp_path, options, fragment, cli):
     assert not (tmp_path / "never").exists()
 
 
+def test_the_launcher_leaves_the_process_as_it_found_it(tmp_path):
+    # through the API: the environment its workers need and the signals the elastic agent takes are
+    # set for the launch only
+    from digitlab.config import LaunchOptions
+    from digitlab.training.launch import launch
+
+    def handlers() -> dict:
+        return {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+
+    environment, before = dict(os.environ), handlers()
+    code = launch(["train", "mlp", "--data-dir", "/nowhere/mnist", "--out", str(tmp_path / "never")], LaunchOptions(nproc=2))
+    assert code == 2  # both workers said why, in a line each: the data is not there
+    assert dict(os.environ) == environment and handlers() == before
+
+
 def test_a_rank_that_dies_stops_the_others_and_the_run_resumes(digits_dir, tmp_path, cli):
     out = tmp_path / "run"  # far more epochs than the test waits for: the kill lands mid-run on any machine
     launcher = popen_cli(*_train(digits_dir, out, "mlp", "--epochs", "30", "--batches", "40", "--nproc", "2"),

@@ -12,14 +12,8 @@ No module is named after one of these functions, so `digitlab.train`, `digitlab.
 and `digitlab.compare` are always the functions.
 """
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 
 from digitlab.errors import UserError
-
-try:
-    __version__ = version("digitlab")
-except PackageNotFoundError:  # run from a source tree that was never installed
-    __version__ = "unknown"
 
 _EXPORTS = {
     "get_mnist_dataloader": "data", "load_mnist": "data", "read_idx": "data", "InMemoryLoader": "data",
@@ -38,8 +32,20 @@ __all__ = ["UserError", "__version__", *_EXPORTS]
 
 
 def __getattr__(name):
+    if name == "__version__":  # read from the installed package's metadata when asked, not at import
+        globals()[name] = _version()
+        return globals()[name]
     if name in _EXPORTS:
         value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'digitlab' has no attribute '{name}'")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("digitlab")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"

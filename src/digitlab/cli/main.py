@@ -7,11 +7,23 @@ import argparse
 import importlib
 import sys
 
-from digitlab import __version__
+import digitlab
 from digitlab.cli import read, serve, show, sweep, train
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
 from digitlab.stop import StopRequest, stopped_by
+
+
+class _Version(argparse.Action):
+    """--version, with the version read only when it is asked for."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the program's version number and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {digitlab.__version__}")
+        parser.exit()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="digitlab",
         description="Learn and compare neural-network structures on handwritten digits (MNIST).",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (show.add_summary_parser, train.add_train_parser, train.add_compare_parser, read.add_evaluate_parser,
                 read.add_predict_parser, sweep.add_sweep_parser, serve.add_serve_parser, serve.add_export_parser,

@@ -2,8 +2,12 @@
 torch's elastic launcher, as torchrun does, and turn what goes wrong into one line."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
 import sys
+import uuid
 from dataclasses import fields
 
 from digitlab.config import LaunchOptions, flag
@@ -29,43 +33,42 @@ def worker_argv(argv: list[str]) -> list[str]:
 def launch(argv: list[str], options: LaunchOptions) -> int:
     """Start `python -m digitlab ARGV` on `options.nproc` processes here (and meet `nnodes - 1` other
     machines at `rdzv_endpoint`) through torch's elastic launcher, as torchrun does; returns the exit
-    code. As the launcher, it alone sets environment variables (for itself and its workers)."""
-    nproc, nnodes, endpoint, timeout = options.nproc, options.nnodes, options.rdzv_endpoint, options.rdzv_timeout
-    import logging
-    import signal
-    import uuid
+    code. The environment and the signal handlers are as they were afterwards."""
+    nproc, nnodes, endpoint = options.nproc, options.nnodes, options.rdzv_endpoint
+    if nnodes > 1 and not endpoint:
+        raise UserError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every machine")
+    # the workers inherit this process's environment: what they need is set for the launch only.
+    # torchrun's default would be one thread each, with a warning: share the cores instead. What goes
+    # wrong is ours to tell, once: the elastic agent's loggers read LOGLEVEL when they are made.
+    workers_env = {LAUNCHER: "1", "LOGLEVEL": os.environ.get("LOGLEVEL", "CRITICAL"),
+                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    with _environment(workers_env), _signal_handlers_kept():
+        return _launch(argv, options)
 
-    # what goes wrong is ours to tell, once: the elastic agent's own loggers read LOGLEVEL when they are
-    # made, the rest inherit from their parent
-    os.environ.setdefault("LOGLEVEL", "CRITICAL")
+
+def _launch(argv: list[str], options: LaunchOptions) -> int:
+    nproc, nnodes, endpoint, timeout = options.nproc, options.nnodes, options.rdzv_endpoint, options.rdzv_timeout
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if nnodes > 1 and not endpoint:
-        raise UserError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every machine")
-    # torchrun's default would be one thread each, with a warning: share the cores instead
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
                           run_id=f"digitlab-{endpoint}" if nnodes > 1 else f"digitlab-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint=endpoint or "127.0.0.1:0",
                           rdzv_configs={"join_timeout": timeout}, max_restarts=0, monitor_interval=0.2)
-    os.environ[LAUNCHER] = "1"
     try:
         elastic_launch(config, sys.executable)("-m", "digitlab", *argv)
     except ChildFailedError as e:
-        said = {rank: f.exitcode for rank, f in e.failures.items() if f.exitcode in (ExitCode.USAGE, ExitCode.SIGINT, ExitCode.SIGTERM)}
-        dead = {rank: f.exitcode for rank, f in e.failures.items() if f.exitcode not in (ExitCode.LOST, *said.values())}
-        if dead:
-            rank = min(dead)
-            raise UserError(f"training process {rank} of {nproc * nnodes} died ({_how(dead[rank])}); the run's "
-                            "last saved state is resumable with --resume RUN") from None
-        if said:  # a worker said why, in one line (rank 0's line when it has one)
-            return said.get(0, next(iter(said.values())))
-        raise UserError("the training processes lost contact with each other; the run's last saved state is "
-                        "resumable with --resume RUN") from None
+        rank, exitcode = _first_failure(e.failures)
+        if exitcode in (ExitCode.USAGE, ExitCode.SIGINT, ExitCode.SIGTERM):
+            return exitcode  # the worker said why, in one line
+        if exitcode == ExitCode.LOST:
+            raise UserError("the training processes lost contact with each other; the run's last saved state "
+                            "is resumable with --resume RUN") from None
+        raise UserError(f"training process {rank} of {nproc * nnodes} died ({_how(exitcode)}); the run's "
+                        "last saved state is resumable with --resume RUN") from None
     except SignalException as e:  # Ctrl-C or SIGTERM: the workers stopped after an agreed step, and rank 0 said so
         name = signal.Signals(e.sigval).name
         return ExitCode[name] if name in ExitCode.__members__ else 128 + e.sigval
@@ -78,11 +81,49 @@ def launch(argv: list[str], options: LaunchOptions) -> int:
 
 
 def _how(exitcode: int) -> str:
-    import signal
-
     if exitcode < 0:
         try:
             return f"killed by {signal.Signals(-exitcode).name}"
         except ValueError:
             pass
     return f"exit code {exitcode}"
+
+
+def _first_failure(failures: dict) -> tuple[int, int]:
+    """The failure that ended the run, as (rank, exit code): the earliest one. Once a process fails, the
+    agent stops the others (SIGTERM, then SIGKILL), and their exits are recorded too, in the same second
+    as often as not: a process that said why, or died of something else, comes before one the agent
+    stopped, and a process that only lost the others comes last."""
+    def order(rank: int) -> tuple:
+        code = failures[rank].exitcode
+        said = code in (ExitCode.USAGE, ExitCode.SIGINT, ExitCode.SIGTERM)
+        stopped = code in (-signal.SIGTERM, -signal.SIGKILL) and not said
+        return failures[rank].timestamp, (0 if said else 2 if code == ExitCode.LOST else 3 if stopped else 1), rank
+
+    rank = min(failures, key=order)
+    return rank, failures[rank].exitcode
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """`values` in os.environ for the duration; afterwards the environment is as it was (the elastic
+    agent adds variables of its own too)."""
+    before = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """The signal handlers as they were, afterwards: the elastic agent installs its own and leaves them."""
+    kept = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    try:
+        yield
+    finally:
+        for number, handler in kept.items():
+            if handler is not None:
+                signal.signal(number, handler)
