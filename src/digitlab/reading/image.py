@@ -18,8 +18,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from digitlab.errors import UserError
 from digitlab.files import one_line
 
-MAX_PIXELS = 40_000_000  # refuse larger images before decoding them
+MAX_PIXELS = 40_000_000  # refuse larger images before decoding them ...
+MAX_DECODED = 4 * MAX_PIXELS  # ... and any whose first frame decodes to more bytes than this
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16-bit and floating-point greys
+ICO_MAGIC = b"\x00\x00\x01\x00"
 
 
 class ImageError(UserError):
@@ -27,13 +30,20 @@ class ImageError(UserError):
 
 
 def load_grey(source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
-    """Any PNG/JPEG/BMP/WebP/GIF/TIFF file (or its bytes, as uploaded) as float32 grey in [0, 1];
-    RGBA composited onto white.
+    """Any PNG/JPEG/BMP/WebP/GIF/TIFF file (or its bytes, as uploaded) as float32 grey in [0, 1]:
+    `open_grey`'s picture as an array."""
+    grey = open_grey(source, name)
+    return np.asarray(grey, dtype=np.float32) / (255.0 if grey.mode == "L" else 1.0)
 
-    16-bit and floating-point greys are read at their full depth: squeezing them to 8 bits
-    first can collapse a faint drawing to two levels. `name` names the picture in errors.
-    """
-    too_big = f"is over {MAX_PIXELS // 1_000_000} megapixels; crop or shrink it first"
+
+def open_grey(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
+    """Any PNG/JPEG/BMP/WebP/GIF/TIFF file (or its bytes, as uploaded) as one grey picture: mode "L"
+    (8 bits), or "F" in [0, 1] for 16-bit and floating-point greys (squeezing them to 8 bits can
+    collapse a faint drawing to two levels). Transparency is composited onto white, EXIF rotation
+    applied, and only the first frame of an animation is decoded.
+
+    The size of what would be decoded (pixels, and bytes of its first frame) is checked from the
+    header, before anything is allocated. `name` names the picture in errors."""
     if isinstance(source, bytes):
         name, opened, head = name or "upload", io.BytesIO(source), source[:4]
     else:
@@ -49,14 +59,17 @@ def load_grey(source: str | os.PathLike | bytes, name: str | None = None) -> np.
             # Pillow's own warnings (its bomb check from 89 MP, EXIF and TIFF oddities) would reach the
             # user as library noise; what matters becomes one ImageError line below.
             warnings.simplefilter("ignore")
+            if head == ICO_MAGIC:  # Pillow's ICO reader decodes while it opens: look at its frames first
+                _check_icon(opened, name)
             with Image.open(opened) as im:
-                if im.width * im.height > MAX_PIXELS:  # the header is read, the pixels are not yet
-                    raise ImageError(f"{name}: {im.width}x{im.height} {too_big}")
+                _check_size(im, name)
+                if im.format == "JPEG" and im.mode in ("RGB", "YCbCr"):
+                    im.draft("L", im.size)  # decode the brightness alone: no colour to convert
                 im.load()
-                im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
-                return grey_pixels(im)
+                ImageOps.exif_transpose(im, in_place=True)  # phone photos store their rotation in EXIF
+                return grey_picture(im)
     except Image.DecompressionBombError:  # over 178 MP: Pillow refuses before we can look
-        raise ImageError(f"{name}: the image {too_big}") from None
+        raise ImageError(f"{name}: the image {TOO_BIG}") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image Pillow can read (PNG, JPEG, BMP, WebP ...)") from None
     except ImageError:
@@ -64,6 +77,36 @@ def load_grey(source: str | os.PathLike | bytes, name: str | None = None) -> np.
     except (OSError, SyntaxError, ValueError, TypeError, IndexError, struct.error, EOFError,
             MemoryError, ZeroDivisionError, KeyError, AttributeError) as e:  # truncated or corrupt data
         raise ImageError(f"{name}: broken or truncated image ({one_line(str(e))[:120]})") from None
+
+
+TOO_BIG = f"is over {MAX_PIXELS // 1_000_000} megapixels; crop or shrink it first"
+_BYTES_PER_BAND = {"I": 4, "F": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+def _check_size(im: Image.Image, name: str) -> None:
+    """Refuse a picture whose first frame is too large, from its header: the pixels are not read yet."""
+    if im.width * im.height > MAX_PIXELS:
+        raise ImageError(f"{name}: {im.width}x{im.height} {TOO_BIG}")
+    decoded = im.width * im.height * len(im.getbands()) * _BYTES_PER_BAND.get(im.mode, 1)
+    if decoded > MAX_DECODED:
+        raise ImageError(f"{name}: {im.width}x{im.height} {im.mode} would take {decoded / 1e6:,.0f} MB to decode, "
+                         f"over {MAX_DECODED // 1_000_000} MB; save it as 8-bit grey or shrink it first")
+
+
+def _check_icon(opened: Path | io.BytesIO, name: str) -> None:
+    """An ICO file holds PNG or BMP frames whose real size is in their own headers, not in the icon's
+    directory: read those headers (not the pixels) and refuse a frame too large."""
+    from PIL import BmpImagePlugin, IcoImagePlugin, PngImagePlugin
+
+    with open(opened, "rb") if isinstance(opened, Path) else contextlib.nullcontext(opened) as f:
+        icon = IcoImagePlugin.IcoFile(f)
+        for entry in icon.entry:
+            f.seek(entry.offset)
+            png = f.read(8) == PngImagePlugin._MAGIC
+            f.seek(entry.offset)
+            frame = PngImagePlugin.PngImageFile(f) if png else BmpImagePlugin.DibImageFile(f)
+            _check_size(frame, name)
+        f.seek(0)
 
 
 _STDERR_LOCK = threading.Lock()
@@ -89,19 +132,54 @@ def _libtiff_quiet(is_tiff: bool):
             os.close(saved)
 
 
-def grey_pixels(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        values = np.asarray(im, dtype=np.float32)
-        top = 65535.0 if im.mode.startswith("I;16") or values.max() > 255 else 255.0
-        if im.mode == "F":  # floats: their own range
-            low, high = float(values.min()), float(values.max())
-            return (values - low) / (high - low) if high > low else np.zeros_like(values)
-        return np.clip(values / top, 0, 1)
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, im)
-    return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+STRIP = 512  # rows converted at a time: a large picture is never held twice over in a wider mode
+
+
+def grey_picture(im: Image.Image) -> Image.Image:
+    """A decoded picture as grey: "L", or "F" in [0, 1] for deep greys (16 bits against their full
+    range, floating point against the range of their finite values: NaN is paper, infinities the ends).
+    Transparency is composited onto white. Converted a strip of rows at a time, so that a large
+    picture costs its own size and the grey copy's, not a colour copy besides."""
+    if im.mode in DEEP_MODES:
+        return _deep_grey(im)
+    transparent = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info)
+    if im.mode == "L" and not transparent:
+        return im
+    grey = Image.new("L", im.size, 255)
+    for top in range(0, im.height, STRIP):
+        strip = im.crop((0, top, im.width, min(im.height, top + STRIP)))
+        if transparent:
+            strip = strip.convert("RGBA") if strip.mode not in ("LA", "RGBA") else strip
+            grey.paste(strip.convert("L"), (0, top), mask=strip.getchannel("A"))  # ink over white paper
+        else:
+            grey.paste(strip.convert("L"), (0, top))
+    return grey
+
+
+def _deep_grey(im: Image.Image) -> Image.Image:
+    def rows(top: int) -> np.ndarray:
+        return np.array(im.crop((0, top, im.width, min(im.height, top + STRIP))), dtype=np.float32)
+
+    if im.mode == "F":  # floats: their own range, from the finite values
+        low, high, sample = np.inf, -np.inf, []
+        for top in range(0, im.height, STRIP):
+            values = rows(top)
+            finite = values[np.isfinite(values)]
+            if finite.size:
+                low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+                sample.append(finite[::97].copy())  # not a view: the strip goes
+        paper = float(np.median(np.concatenate(sample))) if sample else 0.0
+        span = high - low if high > low else np.inf  # one value, or none: all paper
+    else:
+        low, span = 0.0, 65535.0 if im.mode.startswith("I;16") or im.getextrema()[1] > 255 else 255.0
+    grey = Image.new("F", im.size)
+    for top in range(0, im.height, STRIP):
+        values = rows(top)
+        if im.mode == "F":
+            with np.errstate(invalid="ignore", over="ignore"):
+                np.nan_to_num(values, copy=False, nan=paper, posinf=high, neginf=low)
+        grey.paste(Image.fromarray(np.clip((values - low) / span, 0, 1, dtype=np.float32)), (0, top))
+    return grey
 
 
 def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:

@@ -11,7 +11,7 @@ import numpy as np
 from digitlab.config import THRESHOLD
 from digitlab.errors import UserError
 from digitlab.reading.evaluate import model_outputs
-from digitlab.reading.image import load_grey
+from digitlab.reading.image import open_grey
 from digitlab.reading.segment import Found, find_digits
 
 
@@ -126,7 +126,7 @@ def predict_files(model, meta: dict, files: list[Path], single: bool = False,
     predictions, found = [], []
     for f in files:
         try:
-            digits = find_digits(load_grey(f), source=str(f), single=single)
+            digits = find_digits(open_grey(f), source=str(f), single=single)
             predictions.append(Prediction(str(f)))
             found.append(digits)
         except UserError as e:

@@ -6,13 +6,16 @@ placed in 28x28 so that its centre of mass sits at the centre. A naive resize of
 photo gives it dark ink on grey paper, tiny and off-centre. `find_digits` repeats the
 MNIST recipe on any picture, for every digit in a row:
 
-1. grey scale; transparency composited onto white; EXIF rotation applied;
-2. even out the lighting: subtract a heavily blurred copy (the paper's shade);
+1. grey scale; transparency composited onto white; EXIF rotation applied (`image.open_grey`);
+2. find the ink on a working copy of at most WORK_SIZE pixels on its short side (a photo's
+   12 megapixels are not needed to see where its digits are): even out the lighting by
+   subtracting the paper's shade (a heavy blur, taken on a PAPER_SIZE copy and scaled back up);
 3. decide the ink's polarity: the ink is the minority on either side of Otsu's threshold;
 4. keep the ink: Otsu's threshold, grown into fainter ink that touches it (hysteresis);
 5. group the connected blobs into digits, left to right (`segment`: broken strokes stay
    together, specks go, digits joined by a short stroke are cut apart);
-6. crop each digit, scale it into 20x20 keeping the aspect ratio, and paste it into 28x28
+6. crop each digit (a digit small in the working copy is cut from the picture itself, at up
+   to DETAIL pixels), scale it into 20x20 keeping the aspect ratio, and paste it into 28x28
    with its centre of mass at the centre.
 
 `preprocess` does the same for a picture of one digit. `read_digits` gives each prepared
@@ -25,14 +28,19 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from digitlab.reading.image import ImageError
 
 BOX = 20  # MNIST digits fit a 20x20 box ...
 SIZE = 28  # ... centred in 28x28
-WORK_SIZE = 256  # short side of the working copy: enough detail, bounded cost ...
-MAX_WORK_SIZE = 1024  # ... and its long side at most (a row of digits)
+WORK_SIZE = 128  # short side of the working copy where the ink is found ...
+MAX_WORK_SIZE = 512  # ... and its long side at most (a row of digits)
+INK_HEIGHT = 64  # ink shorter than this in the working copy is looked at again, larger ...
+FINE_SIZE = 256  # ... up to this short side ...
+MAX_FINE_SIZE = 1024  # ... and this long side
+PAPER_SIZE = 32  # the paper's shade is a blur of a copy this big (long side), scaled back up
+DETAIL = 128  # a digit is cut from the picture at up to this many pixels (long side): 6x MNIST's 20
 MIN_BLOB = 0.08  # a blob smaller than this fraction of the largest one is not a stroke of its own ...
 MIN_SPECK = 0.01  # ... but one down to this joins the digit above or below it; smaller ones are noise
 MIN_HEIGHT = 0.4  # a group of ink less tall than this fraction of the tallest is not a digit (a dot, a dash)
@@ -52,8 +60,10 @@ FAINT = 0.6  # fainter ink down to this fraction of the threshold counts where i
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold (1979): the cut that maximises the between-class variance."""
-    hist, edges = np.histogram(values, bins=bins, range=(float(values.min()), float(values.max()) + 1e-6))
-    centers = (edges[:-1] + edges[1:]) / 2
+    low, high = float(values.min()), float(values.max()) + 1e-6
+    width = (high - low) / bins
+    hist = np.bincount(np.minimum(((values.ravel() - low) / width).astype(np.intp), bins - 1), minlength=bins)
+    centers = low + width * (np.arange(bins) + 0.5)
     weight = hist.cumsum()
     mean = (hist * centers).cumsum()
     total_weight, total_mean = weight[-1], mean[-1]
@@ -66,18 +76,49 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centers[int(between.argmax())])
 
 
-def _ink_map(grey: np.ndarray) -> np.ndarray:
-    """Ink strength in [0, 1] (0 = paper), with the paper's shading removed."""
-    from scipy import ndimage
+class _Ink:
+    """How strongly each pixel of a picture is ink, in [0, 1] of the grey scale (0 = paper): the
+    picture less the paper's shade, turned so that ink is positive, less the median. Found on the
+    working copy; `cut` applies the same to a piece of the picture itself."""
 
-    sigma = max(grey.shape) / 8  # wider than a stroke, narrower than a lighting gradient
-    paper = ndimage.gaussian_filter(grey, sigma)
-    flat = grey - paper  # dark ink < 0 < light ink
-    # Polarity: the ink is the minority class on either side of Otsu's threshold.
-    t = otsu_threshold(flat)
-    light_ink = (flat > t).mean() < 0.5
-    ink = flat if light_ink else -flat
-    return ink - np.median(ink)
+    def __init__(self, grey: np.ndarray):
+        from scipy import ndimage
+
+        h, w = grey.shape
+        k = min(1.0, PAPER_SIZE / max(h, w))
+        coarse = _resize(grey, (max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.BOX)
+        # wider than a stroke, narrower than a lighting gradient
+        self.paper = ndimage.gaussian_filter(coarse, max(coarse.shape) / 8)
+        flat = grey - _resize(self.paper, (w, h), Image.Resampling.BILINEAR)  # dark ink < 0 < light ink
+        # Polarity: the ink is the minority class on either side of Otsu's threshold.
+        t = otsu_threshold(flat)
+        self.sign = 1.0 if (flat > t).mean() < 0.5 else -1.0
+        ink = self.sign * flat
+        self.offset = float(np.median(ink))
+        self.map = ink - self.offset
+
+    def cut(self, picture: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
+        """The ink of `box` (x0, y0, x1, y1 in the picture's pixels) cut from the picture itself, at up
+        to DETAIL pixels on its long side."""
+        x0, y0, x1, y1 = box
+        k = min(1.0, DETAIL / max(x1 - x0, y1 - y0))
+        size = (max(1, round((x1 - x0) * k)), max(1, round((y1 - y0) * k)))
+        piece = picture.resize(size, Image.Resampling.BOX, box=box) if k < 1 or size != (x1 - x0, y1 - y0) \
+            else picture.crop(box)
+        grey = np.asarray(piece, dtype=np.float32) / (255.0 if picture.mode == "L" else 1.0)
+        # the paper's shade over the box: its coarse copy covers the whole picture
+        h, w = picture.height, picture.width
+        ph, pw = self.paper.shape
+        paper = Image.fromarray(self.paper).resize(size, Image.Resampling.BILINEAR,
+                                                    box=(x0 * pw / w, y0 * ph / h, x1 * pw / w, y1 * ph / h))
+        return self.sign * (grey - np.asarray(paper, dtype=np.float32)) - self.offset
+
+
+def _resize(values: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
+    """A float32 (H, W) array resized to `size` (W, H)."""
+    if size == (values.shape[1], values.shape[0]):
+        return values
+    return np.asarray(Image.fromarray(values.astype(np.float32)).resize(size, resample), dtype=np.float32)
 
 
 @dataclass
@@ -88,33 +129,53 @@ class Found:
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the picture's pixels (x1, y1 exclusive)
 
 
-def preprocess(grey: np.ndarray, source: str = "image") -> np.ndarray:
-    """A grey picture (H, W) in [0, 1] of one digit -> a 28x28 uint8 MNIST-style digit (ink = 255)."""
+def preprocess(grey: np.ndarray | Image.Image, source: str = "image") -> np.ndarray:
+    """A grey picture of one digit -> a 28x28 uint8 MNIST-style digit (ink = 255)."""
     return find_digits(grey, source, single=True)[0].image
 
 
-def find_digits(grey: np.ndarray, source: str = "image", single: bool = False) -> list[Found]:
-    """The digits in a grey picture (H, W) in [0, 1], left to right, each prepared as MNIST's.
+def find_digits(grey: np.ndarray | Image.Image, source: str = "image", single: bool = False) -> list[Found]:
+    """The digits in a grey picture, left to right, each prepared as MNIST's. The picture is an
+    `image.open_grey` picture, or a float (H, W) array in [0, 1].
 
     Connected ink is grouped into digits (`segment`); `single` takes all the ink as one digit.
+    The working copy's scale comes from the ink's size: a first look at WORK_SIZE; ink found shorter
+    than INK_HEIGHT there (or none) is looked for again at up to FINE_SIZE.
     """
+    picture = grey if isinstance(grey, Image.Image) else Image.fromarray(np.asarray(grey, dtype=np.float32))
+    w, h = picture.size
+    scale = min(1.0, WORK_SIZE / min(h, w), MAX_WORK_SIZE / max(h, w))
+    fine = min(1.0, FINE_SIZE / min(h, w), MAX_FINE_SIZE / max(h, w))
+    try:
+        pieces, ink, faint = _find_ink(picture, scale, source, single)
+    except ImageError:
+        if fine <= scale:
+            raise
+        pieces, ink, faint = _find_ink(picture, scale := fine, source, single)
+    else:
+        tallest = max(np.ptp(np.nonzero(p.any(1))[0]) + 1 for p in pieces)
+        if tallest < INK_HEIGHT and fine > scale:
+            pieces, ink, faint = _find_ink(picture, scale := min(fine, scale * INK_HEIGHT / tallest), source, single)
+    return [_digit(picture, ink, keep, scale, faint) for keep in pieces]
+
+
+def _find_ink(picture: Image.Image, scale: float, source: str, single: bool) -> tuple[list[np.ndarray], _Ink, float]:
+    """The digits' ink in a working copy of the picture at `scale`: their masks, the ink, and the
+    faint ink's threshold."""
     from scipy import ndimage
 
-    h, w = grey.shape
-    scale = min(1.0, WORK_SIZE / min(h, w), MAX_WORK_SIZE / max(h, w))
-    if scale < 1:  # work on a bounded copy; box filtering keeps thin strokes
-        small = Image.fromarray((grey * 255).astype(np.uint8)).resize(
-            (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
-        grey = np.asarray(small, dtype=np.float32) / 255.0
-    grey = ndimage.median_filter(grey, size=3)  # salt-and-pepper noise
-    ink = _ink_map(grey)
-    if ink.max() < MIN_CONTRAST:
+    w, h = picture.size
+    work = picture.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX) \
+        if scale < 1 else picture  # box filtering keeps thin strokes
+    work = work.filter(ImageFilter.MedianFilter(3))  # salt-and-pepper noise
+    ink = _Ink(np.asarray(work, dtype=np.float32) / (255.0 if picture.mode == "L" else 1.0))
+    if ink.map.max() < MIN_CONTRAST:
         raise ImageError(f"{source}: no digit found (the page looks blank)")
     # Hysteresis: ink above Otsu's threshold, grown into fainter ink touching it (a thin or light
     # stroke stays in one piece).
-    threshold = max(otsu_threshold(ink), MIN_CONTRAST / 2)
-    labels, count = ndimage.label(ink > FAINT * threshold)
-    strong = ink > threshold
+    threshold = max(otsu_threshold(ink.map), MIN_CONTRAST / 2)
+    labels, count = ndimage.label(ink.map > FAINT * threshold)
+    strong = ink.map > threshold
     inked = np.unique(labels[strong])
     labels, count = ndimage.label(np.isin(labels, inked[inked > 0]))
     if count == 0:
@@ -126,16 +187,33 @@ def find_digits(grey: np.ndarray, source: str = "image", single: bool = False) -
         pieces = segment(labels, count, source)
     if not pieces:
         raise ImageError(f"{source}: no digit found (only marks too small or too thin to be digits)")
-    found = []
-    for keep in pieces:
-        ys, xs = np.nonzero(keep)
-        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        # Ink strength inside the digit's blobs (grown by a pixel for the anti-aliased edge), 0 elsewhere.
-        region = ndimage.binary_dilation(keep, iterations=1)
-        strength = np.clip(ink / np.percentile(ink[keep], 90), 0, 1) * region
-        box = (int(x0 / scale), int(y0 / scale), min(w, math.ceil(x1 / scale)), min(h, math.ceil(y1 / scale)))
-        found.append(Found(mnist_digit(strength[y0:y1, x0:x1]), box))
-    return found
+    return pieces, ink, FAINT * threshold
+
+
+def _digit(picture: Image.Image, ink: _Ink, keep: np.ndarray, scale: float, faint: float) -> Found:
+    """The digit whose ink is `keep` (a mask of the working copy): its ink strength inside its blobs
+    (grown by a pixel for the anti-aliased edge), 0 elsewhere. A digit shorter than INK_HEIGHT in
+    the working copy is cut from the picture itself, at a finer scale: its blobs there are the ink
+    over `faint` within the working copy's blobs (grown by a pixel): which ink is whose comes from
+    the working copy, the strokes' shape from the picture."""
+    from scipy import ndimage
+
+    ys, xs = np.nonzero(keep)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    w, h = picture.size
+    box = (int(x0 / scale), int(y0 / scale), min(w, math.ceil(x1 / scale)), min(h, math.ceil(y1 / scale)))
+    inside = keep[y0:y1, x0:x1]
+    region = ndimage.binary_dilation(np.pad(inside, 1))[1:-1, 1:-1]  # nothing of `keep` is outside its box
+    if scale == 1 or y1 - y0 >= INK_HEIGHT:  # the working copy has the detail
+        strength = ink.map[y0:y1, x0:x1]
+    else:
+        strength = ink.cut(picture, box)
+        near = np.asarray(Image.fromarray(region).resize((strength.shape[1], strength.shape[0]), Image.Resampling.NEAREST))
+        inside = near & (strength > faint)
+        region = ndimage.binary_dilation(np.pad(inside, 1))[1:-1, 1:-1] & near
+    top = np.percentile(strength[inside], 90) if inside.any() else 0.0
+    strength = np.clip(strength / top, 0, 1) * region if top > 0 else np.zeros_like(strength)
+    return Found(mnist_digit(strength), box)
 
 
 def _sizes(labels: np.ndarray, count: int) -> np.ndarray:
