@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -84,32 +85,78 @@ def _drawn(strokes: list[list[tuple[int, int]]], size: int = 280, width: int = 1
 
 
 SEVEN = [[(70, 60), (210, 60), (120, 230)]]
+# 2026 in pen strokes, in a 560x200 box: each digit 100 px wide
+NUMBER = {"2": [[(30, 60), (70, 30), (110, 60), (100, 100), (30, 170), (120, 170)]],
+          "0": [[(190, 30), (230, 50), (240, 100), (225, 160), (190, 175), (155, 160), (140, 100), (150, 50), (190, 30)]],
+          "6": [[(460, 30), (420, 60), (400, 120), (410, 165), (450, 175), (485, 150), (480, 115), (445, 105), (410, 130)]]}
+
+
+def _number_png() -> bytes:
+    page = Image.new("L", (560, 200), 255)
+    draw = ImageDraw.Draw(page)
+    for digit, x in zip("2026", (0, 130, 260, 390)):
+        first = min(x for line in NUMBER[digit] for x, _ in line)
+        for line in NUMBER[digit]:
+            draw.line([(px - first + x + 30, py) for px, py in line], fill=0, width=14, joint="curve")
+    return _png(page)
+
+
+def _seen(answer: dict) -> Image.Image:
+    return Image.open(io.BytesIO(__import__("base64").b64decode(answer["image"].split(",", 1)[1])))
 
 
 def test_the_api_reads_a_drawing_with_every_model(server):
     models = httpx.get(server + "/api/models").json()
     assert [m["model"] for m in models] == ["convnet_small", "cnn"]
     assert models[0]["params"] == 29178 and 0.9 < models[0]["test_accuracy"] <= 1
+    assert re.fullmatch(r"(55,000 MNIST|the offline sample's 4,000) digits", models[0]["trained_on"])
     assert models[1]["task"] == "regress" and models[1]["conv_layers"] == ["conv1", "conv2"]
     answer = httpx.post(server + "/api/predict", files={"image": ("seven.png", _drawn(SEVEN))}).json()
     first, chapter = answer["models"]
-    assert first["digit"] == 7 and len(first["probabilities"]) == 10
-    assert abs(sum(first["probabilities"]) - 1) < 1e-3
+    assert first["text"] == "7" and first["digit"] == 7 and len(first["digits"]) == 1
+    seven = first["digits"][0]
+    assert seven["digit"] == 7 and len(seven["probabilities"]) == 10 and abs(sum(seven["probabilities"]) - 1) < 1e-3
     assert answer["threshold"] == 0.8 and first["calibrated"] is True  # the preset validates, so it is calibrated
-    assert first["sure"] == (max(first["probabilities"]) >= 0.8) and "sure" not in chapter
-    assert "value" in chapter and 0 <= chapter["digit"] <= 9 and "probabilities" not in chapter
-    seen = Image.open(io.BytesIO(__import__("base64").b64decode(answer["image"].split(",", 1)[1])))
-    assert seen.size == (28, 28) and seen.mode == "L"
+    assert first["sure"] == seven["sure"] == (max(seven["probabilities"]) >= 0.8) and chapter["sure"] is None
+    assert seven["confidence"] == first["confidence"] == max(seven["probabilities"]) or \
+        abs(seven["confidence"] - max(seven["probabilities"])) < 1e-5
+    assert [t["digit"] for t in seven["top3"]][0] == 7 and len(seven["box"]) == 4
+    assert "value" in chapter["digits"][0] and 0 <= chapter["digit"] <= 9 and "probabilities" not in chapter["digits"][0]
+    assert _seen(answer).size == (28, 28) and _seen(answer).mode == "L"
+    assert "feature_maps" not in seven  # only when asked
+    schema = httpx.get(server + "/openapi.json").json()
+    assert {p["name"] for p in schema["paths"]["/api/predict"]["post"]["parameters"]} == {"maps"}
+    assert httpx.get(server + "/docs").status_code == 404  # it would fetch its scripts from a CDN
+
+
+def test_feature_maps_only_when_asked(server):
+    answer = httpx.post(server + "/api/predict?maps=1", files={"image": ("seven.png", _drawn(SEVEN))}).json()
+    first, chapter = (m["digits"][0] for m in answer["models"])
     assert [f["layer"] for f in chapter["feature_maps"]] == ["conv1", "conv2"]
-    assert chapter["feature_maps"][0]["shape"] == [20, 28, 28]
-    assert httpx.get(server + "/openapi.json").json()["paths"]["/api/predict"]["post"]
+    assert chapter["feature_maps"][0]["shape"] == [20, 28, 28] and len(first["feature_maps"]) == 3
+    grid = Image.open(io.BytesIO(__import__("base64").b64decode(chapter["feature_maps"][0]["grid"].split(",", 1)[1])))
+    assert grid.size == (8 * 29 - 1, 3 * 29 - 1)  # 20 maps of 28x28 in rows of 8, a pixel apart
+    plain = httpx.post(server + "/api/predict", files={"image": ("seven.png", _drawn(SEVEN))}).json()
+    assert plain["models"][0]["digits"][0]["probabilities"] == answer["models"][0]["digits"][0]["probabilities"]
+
+
+def test_a_number_is_read_whole_as_predict_reads_it(server, runs, tmp_path, cli):
+    number = _number_png()
+    answer = httpx.post(server + "/api/predict", files={"image": ("2026.png", number)}).json()["models"][0]
+    (tmp_path / "2026.png").write_bytes(number)
+    predicted = cli("predict", str(runs[0]), str(tmp_path / "2026.png"), "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    reading = json.loads(predicted.stdout)[0]
+    assert answer["text"] == reading["text"] == "2026"
+    for key in ("sure", "confidence", "digits"):
+        assert answer[key] == reading[key], key
 
 
 def test_below_the_threshold_every_answer_is_not_sure(runs):
     with _serving(runs, "--threshold", "1") as url:
         answer = httpx.post(url + "/api/predict", files={"image": ("seven.png", _drawn(SEVEN))}).json()
     assert answer["threshold"] == 1 and answer["models"][0]["sure"] is False
-    assert answer["models"][0]["digit"] == 7  # the best guess is still given
+    assert answer["models"][0]["text"] == "7"  # the best guess is still given
 
 
 def test_bad_uploads_get_a_json_error_and_the_server_goes_on(server, tmp_path):
@@ -188,6 +235,15 @@ DRAWINGS = {
 }
 
 
+def _number_strokes() -> list[list[tuple[float, float]]]:
+    """2026 (NUMBER) drawn across the 280-px pad, in fractions of its size: each digit 0.16 of it wide."""
+    strokes = []
+    for digit, left in zip("2026", (0.04, 0.29, 0.54, 0.79)):
+        first = min(x for line in NUMBER[digit] for x, _ in line)
+        strokes += [[(left + (x - first) / 90 * 0.16, 0.1 + y / 200 * 0.8) for x, y in line] for line in NUMBER[digit]]
+    return strokes
+
+
 def test_a_real_browser_draws_and_uploads(server, digits, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     chromium = _chromium()
@@ -205,6 +261,10 @@ def test_a_real_browser_draws_and_uploads(server, digits, tmp_path):
                 if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
         page.on("response", lambda r: statuses.append(r.status) if "/api/" in r.url else None)
         page.goto(server + "/")
+        # before anything is drawn: the models, with what they were trained on, and no broken picture
+        sync_api.expect(page.locator(".model .waiting")).to_have_count(2)
+        assert "trained on" in page.locator(".model h2").first.inner_text()
+        assert not page.locator("#seen").is_visible() or page.evaluate("!document.getElementById('seen').src")
         answers = {}
         for digit, strokes in DRAWINGS.items():
             page.click("#clear")
@@ -215,25 +275,30 @@ def test_a_real_browser_draws_and_uploads(server, digits, tmp_path):
                 pass
             page.wait_for_timeout(1000)  # and no later reading changes it
             answers[digit] = page.locator("#answer").inner_text()
-        screenshot_dir = os.environ.get("DIGITLAB_SCREENSHOT_DIR")
-        if screenshot_dir:
-            page.screenshot(path=str(Path(screenshot_dir) / "serve.png"), full_page=True)
         assert answers == {d: d for d in DRAWINGS}, answers
         assert page.locator(".model").count() == 2
         assert page.locator(".model").first.locator(".bar").count() == 10
         assert page.locator(".maps img").count() == 3 + 2  # convnet_small's 3 conv layers, the cnn's 2
         page.click("#clear")
+        _draw(page, _number_strokes())  # a whole number, read whole
+        sync_api.expect(page.locator("#answer")).to_have_text("2026", timeout=15000)
+        assert page.locator(".model").first.locator(".digit-row").count() == 4
+        assert page.evaluate("document.getElementById('seen').naturalWidth") == 4 * 28
+        screenshot_dir = os.environ.get("DIGITLAB_SCREENSHOT_DIR")
+        if screenshot_dir:
+            page.screenshot(path=str(Path(screenshot_dir) / "serve.png"), full_page=True)
+        page.click("#clear")
         _draw(page, [[(0.2, 0.5), (0.35, 0.3), (0.45, 0.7), (0.6, 0.25), (0.7, 0.75), (0.8, 0.4)]])  # a scribble
         page.wait_for_timeout(1500)  # the reading after the last stroke has arrived
-        verdict = page.locator(".model .verdict").first.inner_text()  # "reads 7 (93.1%)" or "not sure: 2 or 7 (..."
+        verdict = page.locator(".model .verdict").first.inner_text()  # "reads 7 (93.1%)" or "not sure: 74 or 14 (..."
         confidence = float(verdict.split("(")[1].split("%")[0])
         if confidence < 80:
-            assert re.fullmatch(r"not sure: \d or \d \(\d+\.\d%, below 80\.0%\)", verdict), verdict
+            assert re.fullmatch(r"not sure: (\d+) or (?!\1)\d+ \(\d+\.\d%, below 80\.0%\)", verdict), verdict
             assert page.locator("#answer-label").inner_text().startswith("first model is not sure: ")
         else:
-            assert re.fullmatch(r"reads \d \(\d+\.\d%\)", verdict), verdict
+            assert re.fullmatch(r"reads \d+ \(\d+\.\d%\)", verdict), verdict
         page.click("#clear")
-        assert page.locator("#answer").inner_text() == "" and page.locator(".model").count() == 0
+        assert page.locator("#answer").inner_text() == "" and page.locator(".model .waiting").count() == 2
         page.set_input_files("#upload", str(photo))
         sync_api.expect(page.locator("#answer")).to_have_text("3", timeout=15000)
         assert page.locator(".model").first.locator(".bar").count() == 10

@@ -9,16 +9,23 @@ the loop, evaluation, prediction, the server and export never ask which one they
     task = get_task(config.task)
     loss = task.loss(model(images), labels)      # (B, outputs) -> scalar
     digits = task.digits(outputs)                # (N, outputs) -> (N,)
+
+Reading answers (`answers`) needs numpy alone, so that a server of exported models runs without
+PyTorch; the rest takes torch tensors, and imports torch when first called.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
-from digitlab.data import NUM_CLASSES
 from digitlab.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+NUM_CLASSES = 10
 
 
 @dataclass
@@ -30,7 +37,7 @@ class Answer:
     confidence: float | None
     sure: bool | None
     top3: list[dict]  # classification: {digit, p}; regression: {digit, distance}
-    details: dict = field(default_factory=dict)  # the server's extra fields for this answer
+    details: dict = field(default_factory=dict)  # the scores behind it: {"probabilities": [...]} or {"value": x}
 
 
 class Task:
@@ -54,7 +61,8 @@ class Task:
         """(N,) how confidently each answer is wrong, to show the worst first (right answers get -1)."""
         raise NotImplementedError
 
-    def answers(self, outputs: torch.Tensor, temperature: float | None, threshold: float) -> list[Answer]:
+    def answers(self, outputs, temperature: float | None, threshold: float) -> list[Answer]:
+        """(N, outputs) outputs (a torch tensor or a numpy array) -> the N answers."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -67,6 +75,8 @@ class Regression(Task):
     name, outputs, confident, onnx_output = "regress", 1, False, "value"
 
     def loss(self, outputs, labels):
+        import torch.nn.functional as F
+
         # The chapter's F.square_error_cost then mean: the digit value is the target.
         return F.mse_loss(outputs.squeeze(1), labels.to(outputs.dtype))  # (B, 1) -> (B,)
 
@@ -78,12 +88,14 @@ class Regression(Task):
         return outputs.squeeze(1).round().clamp(0, NUM_CLASSES - 1).long()
 
     def wrongness(self, outputs, labels):
+        import torch
+
         score = (outputs.squeeze(1) - labels.float()).abs()
         return torch.where(self.digits(outputs) != labels, score, torch.full_like(score, -1.0))
 
     def answers(self, outputs, temperature, threshold):
         answers = []
-        for value in outputs[:, 0].tolist():
+        for value in np.asarray(outputs, dtype=np.float64)[:, 0].tolist():
             near = sorted(range(NUM_CLASSES), key=lambda d: abs(d - value))[:3]  # the nearest digits to the value
             answers.append(Answer(near[0], None, None, [{"digit": d, "distance": round(abs(d - value), 4)} for d in near],
                                   {"value": round(value, 4)}))
@@ -96,9 +108,13 @@ class Classification(Task):
     name, outputs, confident, onnx_output = "classify", NUM_CLASSES, True, "logits"
 
     def loss(self, outputs, labels):
+        import torch.nn.functional as F
+
         return F.cross_entropy(outputs, labels)  # (B, 10) logits against class indices
 
     def loss_and_gradient(self, outputs, labels):
+        import torch
+
         log_p = torch.log_softmax(outputs, 1)
         n = len(labels)
         d_out = log_p.exp()
@@ -110,24 +126,32 @@ class Classification(Task):
         return outputs.argmax(1)
 
     def wrongness(self, outputs, labels):
+        import torch
+
         score = outputs.softmax(1).max(1).values
         return torch.where(self.digits(outputs) != labels, score, torch.full_like(score, -1.0))
 
     def answers(self, outputs, temperature, threshold):
         answers = []
-        for probs in probabilities(outputs, temperature):
-            top = probs.topk(3)
-            confidence = float(top.values[0])
-            answers.append(Answer(int(top.indices[0]), confidence, confidence >= threshold,
-                                  [{"digit": int(d), "p": round(float(v), 4)} for v, d in zip(top.values, top.indices)],
-                                  {"sure": bool(confidence >= threshold), "calibrated": temperature is not None,
-                                   "probabilities": [round(float(p), 5) for p in probs]}))
+        for probs in softmax(np.asarray(outputs, dtype=np.float64), temperature):
+            top = np.argsort(-probs, kind="stable")[:3]
+            confidence = float(probs[top[0]])
+            answers.append(Answer(int(top[0]), confidence, confidence >= threshold,
+                                  [{"digit": int(d), "p": round(float(probs[d]), 4)} for d in top],
+                                  {"probabilities": [round(float(p), 5) for p in probs]}))
         return answers
 
 
-def probabilities(logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+def softmax(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
     """softmax(logits / T) along the last axis, in float64 (float32 rounds a clear answer to exactly
     1, which would pass any threshold); T defaults to 1 (an uncalibrated model)."""
+    z = logits / (temperature or 1.0)
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def probabilities(logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+    """`softmax` for torch tensors."""
     return (logits.double() / (temperature or 1.0)).softmax(-1)
 
 

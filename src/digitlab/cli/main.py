@@ -4,6 +4,7 @@ Bad input ends in one line on stderr and exit code 2; Ctrl-C in exit code 130 (1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
@@ -54,11 +55,18 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         with stop.deferred():  # a signal raised inside torch's C++ start-up would abort the process
             args = build_parser().parse_args(argv)
             args.argv = sys.argv[1:] if argv is None else list(argv)
-            importlib.import_module("torch")  # every command's libraries come with torch (and numpy) ...
+            with contextlib.suppress(ModuleNotFoundError):  # absent where only exported models are served
+                importlib.import_module("torch")  # every command's libraries come with torch (and numpy) ...
         stop.check()  # ... and a signal that came while they loaded stops the command here
         return args.func(args, stop)
     except UserError as e:
         print(f"digitlab: error: {one_line(str(e))}", file=sys.stderr)
+        return ExitCode.USAGE
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        print(f"digitlab: error: digitlab {args.command} needs PyTorch, which is not installed: pip install -e . "
+              "in digitlab's folder (or make setup)", file=sys.stderr)
         return ExitCode.USAGE
     except (KeyboardInterrupt, Exception) as e:  # a signal, or a library's error wrapped around one
         name = stopped_by(e)

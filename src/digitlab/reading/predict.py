@@ -10,9 +10,9 @@ import numpy as np
 
 from digitlab.config import THRESHOLD
 from digitlab.errors import UserError
-from digitlab.reading.evaluate import model_outputs
 from digitlab.reading.image import open_grey
 from digitlab.reading.segment import Found, find_digits
+from digitlab.tasks import Task
 
 
 def preprocessed_names(files: list[Path]) -> list[str]:
@@ -44,10 +44,11 @@ class Reading:
     top3: list[dict]
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the picture
     image: np.ndarray  # the 28x28 the network saw
+    scores: dict = field(default_factory=dict)  # {"probabilities": 10 calibrated ones} or {"value": the output}
 
     def as_dict(self) -> dict:
         return {"digit": self.digit, "confidence": self.confidence, "sure": self.sure, "top3": self.top3,
-                "box": list(self.box)}
+                "box": list(self.box), **self.scores}
 
 
 @dataclass
@@ -109,12 +110,20 @@ def read_digits(model, meta: dict, found: list[Found], threshold: float = THRESH
     """Classify prepared digits with a checkpoint's model; confidences use its temperature."""
     import torch
 
+    from digitlab.reading.evaluate import model_outputs
+
     if not found:
         return []
     outputs = model_outputs(model, torch.from_numpy(np.stack([f.image for f in found])),
                             normalization=meta.normalization)
-    answers = meta.task.answers(outputs, meta.temperature, threshold)
-    return [Reading(a.digit, a.confidence, a.sure, a.top3, f.box, f.image) for a, f in zip(answers, found)]
+    return readings(meta.task, meta.temperature, outputs, found, threshold)
+
+
+def readings(task: Task, temperature: float | None, outputs, found: list[Found],
+             threshold: float = THRESHOLD) -> list[Reading]:
+    """A model's outputs (N, outputs) for N prepared digits, as readings."""
+    answers = task.answers(outputs, temperature, threshold)
+    return [Reading(a.digit, a.confidence, a.sure, a.top3, f.box, f.image, a.details) for a, f in zip(answers, found)]
 
 
 def predict_files(model, meta: dict, files: list[Path], single: bool = False,
