@@ -1,16 +1,21 @@
-"""Load on `digitlab serve`: requests per second and p50/p95 latency, for one model and for three.
+"""Load on `digitlab serve`, against the floor of its own stack: the README's serving table.
 
-Starts the real server (uvicorn) on a free port of 127.0.0.1 in its own process, then 16
-concurrent clients (threads with httpx) send 300 POST /api/predict requests in all, each
-a photo-like PNG of 300-700 px. Run it on a quiet machine: the clients share the 2 cores.
+The floor is a bare FastAPI endpoint on the same uvicorn that reads the same multipart upload
+and answers a constant. Both servers run in processes of their own on 127.0.0.1; the clients
+(threads with httpx) post 280x280 canvas PNGs as the page sends them (MNIST test digits drawn as
+solid black strokes on white, RGBA). Each row is measured in one run with its floor, interleaved; the ratio
+is the figure to trust on a shared machine. Then 8 and 32 concurrent uploads of a 6300x6300
+RGBA PNG (40 megapixels in 170 kB): every one answered, the server's peak memory, and whether it
+still answers. Run it on a quiet machine: the clients share the 2 cores.
 
     python benchmarks/serve_load.py --data-dir ../shared/data/mnist
+    python benchmarks/serve_load.py --bare PORT      (the floor's server, started by the above)
 """
-from __future__ import annotations
 
 import argparse
 import concurrent.futures
 import io
+import re
 import signal
 import socket
 import statistics
@@ -22,77 +27,174 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
 from common import cpu_name, quiet_run
+from PIL import Image
+
 from digitlab.config import TrainConfig, preset_config
 from digitlab.data import read_folder
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/helpers: not shipped in the wheel
-from helpers.photos import synthetic_photo
 
-REQUESTS, CLIENTS = 300, 16
+REQUESTS = 300
 
 
-def start(runs: list[Path]) -> tuple[subprocess.Popen, str]:
+def bare(port: int) -> None:
+    """The floor: FastAPI on uvicorn, reading the upload and answering a constant. (No `from __future__
+    import annotations` in this file: FastAPI reads these annotations at run time.)"""
+    import uvicorn
+    from fastapi import FastAPI, File, UploadFile
+
+    app = FastAPI()
+
+    @app.post("/api/predict")
+    async def predict(image: UploadFile = File(...)):
+        await image.read()
+        return {"text": "7"}
+
+    @app.get("/api/models")
+    def models():
+        return []
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "digitlab", "serve", *map(str, runs), "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return s.getsockname()[1]
+
+
+def start(command: list[str]) -> tuple[subprocess.Popen, str]:
+    port = _port()
+    process = subprocess.Popen([*command, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
+    for _ in range(300):
         try:
             httpx.get(url + "/api/models", timeout=1).raise_for_status()
             return process, url
         except httpx.HTTPError:
             time.sleep(0.2)
-    raise SystemExit("the server did not start")
+    raise SystemExit(f"the server did not start: {' '.join(command)}")
 
 
-def load(url: str, photos: list[bytes]) -> dict:
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=30)
+
+
+def load(url: str, pictures: list[bytes], clients: int, path: str = "/api/predict") -> dict:
     def client(k: int) -> list[float]:
         times = []
-        with httpx.Client(base_url=url, timeout=120) as http:
-            for i in range(REQUESTS // CLIENTS + (k < REQUESTS % CLIENTS)):
+        with httpx.Client(base_url=url, timeout=300) as http:
+            for i in range(REQUESTS // clients + (k < REQUESTS % clients)):
                 start = time.perf_counter()
-                http.post("/api/predict", files={"image": ("p.png", photos[(k + i) % len(photos)])}).raise_for_status()
+                http.post(path, files={"image": ("pad.png", pictures[(k + i) % len(pictures)])}).raise_for_status()
                 times.append(time.perf_counter() - start)
         return times
 
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
-        latencies = sorted(t for times in pool.map(client, range(CLIENTS)) for t in times)
-    wall = time.perf_counter() - start
-    return {"answered": len(latencies), "rps": len(latencies) / wall,
-            "p50": statistics.median(latencies), "p95": latencies[int(0.95 * len(latencies)) - 1]}
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        latencies = sorted(t for times in pool.map(client, range(clients)) for t in times)
+    return {"rps": len(latencies) / (time.perf_counter() - start), "p50": statistics.median(latencies),
+            "p95": latencies[int(0.95 * len(latencies)) - 1]}
+
+
+def canvases(data, count: int = 32) -> list[bytes]:
+    """MNIST test digits as the page's canvas sends a drawing: 280x280, solid black strokes with smooth
+    edges on white (the page draws 18-px lines), RGBA PNG."""
+    pictures = []
+    for i in range(count):
+        ink = Image.fromarray(data.test_images[i].numpy()).resize((280, 280), Image.Resampling.BICUBIC)
+        grey = 255 - np.clip((np.asarray(ink, dtype=np.int32) - 96) * 4, 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(np.dstack([grey, grey, grey, np.full_like(grey, 255)])).save(buffer, "PNG")
+        pictures.append(buffer.getvalue())
+    return pictures
+
+
+def peak_mb(pid: int) -> float:
+    """The peak memory (VmHWM) of a process and of every process under it, added up: the server and
+    its picture workers."""
+    total, todo = 0.0, [pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                        for c in (task / "children").read_text().split()]
+        except OSError:  # it ended meanwhile
+            continue
+        total += int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+        todo += children
+    return total
+
+
+def huge_uploads(command: list[str]) -> None:
+    pixels = np.full((6300, 6300, 4), 255, np.uint8)
+    pixels[1500:4800, 3000:3400, :3] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    huge = buffer.getvalue()
+    del pixels
+    print(f"\n{len(huge) // 1024} kB PNG of 6300x6300 RGBA (40 MP, 160 MB decoded), uploaded at once:\n")
+    print("| uploads at once | answered (200 or 400) | server peak memory (with its workers) | alive after |\n|---:|---:|---:|---|")
+    for count in (8, 32):
+        process, url = start(command)
+        try:
+            def upload(_) -> int:
+                try:
+                    return httpx.post(url + "/api/predict", files={"image": ("huge.png", huge)}, timeout=600).status_code
+                except httpx.HTTPError:
+                    return 0
+
+            with concurrent.futures.ThreadPoolExecutor(count) as pool:
+                codes = list(pool.map(upload, range(count)))
+            alive = process.poll() is None and httpx.get(url + "/api/models", timeout=10).status_code == 200
+            print(f"| {count} | {sum(c in (200, 400) for c in codes)} of {count} | {peak_mb(process.pid):,.0f} MB | "
+                  f"{'yes' if alive else 'no'} |", flush=True)
+        finally:
+            if process.poll() is None:
+                stop(process)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", required=True, help="folder with the four MNIST files")
+    parser.add_argument("--data-dir", help="folder with the four MNIST files")
+    parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare:
+        return bare(args.bare)
+    if not args.data_dir:
+        parser.error("--data-dir is required")
     data = read_folder(args.data_dir)
-    rng = np.random.default_rng(0)
-    photos = []
-    for i in range(32):
-        buffer = io.BytesIO()
-        synthetic_photo(data.test_images[i].numpy(), rng).convert("L").save(buffer, format="PNG")
-        photos.append(buffer.getvalue())
+    pictures = canvases(data)
+    floor = [sys.executable, __file__, "--bare"]
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {name: Path(tmp) / name for name in ("convnet", "cnn", "mlp")}
-        quiet_run(preset_config("best", epochs=1, max_batches=50), data, runs["convnet"])
+        runs = {name: Path(tmp) / name for name in ("fast", "cnn", "mlp")}
+        quiet_run(preset_config("fast", epochs=1, max_batches=100), data, runs["fast"])
         quiet_run(TrainConfig(model="cnn", task="classify", epochs=1, max_batches=50), data, runs["cnn"])
         quiet_run(TrainConfig(model="mlp", epochs=1, max_batches=50), data, runs["mlp"])
-        print(f"{cpu_name()}, {REQUESTS} requests from {CLIENTS} clients, photo-like PNGs of 300-700 px\n")
-        print("| models loaded | answered | requests/s | p50 latency (ms) | p95 latency (ms) |\n|---|---:|---:|---:|---:|")
-        for chosen in (["convnet"], ["convnet", "cnn", "mlp"]):
-            process, url = start([runs[n] for n in chosen])
-            try:
-                r = load(url, photos)
-            finally:
-                process.send_signal(signal.SIGINT)
-                process.wait(timeout=30)
-            print(f"| {', '.join(chosen)} | {r['answered']} | {r['rps']:.1f} | {r['p50'] * 1000:.0f} | "
-                  f"{r['p95'] * 1000:.0f} |", flush=True)
+        ours = {"1 model": [runs["fast"]], "3 models": list(runs.values())}
+        print(f"{cpu_name()}; {REQUESTS} requests per row, 280x280 canvas PNGs; each row against the bare "
+              "endpoint, measured in turn\n")
+        print("| server | clients | requests/s | p50 (ms) | p95 (ms) | bare endpoint: req/s, p50, p95 | "
+              "req/s vs bare | p95 vs bare |\n|---|---:|---:|---:|---:|---|---:|---:|")
+        for label, chosen, clients, path in (("1 model", "1 model", 1, "/api/predict"),
+                                             ("1 model", "1 model", 16, "/api/predict"),
+                                             ("3 models", "3 models", 16, "/api/predict"),
+                                             ("1 model, feature maps", "1 model", 16, "/api/predict?maps=1")):
+            results = {}
+            for name, command in (("bare", floor), ("ours", [sys.executable, "-m", "digitlab", "serve",
+                                                              *map(str, ours[chosen]), "--port"])):
+                process, url = start(command)
+                try:
+                    load(url, pictures[:4], clients, path if name == "ours" else "/api/predict")  # warm-up
+                    results[name] = load(url, pictures, clients, path if name == "ours" else "/api/predict")
+                finally:
+                    stop(process)
+            o, b = results["ours"], results["bare"]
+            print(f"| {label} | {clients} | {o['rps']:.0f} | {o['p50'] * 1000:.1f} | {o['p95'] * 1000:.0f} | "
+                  f"{b['rps']:.0f}, {b['p50'] * 1000:.1f}, {b['p95'] * 1000:.0f} | {o['rps'] / b['rps']:.2f}x | "
+                  f"{o['p95'] / b['p95']:.2f}x |", flush=True)
+        huge_uploads([sys.executable, "-m", "digitlab", "serve", str(runs["fast"]), "--port"])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 drawing on the page through Playwright, and `digitlab export` run in onnxruntime."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import io
@@ -40,13 +41,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Served(str):
+    """A server's URL, and the process serving it."""
+
+    pid: int
+
+
 @contextlib.contextmanager
-def _serving(runs, *options: str):
+def _serving(runs, *options: str, python: str = sys.executable):
     """`digitlab serve RUNS --port P OPTIONS` in a real process; yields its URL, then stops it with Ctrl-C."""
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "digitlab", "serve", *map(str, runs), "--port", str(port),
+    process = subprocess.Popen([python, "-m", "digitlab", "serve", *map(str, runs), "--port", str(port),
                                 *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
+    url = Served(f"http://127.0.0.1:{port}")
+    url.pid = process.pid
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -59,7 +67,7 @@ def _serving(runs, *options: str):
     yield url
     process.send_signal(signal.SIGINT)  # Ctrl-C stops it: one line, exit 130
     stdout, stderr = process.communicate(timeout=30)
-    assert f"serving {len(runs)} models at {url}/" in stdout
+    assert f"serving {len(runs)} model{'s' * (len(runs) > 1)} at {url}/" in stdout
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith("digitlab: interrupted")
 
@@ -152,11 +160,118 @@ def test_a_number_is_read_whole_as_predict_reads_it(server, runs, tmp_path, cli)
         assert answer[key] == reading[key], key
 
 
-def test_below_the_threshold_every_answer_is_not_sure(runs):
-    with _serving(runs, "--threshold", "1") as url:
+def test_only_this_servers_own_page_reaches_it(server):
+    # a page of another site whose name was pointed at 127.0.0.1 (DNS rebinding) reads nothing
+    refused = httpx.get(server + "/api/models", headers={"host": "attacker.example"})
+    assert refused.status_code == 421 and "--allow-host" in refused.json()["error"]
+    # a page of another site posting a form (a "simple" request: no preflight) is refused before it is read
+    form = {"image": ("seven.png", _drawn(SEVEN))}
+    posted = httpx.post(server + "/api/predict", files=form, headers={"origin": "http://evil.example"})
+    assert posted.status_code == 403 and "--cors" in posted.json()["error"]
+    preflight = httpx.options(server + "/api/predict", headers={"origin": "http://evil.example",
+                                                                 "access-control-request-method": "POST"})
+    assert preflight.status_code == 403 and "access-control-allow-origin" not in preflight.headers
+    # the server's own page (and any client that sends no Origin) is answered, with no CORS headers
+    own = httpx.post(server + "/api/predict", files=form, headers={"origin": server})
+    assert own.status_code == 200 and "access-control-allow-origin" not in own.headers
+    assert httpx.get(server.replace("127.0.0.1", "localhost") + "/api/models").status_code == 200
+
+
+def test_allowed_hosts_and_origins_and_the_threshold(runs):
+    with _serving(runs, "--threshold", "1", "--allow-host", "digits.example", "--cors", "http://trusted.example") as url:
         answer = httpx.post(url + "/api/predict", files={"image": ("seven.png", _drawn(SEVEN))}).json()
+        port = url.rsplit(":", 1)[1]
+        named = httpx.get(url + "/api/models", headers={"host": f"digits.example:{port}"})
+        trusted = httpx.post(url + "/api/predict", files={"image": ("seven.png", _drawn(SEVEN))},
+                             headers={"origin": "http://trusted.example"})
+        preflight = httpx.options(url + "/api/predict", headers={"origin": "http://trusted.example",
+                                                                  "access-control-request-method": "POST"})
+        other = httpx.get(url + "/api/models", headers={"origin": "http://evil.example"})
     assert answer["threshold"] == 1 and answer["models"][0]["sure"] is False
     assert answer["models"][0]["text"] == "7"  # the best guess is still given
+    assert named.status_code == 200 and other.status_code == 403
+    assert trusted.status_code == 200 and trusted.headers["access-control-allow-origin"] == "http://trusted.example"
+    assert preflight.status_code == 200 and "POST" in preflight.headers["access-control-allow-methods"]
+
+
+def test_a_plain_client_reads_the_413_of_a_30_mb_upload(server):
+    import urllib.error
+    import urllib.request
+
+    body = (b'--x\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + bytes(30 * 1024 * 1024) + b"\r\n--x--\r\n")
+    request = urllib.request.Request(server + "/api/predict", data=body, method="POST",
+                                     headers={"content-type": "multipart/form-data; boundary=x"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413 and "over 10 MB" in json.loads(refused.value.read())["error"]
+    assert httpx.get(server + "/api/models").status_code == 200
+
+
+def test_eight_huge_uploads_at_once_cost_about_one(server):
+    # 6300x6300 RGBA (40 megapixels, 160 MB decoded) in a 170 kB PNG: one picture per core is decoded at a time
+    pixels = np.full((6300, 6300, 4), 255, np.uint8)
+    pixels[1500:4800, 3000:3400, :3] = 0  # a 1
+    huge = _png(Image.fromarray(pixels))
+    del pixels
+
+    def upload(_) -> int:
+        return httpx.post(server + "/api/predict", files={"image": ("huge.png", huge)}, timeout=300).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(upload, range(8)))
+    assert codes == [200] * 8
+    assert httpx.post(server + "/api/predict", files={"image": ("seven.png", _drawn(SEVEN))}).status_code == 200
+    peak = _tree_peak_mb(server.pid)
+    assert peak < 1500, f"the server and its workers peaked at {peak:.0f} MB"
+
+
+def _tree_peak_mb(pid: int) -> float:
+    """The peak memory (VmHWM) of a process and of every process under it, added up: the server and
+    its picture workers."""
+    total, todo = 0.0, [pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                        for c in (task / "children").read_text().split()]
+        except OSError:  # it ended meanwhile
+            continue
+        total += int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+        todo += children
+    return total
+
+
+def test_micro_batched_answers_are_one_at_a_times(runs, digits):
+    from digitlab.serving.backends import load_models
+    from digitlab.serving.reader import Reader
+
+    rng = np.random.default_rng(1)
+    pictures = [_png(synthetic_photo(digits.test_images[i].numpy(), rng).convert("L")) for i in range(24)]
+    pictures += [_drawn(SEVEN), _number_png()]
+    reader = Reader(load_models(runs), wait=0.02)
+
+    async def read_all() -> tuple[list, list]:
+        alone = [await reader.read(p) for p in pictures]  # one at a time: a forward pass each
+        assert all(b.batches == len(pictures) for b in reader.batchers)
+        together = await asyncio.gather(*(reader.read(p) for p in pictures))  # all at once
+        return alone, together
+
+    try:
+        alone, together = asyncio.run(read_all())
+    finally:
+        reader.close()
+    batched = reader.batchers[0]
+    assert batched.batches < 2 * len(pictures) - 1  # some requests shared a forward pass
+    for one, other in zip(alone, together):
+        assert one["image"] == other["image"]
+        for a, b in zip(one["models"], other["models"]):
+            assert a["text"] == b["text"] and a["sure"] == b["sure"]
+            for x, y in zip(a["digits"], b["digits"]):
+                assert x["digit"] == y["digit"] and x["box"] == y["box"]
+                assert np.allclose(x.get("probabilities", x.get("value")), y.get("probabilities", y.get("value")),
+                                   atol=1e-6)
 
 
 def test_bad_uploads_get_a_json_error_and_the_server_goes_on(server, tmp_path):
@@ -360,3 +475,31 @@ def test_export_does_not_depend_on_grad_mode(runs, tmp_path):
         export_onnx(runs[1], tmp_path / "b.onnx")
     ops = [[n.op_type for n in onnx.load(str(tmp_path / f"{k}.onnx")).graph.node] for k in "ab"]
     assert ops[0] == ops[1] and "MaxPool" not in ops[0]
+
+
+def test_an_exported_model_is_served_without_pytorch(server, runs, digits, tmp_path, cli):
+    # a real venv holding requirements/serve-onnx.txt's libraries and digitlab, and no PyTorch
+    pytest.importorskip("onnxruntime")
+    from helpers.venv import build
+
+    python = build(tmp_path / "venv", ROOT / "requirements" / "serve-onnx.txt", ROOT / "src")
+    assert subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode != 0
+    model = tmp_path / "served.onnx"
+    assert cli("export", str(runs[0]), "--out", str(model)).returncode == 0
+    rng = np.random.default_rng(2)
+    pictures = [_drawn(SEVEN), _number_png()] + [
+        _png(synthetic_photo(digits.test_images[i].numpy(), rng).convert("L")) for i in range(6)]
+    with _serving([model], python=str(python)) as onnx_url:
+        info = httpx.get(onnx_url + "/api/models").json()[0]
+        answers = [httpx.post(onnx_url + "/api/predict?maps=1", files={"image": ("p.png", p)}).json() for p in pictures]
+    torch_info = httpx.get(server + "/api/models").json()[0]
+    for key in ("model", "params", "test_accuracy", "trained_on"):
+        assert info[key] == torch_info[key], key
+    for picture, onnx_answer in zip(pictures, answers):
+        (ours,) = onnx_answer["models"]
+        theirs = httpx.post(server + "/api/predict", files={"image": ("p.png", picture)}).json()["models"][0]
+        assert ours["text"] == theirs["text"] and ours["sure"] == theirs["sure"] and ours["calibrated"]
+        assert abs(ours["confidence"] - theirs["confidence"]) < 1e-4
+        for a, b in zip(ours["digits"], theirs["digits"]):
+            assert a["feature_maps"] == []  # an ONNX graph has no layers to show
+            assert np.abs(np.array(a["probabilities"]) - b["probabilities"]).max() < 1e-4

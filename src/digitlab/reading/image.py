@@ -143,16 +143,24 @@ def grey_picture(im: Image.Image) -> Image.Image:
     if im.mode in DEEP_MODES:
         return _deep_grey(im)
     transparent = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info)
+    if transparent and im.mode in ("RGBA", "LA") and im.getchannel("A").getextrema() == (255, 255):
+        transparent = False  # opaque all over, as a canvas drawing is: nothing to composite
     if im.mode == "L" and not transparent:
         return im
+    if im.height <= STRIP:  # small enough to convert at once
+        return _grey_strip(im, transparent)
     grey = Image.new("L", im.size, 255)
     for top in range(0, im.height, STRIP):
-        strip = im.crop((0, top, im.width, min(im.height, top + STRIP)))
-        if transparent:
-            strip = strip.convert("RGBA") if strip.mode not in ("LA", "RGBA") else strip
-            grey.paste(strip.convert("L"), (0, top), mask=strip.getchannel("A"))  # ink over white paper
-        else:
-            grey.paste(strip.convert("L"), (0, top))
+        grey.paste(_grey_strip(im.crop((0, top, im.width, min(im.height, top + STRIP))), transparent), (0, top))
+    return grey
+
+
+def _grey_strip(strip: Image.Image, transparent: bool) -> Image.Image:
+    if not transparent:
+        return strip.convert("L")
+    strip = strip.convert("RGBA") if strip.mode not in ("LA", "RGBA") else strip
+    grey = Image.new("L", strip.size, 255)
+    grey.paste(strip.convert("L"), mask=strip.getchannel("A"))  # ink over white paper
     return grey
 
 

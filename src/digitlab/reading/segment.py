@@ -139,29 +139,30 @@ def find_digits(grey: np.ndarray | Image.Image, source: str = "image", single: b
     `image.open_grey` picture, or a float (H, W) array in [0, 1].
 
     Connected ink is grouped into digits (`segment`); `single` takes all the ink as one digit.
-    The working copy's scale comes from the ink's size: a first look at WORK_SIZE; ink found shorter
-    than INK_HEIGHT there (or none) is looked for again at up to FINE_SIZE.
+    The working copy's scale comes from the ink's size: a first look at WORK_SIZE; where the largest
+    blob of ink is shorter than INK_HEIGHT there (or there is none), the ink is looked for again at
+    up to FINE_SIZE.
     """
     picture = grey if isinstance(grey, Image.Image) else Image.fromarray(np.asarray(grey, dtype=np.float32))
     w, h = picture.size
     scale = min(1.0, WORK_SIZE / min(h, w), MAX_WORK_SIZE / max(h, w))
     fine = min(1.0, FINE_SIZE / min(h, w), MAX_FINE_SIZE / max(h, w))
     try:
-        pieces, ink, faint = _find_ink(picture, scale, source, single)
+        pieces, ink, faint, height = _find_ink(picture, scale, source, single)
     except ImageError:
         if fine <= scale:
             raise
-        pieces, ink, faint = _find_ink(picture, scale := fine, source, single)
+        pieces, ink, faint, _ = _find_ink(picture, scale := fine, source, single)
     else:
-        tallest = max(np.ptp(np.nonzero(p.any(1))[0]) + 1 for p in pieces)
-        if tallest < INK_HEIGHT and fine > scale:
-            pieces, ink, faint = _find_ink(picture, scale := min(fine, scale * INK_HEIGHT / tallest), source, single)
+        if height < INK_HEIGHT and fine > scale:
+            pieces, ink, faint, _ = _find_ink(picture, scale := fine, source, single)
     return [_digit(picture, ink, keep, scale, faint) for keep in pieces]
 
 
-def _find_ink(picture: Image.Image, scale: float, source: str, single: bool) -> tuple[list[np.ndarray], _Ink, float]:
-    """The digits' ink in a working copy of the picture at `scale`: their masks, the ink, and the
-    faint ink's threshold."""
+def _find_ink(picture: Image.Image, scale: float, source: str,
+              single: bool) -> tuple[list[np.ndarray], _Ink, float, int]:
+    """The digits' ink in a working copy of the picture at `scale`: their masks, the ink, the faint
+    ink's threshold, and the height of the largest blob of ink (the size of the writing)."""
     from scipy import ndimage
 
     w, h = picture.size
@@ -175,19 +176,22 @@ def _find_ink(picture: Image.Image, scale: float, source: str, single: bool) -> 
     # stroke stays in one piece).
     threshold = max(otsu_threshold(ink.map), MIN_CONTRAST / 2)
     labels, count = ndimage.label(ink.map > FAINT * threshold)
-    strong = ink.map > threshold
-    inked = np.unique(labels[strong])
-    labels, count = ndimage.label(np.isin(labels, inked[inked > 0]))
+    inked = np.unique(labels[ink.map > threshold])
+    inked = inked[inked > 0]
+    renumber = np.zeros(count + 1, dtype=labels.dtype)  # the blobs with strong ink, numbered 1..count
+    renumber[inked] = np.arange(1, len(inked) + 1)
+    labels, count = renumber[labels], len(inked)
     if count == 0:
         raise ImageError(f"{source}: no digit found (the page looks blank)")
+    sizes = _sizes(labels, count)
+    rows = ndimage.find_objects(labels)[int(sizes.argmax())][0]
     if single:
-        sizes = _sizes(labels, count)
         pieces = [np.isin(labels, 1 + np.flatnonzero(sizes >= MIN_BLOB * sizes.max()))]
     else:
         pieces = segment(labels, count, source)
     if not pieces:
         raise ImageError(f"{source}: no digit found (only marks too small or too thin to be digits)")
-    return pieces, ink, FAINT * threshold
+    return pieces, ink, FAINT * threshold, rows.stop - rows.start
 
 
 def _digit(picture: Image.Image, ink: _Ink, keep: np.ndarray, scale: float, faint: float) -> Found:

@@ -51,11 +51,14 @@ class TorchModel(ServedModel):
     def __init__(self, name: str, path: str | os.PathLike):
         import copy
 
+        import torch
         from torch import nn
 
         from digitlab.reading.checkpoint import describe, load_checkpoint
 
         model, meta = load_checkpoint(path)
+        # Serving, not training: each model's batches run on one thread, the other cores decode pictures.
+        torch.set_num_threads(1)
         self.name, self.task, self.temperature = name, meta.task, meta.temperature
         self.model, self.norm = model.eval(), meta.normalization
         self.convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]

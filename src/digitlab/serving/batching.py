@@ -1,31 +1,18 @@
 """Micro-batching: the digits of concurrent requests go to a model together, in one forward pass.
 
-Each model has one worker thread. A request hands it its digits and waits. The worker takes what
-is queued; when more requests are on their way (their pictures are being decoded), it waits for
-them up to `wait` seconds or until `size` digits are gathered, then answers every request of the
-batch from one forward pass. A lone request is answered at once: batching costs it nothing.
+It runs on the server's event loop. A request hands its digits over and awaits their outputs.
+The batch runs once the loop has taken in what is ready (other requests' digits that arrived at
+the same moment join it); when more requests are on their way (their pictures are being read),
+it waits for them up to `wait` seconds, or until `size` digits are gathered. A lone request is
+answered at once: batching costs it nothing, and no thread stands between it and the model.
 """
 from __future__ import annotations
 
-import queue
-import threading
+import asyncio
 import time
 from typing import Callable
 
 import numpy as np
-
-
-class _Job:
-    def __init__(self, digits: np.ndarray):
-        self.digits, self.done = digits, threading.Event()
-        self.result: np.ndarray | None = None
-        self.error: BaseException | None = None
-
-    def wait(self) -> np.ndarray:
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 class MicroBatcher:
@@ -35,58 +22,51 @@ class MicroBatcher:
     waiting for them."""
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray], size: int = 64, wait: float = 0.002,
-                 coming: Callable[[], int] = lambda: 0, name: str = "model"):
+                 coming: Callable[[], int] = lambda: 0):
         self.forward, self.size, self.wait, self.coming = forward, size, wait, coming
         self.batches = self.digits = 0  # served so far: their ratio is the mean batch
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name=f"digitlab-batch-{name}", daemon=True)
-        self._thread.start()
+        self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
+        self._first = 0.0  # when the oldest pending digits came
+        self._timer: asyncio.Handle | None = None
 
-    def __call__(self, digits: np.ndarray) -> np.ndarray:
-        """The outputs for these digits (blocks until their batch has run)."""
-        return self.submit(digits).wait()
+    def __call__(self, digits: np.ndarray) -> asyncio.Future:
+        """A future of the outputs for these digits."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._pending:
+            self._first = time.monotonic()
+        self._pending.append((digits, future))
+        if sum(len(d) for d, _ in self._pending) >= self.size:
+            self._run()
+        elif self._timer is None:
+            self._timer = loop.call_soon(self._due)
+        return future
 
-    def submit(self, digits: np.ndarray) -> _Job:
-        job = _Job(digits)
-        self._queue.put(job)
-        return job
+    def _due(self) -> None:
+        self._timer = None
+        if not self._pending:
+            return
+        left = self._first + self.wait - time.monotonic()
+        if self.coming() > 0 and left > 0:  # more digits are on their way: give them a moment
+            self._timer = asyncio.get_running_loop().call_later(left, self._due)
+        else:
+            self._run()
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
-
-    def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
-            jobs, count = [job], len(job.digits)
-            deadline = time.monotonic() + self.wait
-            while count < self.size:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or self.coming() == 0:
-                        break
-                    try:
-                        job = self._queue.get(timeout=left)
-                    except queue.Empty:
-                        break
-                if job is None:
-                    self._queue.put(None)  # closing: answer this batch first
-                    break
-                jobs.append(job)
-                count += len(job.digits)
-            self._run(jobs)
-
-    def _run(self, jobs: list[_Job]) -> None:
+    def _run(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
         try:
-            outputs = self.forward(np.concatenate([j.digits for j in jobs]))
-        except BaseException as e:  # every request of the batch gets the error
-            for j in jobs:
-                j.error = e
+            outputs = self.forward(np.concatenate([d for d, _ in batch]))
+        except Exception as e:  # every request of the batch gets the error
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
         else:
             start = 0
-            for j in jobs:
-                j.result, start = outputs[start:start + len(j.digits)], start + len(j.digits)
-        self.batches, self.digits = self.batches + 1, self.digits + sum(len(j.digits) for j in jobs)
-        for j in jobs:
-            j.done.set()
+            for digits, future in batch:
+                if not future.done():  # a request that was cancelled meanwhile wants nothing
+                    future.set_result(outputs[start:start + len(digits)])
+                start += len(digits)
+        self.batches, self.digits = self.batches + 1, self.digits + sum(len(d) for d, _ in batch)

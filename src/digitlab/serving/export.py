@@ -5,10 +5,12 @@ as MNIST stores it (and as `preprocess` returns it), for any batch size N. The m
 normalisation is part of the graph, so a user needs no constants. The output is `logits`
 (N, 10) for a classifier, or `value` (N, 1) for the chapter's regression models. A
 calibrated classifier's temperature T is in the file's metadata (`temperature`): its
-calibrated probabilities are softmax(logits / T).
+calibrated probabilities are softmax(logits / T). The model's facts (name, parameters, test
+accuracy, what it was trained on) are there too, as JSON under `digitlab`.
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -19,6 +21,7 @@ from torch import nn
 from digitlab.errors import UserError
 from digitlab.files import write_atomic
 from digitlab.reading.checkpoint import load_checkpoint
+from digitlab.serving.backends import ONNX_FACTS, trained_on
 
 
 class PixelInput(nn.Module):
@@ -44,6 +47,10 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17)
     wrapped = PixelInput(model.to(memory_format=torch.contiguous_format), **norm).eval()
     output = meta.task.onnx_output
     out = Path(out)
+    results = meta.results or {}
+    facts = {"model": meta.model, "params": sum(p.numel() for p in model.parameters()),
+             "test_accuracy": results.get("test_accuracy"), "val_accuracy": meta.val_accuracy,
+             "trained_on": trained_on(meta.data)}
 
     def write(tmp: Path) -> None:
         with warnings.catch_warnings():
@@ -54,9 +61,11 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17)
                               input_names=["image"], output_names=[output],
                               dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}})
         graph = onnx.load(str(tmp))
+        props = {ONNX_FACTS: json.dumps(facts)}  # what `digitlab serve MODEL.onnx` shows of the model
         if meta.temperature is not None:  # calibrated confidence: softmax(logits / temperature)
-            onnx.helper.set_model_props(graph, {"temperature": repr(meta.temperature)})
-            onnx.save(graph, str(tmp))
+            props["temperature"] = repr(meta.temperature)
+        onnx.helper.set_model_props(graph, props)
+        onnx.save(graph, str(tmp))
         onnx.checker.check_model(graph)
 
     if out.parent != Path("") and not out.parent.is_dir():

@@ -32,7 +32,6 @@ from fastapi import (  # module level: FastAPI reads the annotations
 )
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 import digitlab
 from digitlab.config import THRESHOLD
@@ -97,7 +96,7 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         if not data:
             return JSONResponse({"error": "the picture is empty"}, status_code=400)
         try:
-            return JSONResponse(await run_in_threadpool(reader.read, data, maps))
+            return JSONResponse(await reader.read(data, maps))
         except UserError as e:
             return JSONResponse({"error": one_line(str(e))}, status_code=400)
 
