@@ -96,12 +96,14 @@ def big_picture(kind: str, path: Path) -> None:
 
 def peak_memory(path: Path) -> float:
     """MB above the interpreter (with digitlab's reading modules loaded) to read `path`, in a fresh process."""
-    code = ("import resource, sys, scipy.ndimage\n"
+    # VmHWM, not ru_maxrss: the latter carries the parent's peak over from before exec
+    code = ("import re, sys, scipy.ndimage\n"
             "from digitlab.reading import image\n"
             "from digitlab.reading.segment import find_digits\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "def peak(): return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+            "before = peak()\n"
             "find_digits(getattr(image, 'open_grey', image.load_grey)(sys.argv[1]))\n"
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)")
+            "print((peak() - before) / 1024)")
     return float(subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                                 check=True).stdout)
 

@@ -172,13 +172,18 @@ def main() -> None:
         quiet_run(preset_config("fast", epochs=1, max_batches=100), data, runs["fast"])
         quiet_run(TrainConfig(model="cnn", task="classify", epochs=1, max_batches=50), data, runs["cnn"])
         quiet_run(TrainConfig(model="mlp", epochs=1, max_batches=50), data, runs["mlp"])
-        ours = {"1 model": [runs["fast"]], "3 models": list(runs.values())}
+        from digitlab.serving.export import export_onnx
+
+        onnx = export_onnx(runs["fast"], Path(tmp) / "fast.onnx")  # the same model, on onnxruntime
+        ours = {"1 model": [runs["fast"]], "3 models": list(runs.values()), "1 model, ONNX": [onnx]}
         print(f"{cpu_name()}; {REQUESTS} requests per row, 280x280 canvas PNGs; each row against the bare "
               "endpoint, measured in turn\n")
         print("| server | clients | requests/s | p50 (ms) | p95 (ms) | bare endpoint: req/s, p50, p95 | "
               "req/s vs bare | p95 vs bare |\n|---|---:|---:|---:|---:|---|---:|---:|")
         for label, chosen, clients, path in (("1 model", "1 model", 1, "/api/predict"),
                                              ("1 model", "1 model", 16, "/api/predict"),
+                                             ("1 model, ONNX", "1 model, ONNX", 1, "/api/predict"),
+                                             ("1 model, ONNX", "1 model, ONNX", 16, "/api/predict"),
                                              ("3 models", "3 models", 16, "/api/predict"),
                                              ("1 model, feature maps", "1 model", 16, "/api/predict?maps=1")):
             results = {}

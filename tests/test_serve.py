@@ -503,3 +503,12 @@ def test_an_exported_model_is_served_without_pytorch(server, runs, digits, tmp_p
         for a, b in zip(ours["digits"], theirs["digits"]):
             assert a["feature_maps"] == []  # an ONNX graph has no layers to show
             assert np.abs(np.array(a["probabilities"]) - b["probabilities"]).max() < 1e-4
+
+
+def test_a_file_that_is_no_exported_model_gets_one_line(tmp_path, cli):
+    (tmp_path / "notes.onnx").write_text("not a model")
+    for path, fragment in ((tmp_path / "notes.onnx", "not an ONNX model onnxruntime can run"),
+                           (tmp_path / "missing.onnx", "no such file")):
+        result = cli("serve", str(path), "--port", str(_free_port()))
+        assert result.returncode == 2 and fragment in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -18,7 +18,8 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 
-def _closure(requirements: list[str]) -> dict[str, metadata.Distribution]:
+def closure(requirements: list[str]) -> dict[str, metadata.Distribution]:
+    """The installed distributions that `requirements` pull in, by normalised name."""
     found: dict[str, metadata.Distribution] = {}
     todo = [Requirement(r) for r in requirements]
     while todo:
@@ -30,7 +31,12 @@ def _closure(requirements: list[str]) -> dict[str, metadata.Distribution]:
             continue
         dist = metadata.distribution(requirement.name)
         found[name] = dist
-        todo += [Requirement(r) for r in dist.requires or []]
+        for r in map(Requirement, dist.requires or []):
+            if r.marker is None or "extra" not in str(r.marker):
+                todo.append(r)  # its marker (python_version ...) is evaluated when it is taken
+            elif any(r.marker.evaluate({"extra": e}) for e in requirement.extras):  # digitlab[serve]: the extra's
+                r.marker = None
+                todo.append(r)
     return found
 
 
@@ -45,7 +51,7 @@ def build(folder: Path, requirements_file: Path, source: Path) -> Path:
     python = folder / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    for dist in _closure(requirements_of(requirements_file)).values():
+    for dist in closure(requirements_of(requirements_file)).values():
         root = Path(dist.locate_file(""))
         for file in dist.files or []:
             source_file = root / file
