@@ -305,18 +305,17 @@ def test_bad_uploads_get_a_json_error_and_the_server_goes_on(server, tmp_path):
     assert httpx.get(server + "/api/models").status_code == 200
 
 
-def test_three_hundred_requests_from_sixteen_clients(server, digits):
+def test_sixteen_clients_at_once_are_all_answered(server, digits):
     rng = np.random.default_rng(0)
     photos = [_png(synthetic_photo(digits.test_images[i].numpy(), rng).convert("L")) for i in range(16)]
 
     def client(k: int) -> list[int]:
         with httpx.Client(base_url=server, timeout=120) as http:
-            return [http.post("/api/predict", files={"image": ("p.png", photos[k])}).status_code
-                    for _ in range(300 // 16 + (k < 300 % 16))]
+            return [http.post("/api/predict", files={"image": ("p.png", photos[k])}).status_code for _ in range(8)]
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         codes = [code for codes in pool.map(client, range(16)) for code in codes]
-    assert len(codes) == 300 and set(codes) == {200}
+    assert len(codes) == 128 and set(codes) == {200}
 
 
 # ---------------------------------------------------------------------------- a real browser

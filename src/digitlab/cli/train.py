@@ -88,6 +88,7 @@ def _train(args: argparse.Namespace, stop: StopRequest, speaks: bool) -> int:
         data = distributed.everywhere(world, lambda: load_data(args.data_dir, say=say, quiet=not speaks))
         result = run(config, data, out, resume=args.resume is not None, overwrite=args.overwrite, stop=stop,
                      world=world)
+        distributed.together(world)  # none tears its connections down while another still uses them
     except Exception as e:
         # a collective that fails, or fails once the launcher has signalled this process to stop (a peer
         # died: the failure can read "Interrupted system call"), means the others are gone

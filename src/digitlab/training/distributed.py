@@ -94,6 +94,14 @@ def check_gpus(processes: int, how: str) -> None:
                         f"here; {fewer}")
 
 
+def together(world: World) -> None:
+    """Waits until every process has come here (a barrier), where there are several."""
+    import torch.distributed as dist
+
+    if world.distributed:
+        dist.barrier()
+
+
 def stop() -> None:
     import torch.distributed as dist
 
