@@ -15,7 +15,6 @@ still answers. Run it on a quiet machine: the clients share the 2 cores.
 import argparse
 import concurrent.futures
 import io
-import re
 import signal
 import socket
 import statistics
@@ -32,6 +31,9 @@ from PIL import Image
 
 from digitlab.config import TrainConfig, preset_config
 from digitlab.data import read_folder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/helpers: not shipped in the wheel
+from helpers.processes import tree_peak_mb  # noqa: E402
 
 REQUESTS = 300
 
@@ -110,23 +112,6 @@ def canvases(data, count: int = 32) -> list[bytes]:
     return pictures
 
 
-def peak_mb(pid: int) -> float:
-    """The peak memory (VmHWM) of a process and of every process under it, added up: the server and
-    its picture workers."""
-    total, todo = 0.0, [pid]
-    while todo:
-        pid = todo.pop()
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                        for c in (task / "children").read_text().split()]
-        except OSError:  # it ended meanwhile
-            continue
-        total += int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
-        todo += children
-    return total
-
-
 def huge_uploads(command: list[str]) -> None:
     pixels = np.full((6300, 6300, 4), 255, np.uint8)
     pixels[1500:4800, 3000:3400, :3] = 0
@@ -148,7 +133,7 @@ def huge_uploads(command: list[str]) -> None:
             with concurrent.futures.ThreadPoolExecutor(count) as pool:
                 codes = list(pool.map(upload, range(count)))
             alive = process.poll() is None and httpx.get(url + "/api/models", timeout=10).status_code == 200
-            print(f"| {count} | {sum(c in (200, 400) for c in codes)} of {count} | {peak_mb(process.pid):,.0f} MB | "
+            print(f"| {count} | {sum(c in (200, 400) for c in codes)} of {count} | {tree_peak_mb(process.pid):,.0f} MB | "
                   f"{'yes' if alive else 'no'} |", flush=True)
         finally:
             if process.poll() is None:

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from conftest import ROOT
 from helpers.photos import synthetic_photo
+from helpers.processes import tree_peak_mb
 
 httpx = pytest.importorskip("httpx")
 
@@ -222,25 +223,8 @@ def test_eight_huge_uploads_at_once_cost_about_one(server):
         codes = list(pool.map(upload, range(8)))
     assert codes == [200] * 8
     assert httpx.post(server + "/api/predict", files={"image": ("seven.png", _drawn(SEVEN))}).status_code == 200
-    peak = _tree_peak_mb(server.pid)
+    peak = tree_peak_mb(server.pid)
     assert peak < 1500, f"the server and its workers peaked at {peak:.0f} MB"
-
-
-def _tree_peak_mb(pid: int) -> float:
-    """The peak memory (VmHWM) of a process and of every process under it, added up: the server and
-    its picture workers."""
-    total, todo = 0.0, [pid]
-    while todo:
-        pid = todo.pop()
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                        for c in (task / "children").read_text().split()]
-        except OSError:  # it ended meanwhile
-            continue
-        total += int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
-        todo += children
-    return total
 
 
 def test_micro_batched_answers_are_one_at_a_times(runs, digits):
