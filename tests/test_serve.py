@@ -498,3 +498,22 @@ def test_a_file_that_is_no_exported_model_gets_one_line(tmp_path, cli):
         result = cli("serve", str(path), "--port", str(_free_port()))
         assert result.returncode == 2 and fragment in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_export_writes_only_a_file_of_its_own(runs, tmp_path, cli):
+    import stat
+
+    for out, fragment in ((".", "names a folder"), ("", "names a folder"), ("/", "names a folder"),
+                          ("/dev/null", "not a regular file"), (str(tmp_path / "missing" / "m.onnx"), "folder does not exist")):
+        result = cli("export", str(runs[1]), "--out", out)
+        assert result.returncode == 2 and fragment in result.stderr, (out, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)  # a device is never replaced
+    long = tmp_path / ("m" * 245 + ".onnx")  # 250 characters: the temporary name must fit too
+    assert cli("export", str(runs[1]), "--out", str(long)).returncode == 0 and long.stat().st_size > 0
+    taken = tmp_path / "notes.onnx"
+    taken.write_text("my notes")
+    refused = cli("export", str(runs[1]), "--out", str(taken))
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr and taken.read_text() == "my notes"
+    assert cli("export", str(runs[1]), "--out", str(taken), "--overwrite").returncode == 0
+    assert taken.read_bytes()[:2] != b"my" and sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, taken.name])

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,9 +17,12 @@ PART_SUFFIX = ".part"
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The temporary name stays within a file system's 255 bytes whenever `path`'s own name does."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{PART_SUFFIX}")
+    stem = path.name if len(os.fsencode(path.name)) <= 200 else ""  # a long name: the random part alone
+    tmp = path.with_name(f".{stem}.{secrets.token_hex(4)}{PART_SUFFIX}")
     # Created as open() creates files (0666 less the umask), so the finished file gets the usual mode.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
@@ -50,7 +54,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     A full disk, a read-only folder or any other OS error becomes one UserError line that
     names the file; the temporary file is removed, so nothing is left half-written.
     """
-    path = Path(path)
+    path = file_target(path)
     try:
         with atomic_path(path) as tmp:
             write(tmp)
@@ -59,6 +63,19 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         advice = "free some space or choose another folder" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (
             "choose another folder or file name")
         raise UserError(f"cannot write '{one_line(str(path))}': {reason}; {advice}") from None
+    return path
+
+
+def file_target(path: str | os.PathLike) -> Path:
+    """`path`, if a file may be written there: it names a file, and nothing but a regular file (or a
+    link) is there. A device, a pipe, a socket or a folder is never replaced; else one UserError."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise UserError(f"cannot write '{one_line(str(path))}': it names a folder; give a file name")
+    if os.path.lexists(path) and not os.path.islink(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, a pipe or a socket)"
+        raise UserError(f"cannot write '{one_line(str(path))}': it is {kind}, which digitlab does not replace; "
+                        "give the path of a file")
     return path
 
 

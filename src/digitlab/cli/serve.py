@@ -38,6 +38,7 @@ def add_export_parser(commands) -> None:
     p.add_argument("run", type=Path, metavar="RUN", help="a run folder (its best checkpoint) or a checkpoint")
     p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=opset, default=17, help="ONNX opset, 17 or newer (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (as train --overwrite does)")
     p.set_defaults(func=cmd_export)
 
 
@@ -56,5 +57,5 @@ def cmd_serve(args: argparse.Namespace, stop: StopRequest) -> int:
 def cmd_export(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.serving.export import export_onnx
 
-    print(f"wrote {export_onnx(args.run, args.out, opset=args.opset)}")
+    print(f"wrote {export_onnx(args.run, args.out, opset=args.opset, overwrite=args.overwrite)}")
     return 0

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from digitlab.errors import UserError
-from digitlab.files import write_atomic
+from digitlab.files import file_target, one_line, write_atomic
 from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.serving.backends import ONNX_FACTS, trained_on
 
@@ -35,18 +35,23 @@ class PixelInput(nn.Module):
         return self.model((image - self.center) / self.scale)  # (N, 1, 28, 28) pixels -> the model's range
 
 
-def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17) -> Path:
-    """Write the run's model (its best checkpoint where it has one) to `out` as ONNX; returns `out`."""
+def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17, overwrite: bool = False) -> Path:
+    """Write the run's model (its best checkpoint where it has one) to `out` as ONNX; returns `out`.
+    An existing `out` is replaced only with `overwrite`, as `train` reuses a folder only with it."""
     try:
         import onnx
     except ImportError:
         raise UserError("export needs the onnx extra: pip install -e '.[onnx]' in digitlab's folder (or make setup)") from None
+    out = file_target(out)  # before any work: a folder, a device or a used name is refused at once
+    if out.parent != Path("") and not out.parent.is_dir():
+        raise UserError(f"cannot write '{one_line(str(out))}': its folder does not exist")
+    if os.path.lexists(out) and not overwrite:
+        raise UserError(f"'{one_line(str(out))}' exists; add --overwrite to replace it, or choose another --out")
     model, meta = load_checkpoint(run)
     norm = meta.normalization
     # Eval mode fixes the graph: dropout off, BatchNorm's running statistics, the index-free pool.
     wrapped = PixelInput(model.to(memory_format=torch.contiguous_format), **norm).eval()
     output = meta.task.onnx_output
-    out = Path(out)
     results = meta.results or {}
     facts = {"model": meta.model, "params": sum(p.numel() for p in model.parameters()),
              "test_accuracy": results.get("test_accuracy"), "val_accuracy": meta.val_accuracy,
@@ -68,6 +73,4 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17)
         onnx.save(graph, str(tmp))
         onnx.checker.check_model(graph)
 
-    if out.parent != Path("") and not out.parent.is_dir():
-        raise UserError(f"cannot write '{out}': its folder does not exist")
     return write_atomic(out, write)
