@@ -332,3 +332,32 @@ def test_libtiff_complaints_do_not_reach_the_terminal(digits_model, tmp_path, cl
         result = cli("predict", str(digits_model), str(tmp_path / name))
         assert result.returncode == 2
         assert [line for line in result.stderr.splitlines() if not line.startswith("digitlab: error")] == []
+
+
+def test_a_closed_pipe_stops_the_output_not_the_command(digits_dir, digits_model, tmp_path):
+    # `digitlab predict ... --json | head -c 100`: the reader goes after 100 bytes
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    from PIL import Image, ImageDraw
+
+    for i in range(40):
+        page = Image.new("L", (120, 120), 255)
+        ImageDraw.Draw(page).line([(40, 20), (80, 20), (55, 100)], fill=0, width=10)
+        page.save(pictures / f"{i:02d}.png")
+    for args in (("predict", str(digits_model), str(pictures), "--json"),
+                 ("train", "mlp", "--epochs", "1", "--batches", "30", "--log-every", "1", "--data-dir", str(digits_dir),
+                  "--out", str(tmp_path / "run"))):
+        process = popen_cli(*args)
+        process.stdout.read(100)
+        process.stdout.close()  # as `| head -c 100` does
+        stderr = process.stderr.read()
+        assert process.wait(timeout=120) == 0, (args[0], stderr)
+        assert "Traceback" not in stderr and "Error" not in stderr and len(stderr.splitlines()) <= 1, stderr
+    assert (tmp_path / "run" / "history.json").is_file()  # the run went on to its end, and was kept
+
+
+def test_a_full_disk_for_the_output_is_one_line(tmp_path):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "digitlab", "summary", "cnn"], stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    one_error_line(result, "cannot write the output: no space left on device")

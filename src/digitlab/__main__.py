@@ -5,17 +5,24 @@ Ctrl-C at any moment ends in one line and exit code 130 (143 for SIGTERM).
 """
 import sys
 
-from digitlab.errors import ExitCode
+from digitlab.errors import ExitCode, UserError
+from digitlab.files import Output
 from digitlab.stop import StopRequest, stopped_by
 
 
 def main() -> int:
     stop = StopRequest().install()
+    sys.stdout = Output(sys.stdout)  # a closed pipe stops the writing, not the command
     try:
         # imported here, after the handlers: a signal while the CLI loads is answered like any other
         from digitlab.cli.main import main as cli_main
 
-        return cli_main(stop=stop)
+        code = cli_main(stop=stop)
+        sys.stdout.flush()  # what is still buffered, while a failure can still be one line
+        return code
+    except UserError as e:  # the output could not be written (a full disk)
+        print(f"digitlab: error: {e}", file=sys.stderr)
+        return ExitCode.USAGE
     except (KeyboardInterrupt, Exception) as e:  # during start-up; cli_main handles its own
         name = stopped_by(e)
         if name is None:

@@ -111,3 +111,44 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
         raise UserError(f"cannot write to output folder '{one_line(str(path))}': {reason}; pick another with "
                         "--out") from None
     return path
+
+
+class Output:
+    """The command's standard output, as the entry point installs it (`sys.stdout = Output(sys.stdout)`).
+
+    A closed pipe (`digitlab train ... | head`) is not an error of the command: once the reader has
+    gone, what is written goes to /dev/null and the command goes on, so a run is kept. A full disk
+    or any other failed write is one UserError line."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+        except OSError as e:
+            raise self._error(e) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+        except OSError as e:
+            raise self._error(e) from None
+
+    def _discard(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # C libraries' writes too
+        os.close(devnull)
+
+    @staticmethod
+    def _error(e: OSError) -> UserError:
+        reason = (e.strerror or str(e) or type(e).__name__).lower()
+        return UserError(f"cannot write the output: {reason}; send it to a file on a disk with space (or a pipe)")
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
