@@ -361,3 +361,20 @@ def test_a_full_disk_for_the_output_is_one_line(tmp_path):
         result = subprocess.run([sys.executable, "-m", "digitlab", "summary", "cnn"], stdout=full,
                                 stderr=subprocess.PIPE, text=True, timeout=120)
     one_error_line(result, "cannot write the output: no space left on device")
+
+
+def test_toml_files_of_any_shape_are_read_or_get_one_short_line(digits_dir, tmp_path, cli):
+    bom = tmp_path / "bom.toml"  # a byte-order mark, as some editors write
+    bom.write_bytes(b"\xef\xbb\xbf" + b'model = "mlp"\nepochs = 1\n')
+    result = cli("train", "--config", str(bom), "--batches", "5", "--data-dir", str(digits_dir), "--out", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    cases = {"deep-lists.toml": "a = " + "[" * 5000 + "]" * 5000,
+             "deep-tables.toml": "a = " + "{b = " * 3000 + "1" + "}" * 3000,
+             "huge.toml": "# a comment\n" * 200_000,
+             "long-key.toml": "k" * 100_000 + " = 1\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        line = one_error_line(cli("train", "--config", str(tmp_path / name), "--out", str(tmp_path / "never")))
+        assert len(line) < 400 and not (tmp_path / "never").exists(), line
+    # a sweep spec is read the same way
+    one_error_line(cli("sweep", str(tmp_path / "deep-lists.toml"), "--out", str(tmp_path / "never")), "too deeply")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from digitlab.errors import UserError
-from digitlab.files import regular_file
+from digitlab.files import one_line, regular_file
 
 TASKS = ("regress", "classify")  # the names; what each task is lives in tasks.py (which needs torch)
 DEVICES = ("auto", "cpu", "cuda")
@@ -273,6 +273,9 @@ def preset_config(name: str, model: str | None = None, **overrides) -> TrainConf
 
 # ---------------------------------------------------------------------------- files
 
+MAX_TOML = 1_000_000  # bytes: the largest config file or sweep spec read
+
+
 def read_toml(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
     """A TOML file's table; a missing, unreadable or malformed file is one UserError."""
     try:
@@ -281,12 +284,19 @@ def read_toml(path: str | os.PathLike, what: str = "config file") -> dict[str, A
         import tomli as tomllib
 
     path = Path(path)
+    name = one_line(str(path))
     try:
-        return tomllib.loads(regular_file(path, what).read_text(encoding="utf-8"))
+        size = regular_file(path, what).stat().st_size
+        if size > MAX_TOML:  # a config or a spec is a few lines: a huge one is a mistake, or a bomb
+            raise UserError(f"{name}: the {what} is {size / 1e6:,.1f} MB; one is at most {MAX_TOML // 1_000_000} MB")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark some editors write is fine
+        return tomllib.loads(text)
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read the {what} ({e})") from None
+        raise UserError(f"{name}: cannot read the {what} ({one_line(str(e))[:200]})") from None
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
+        raise UserError(f"{name}: not valid TOML ({one_line(str(e))[:200]})") from None
+    except RecursionError:
+        raise UserError(f"{name}: the {what} nests tables or lists too deeply to be a {what}") from None
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -295,7 +305,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     table = read_toml(path)
     for key, value in table.items():
         if key not in FIELDS:
-            raise UserError(f"{path}: unknown option '{key}'; the options are: {', '.join(FIELDS)}")
+            raise UserError(f"{one_line(str(path))}: unknown option '{one_line(key)[:60]}'; the options are: "
+                            f"{', '.join(FIELDS)}")
         wrong = problem(key, value)
         if wrong:
             raise UserError(f"{path}: {key}: {wrong}")
