@@ -32,8 +32,12 @@ class ImageError(UserError):
 def load_grey(source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
     """Any PNG/JPEG/BMP/WebP/GIF/TIFF file (or its bytes, as uploaded) as float32 grey in [0, 1]:
     `open_grey`'s picture as an array."""
-    grey = open_grey(source, name)
-    return np.asarray(grey, dtype=np.float32) / (255.0 if grey.mode == "L" else 1.0)
+    return grey_array(open_grey(source, name))
+
+
+def grey_array(picture: Image.Image) -> np.ndarray:
+    """A grey picture ("L", or "F" already in [0, 1]) as float32 values in [0, 1]."""
+    return np.asarray(picture, dtype=np.float32) / (255.0 if picture.mode == "L" else 1.0)
 
 
 def open_grey(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:

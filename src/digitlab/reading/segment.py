@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from digitlab.reading.blobs import MIN_BLOB, segment, sizes
-from digitlab.reading.image import ImageError
+from digitlab.reading.image import ImageError, grey_array
 
 BOX = 20  # MNIST digits fit a 20x20 box ...
 SIZE = 28  # ... centred in 28x28
@@ -91,9 +91,7 @@ class _Ink:
         x0, y0, x1, y1 = box
         k = min(1.0, DETAIL / max(x1 - x0, y1 - y0))
         size = (max(1, round((x1 - x0) * k)), max(1, round((y1 - y0) * k)))
-        piece = picture.resize(size, Image.Resampling.BOX, box=box) if k < 1 or size != (x1 - x0, y1 - y0) \
-            else picture.crop(box)
-        grey = np.asarray(piece, dtype=np.float32) / (255.0 if picture.mode == "L" else 1.0)
+        grey = grey_array(picture.resize(size, Image.Resampling.BOX, box=box) if k < 1 else picture.crop(box))
         # the paper's shade over the box: its coarse copy covers the whole picture
         h, w = picture.height, picture.width
         ph, pw = self.paper.shape
@@ -157,7 +155,7 @@ def _find_ink(picture: Image.Image, scale: float, source: str,
     work = picture.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX) \
         if scale < 1 else picture  # box filtering keeps thin strokes
     work = work.filter(ImageFilter.MedianFilter(3))  # salt-and-pepper noise
-    ink = _Ink(np.asarray(work, dtype=np.float32) / (255.0 if picture.mode == "L" else 1.0))
+    ink = _Ink(grey_array(work))
     if ink.map.max() < MIN_CONTRAST:
         raise ImageError(f"{source}: no digit found (the page looks blank)")
     # Hysteresis: ink above Otsu's threshold, grown into fainter ink touching it (a thin or light
@@ -188,24 +186,29 @@ def _digit(picture: Image.Image, ink: _Ink, keep: np.ndarray, scale: float, fain
     the working copy is cut from the picture itself, at a finer scale: its blobs there are the ink
     over `faint` within the working copy's blobs (grown by a pixel): which ink is whose comes from
     the working copy, the strokes' shape from the picture."""
-    from scipy import ndimage
-
     ys, xs = np.nonzero(keep)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     w, h = picture.size
     box = (int(x0 / scale), int(y0 / scale), min(w, math.ceil(x1 / scale)), min(h, math.ceil(y1 / scale)))
     inside = keep[y0:y1, x0:x1]
-    region = ndimage.binary_dilation(np.pad(inside, 1))[1:-1, 1:-1]  # nothing of `keep` is outside its box
+    region = _grown(inside)  # nothing of `keep` is outside its box
     if scale == 1 or y1 - y0 >= INK_HEIGHT:  # the working copy has the detail
         strength = ink.map[y0:y1, x0:x1]
     else:
         strength = ink.cut(picture, box)
         near = np.asarray(Image.fromarray(region).resize((strength.shape[1], strength.shape[0]), Image.Resampling.NEAREST))
         inside = near & (strength > faint)
-        region = ndimage.binary_dilation(np.pad(inside, 1))[1:-1, 1:-1] & near
+        region = _grown(inside) & near
     top = np.percentile(strength[inside], 90) if inside.any() else 0.0
     strength = np.clip(strength / top, 0, 1) * region if top > 0 else np.zeros_like(strength)
     return Found(mnist_digit(strength), box)
+
+
+def _grown(mask: np.ndarray) -> np.ndarray:
+    """`mask` grown by a pixel, within its own bounds (the anti-aliased edge of its strokes)."""
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(np.pad(mask, 1))[1:-1, 1:-1]
 
 
 def mnist_digit(crop: np.ndarray) -> np.ndarray:

@@ -62,10 +62,7 @@ class TorchModel(ServedModel):
         self.name, self.task, self.temperature = name, meta.task, meta.temperature
         self.model, self.norm = model.eval(), meta.normalization
         self.convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-        results = meta.results or {}
-        self.facts = {"model": meta.model, "params": sum(p.numel() for p in model.parameters()),
-                      "test_accuracy": results.get("test_accuracy"), "val_accuracy": meta.val_accuracy,
-                      "trained_on": trained_on(meta.data), "checkpoint": describe(path, meta),
+        self.facts = {**model_facts(model, meta), "checkpoint": describe(path, meta),
                       "conv_layers": [n for n, _ in self.convs]}
         self._maps_model, self._maps_lock = copy.deepcopy(self.model), threading.Lock()
 
@@ -143,6 +140,15 @@ def _facts(text: str | None) -> dict:
     except ValueError:
         return {}
     return facts if isinstance(facts, dict) else {}
+
+
+def model_facts(model, meta) -> dict:
+    """What the page shows of a checkpoint's model (and `digitlab export` writes into an ONNX file):
+    its name, parameter count, test and validation accuracy, and what it was trained on."""
+    results = meta.results or {}
+    return {"model": meta.model, "params": sum(p.numel() for p in model.parameters()),
+            "test_accuracy": results.get("test_accuracy"), "val_accuracy": meta.val_accuracy,
+            "trained_on": trained_on(meta.data)}
 
 
 def trained_on(data: dict | None) -> str | None:

@@ -21,7 +21,7 @@ from torch import nn
 from digitlab.errors import UserError
 from digitlab.files import file_target, one_line, write_atomic
 from digitlab.reading.checkpoint import load_checkpoint
-from digitlab.serving.backends import ONNX_FACTS, trained_on
+from digitlab.serving.backends import ONNX_FACTS, model_facts
 
 
 class PixelInput(nn.Module):
@@ -52,10 +52,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17,
     # Eval mode fixes the graph: dropout off, BatchNorm's running statistics, the index-free pool.
     wrapped = PixelInput(model.to(memory_format=torch.contiguous_format), **norm).eval()
     output = meta.task.onnx_output
-    results = meta.results or {}
-    facts = {"model": meta.model, "params": sum(p.numel() for p in model.parameters()),
-             "test_accuracy": results.get("test_accuracy"), "val_accuracy": meta.val_accuracy,
-             "trained_on": trained_on(meta.data)}
+    facts = model_facts(model, meta)
 
     def write(tmp: Path) -> None:
         with warnings.catch_warnings():
