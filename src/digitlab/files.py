@@ -34,6 +34,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def reason(error: OSError) -> str:
+    """An OS error in a few lower-case words: 'no space left on device'."""
+    return (error.strerror or str(error) or type(error).__name__).lower()
+
+
 def one_line(text: str) -> str:
     """`text` with control characters (a newline in a file name, say) shown escaped, as repr() would."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -59,10 +64,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         with atomic_path(path) as tmp:
             write(tmp)
     except OSError as e:
-        reason = (e.strerror or str(e) or type(e).__name__).lower()
         advice = "free some space or choose another folder" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (
             "choose another folder or file name")
-        raise UserError(f"cannot write '{one_line(str(path))}': {reason}; {advice}") from None
+        raise UserError(f"cannot write '{one_line(str(path))}': {reason(e)}; {advice}") from None
     return path
 
 
@@ -147,8 +151,7 @@ class Output:
 
     @staticmethod
     def _error(e: OSError) -> UserError:
-        reason = (e.strerror or str(e) or type(e).__name__).lower()
-        return UserError(f"cannot write the output: {reason}; send it to a file on a disk with space (or a pipe)")
+        return UserError(f"cannot write the output: {reason(e)}; send it to a file on a disk with space (or a pipe)")
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)

@@ -36,7 +36,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 import digitlab
 from digitlab.config import THRESHOLD
 from digitlab.errors import UserError
-from digitlab.files import one_line
+from digitlab.files import one_line, reason
 from digitlab.serving.backends import ServedModel
 from digitlab.serving.reader import Reader
 
@@ -230,7 +230,7 @@ def serve(paths: list, options: ServeOptions) -> None:
         with socket.create_server((host, port)):
             pass
     except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}; pick another --port "
+        raise UserError(f"cannot listen on {host}:{port}: {reason(e)}; pick another --port "
                         "(or --host)") from None
     shown = f"[{host}]" if ":" in host else host
     print(f"digitlab: serving {len(models)} model{'s' * (len(models) > 1)} at http://{shown}:{port}/ (Ctrl-C stops)",
