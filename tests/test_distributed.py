@@ -12,12 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, call_main, popen_cli
+from conftest import ROOT, call_main, one_error_line, popen_cli
 
 pytestmark = pytest.mark.slow
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -110,6 +111,49 @@ def test_a_rendezvous_nobody_joins_times_out_in_one_line(digits_dir, tmp_path, c
     assert result.returncode == 2 and time.monotonic() - start < 90  # a hang, not a speed
     assert "did not meet at 127.0.0.1" in result.stderr and "within 2 s" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists(), result.stderr
+
+
+@pytest.mark.parametrize("endpoint, fragment", [
+    ("host:notaport", "the port must be a number from 1 to 65535"),
+    ("127.0.0.1:99999", "the port must be a number from 1 to 65535"),
+    ("127.0.0.1:-5", "the port must be a number from 1 to 65535"),
+    (":", "give HOST:PORT"),
+    ("[::1", "an IPv6 address goes in brackets"),
+    ("no-such-host.invalid", "cannot find the host"),  # torch itself aborts with a C++ stack trace here
+])
+def test_a_bad_rendezvous_endpoint_gets_one_line(endpoint, fragment, tmp_path, cli):
+    result = cli("train", "mlp", "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint,
+                 "--rdzv-timeout", "5", "--out", str(tmp_path / "never"))
+    one_error_line(result, fragment)
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.fixture
+def silent_port():
+    """A port held by a listener that accepts connections and never answers (another program's port)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        held = []
+        thread = threading.Thread(target=lambda: [held.append(listener.accept()) for _ in range(8)], daemon=True)
+        thread.start()
+        yield listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("extra, sent", [
+    (("--rdzv-timeout", "3"), None),  # torch would wait there for good, deaf to signals
+    (("--nnodes", "2"), signal.SIGINT),
+    (("--nnodes", "1"), signal.SIGTERM),
+])
+def test_a_port_that_never_answers_times_out_and_hears_signals(silent_port, extra, sent, tmp_path):
+    process = popen_cli("train", "mlp", "--nproc", "1", "--rdzv-endpoint", f"127.0.0.1:{silent_port}", *extra,
+                        "--out", str(tmp_path / "never"))
+    if sent:
+        time.sleep(3)  # python and torch are up, waiting at the endpoint
+        process.send_signal(sent)
+    _, stderr = process.communicate(timeout=60)  # a hang, not a speed
+    expected = {None: 2, signal.SIGINT: 130, signal.SIGTERM: 143}[sent]
+    assert process.returncode == expected and len(stderr.strip().splitlines()) == 1, stderr
+    assert ("did not answer as a rendezvous within 3 s" if sent is None else "interrupted") in stderr
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize("options, fragment", [

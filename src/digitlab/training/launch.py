@@ -6,15 +6,19 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 import uuid
 from dataclasses import fields
 
 from digitlab.config import LaunchOptions, flag
 from digitlab.errors import ExitCode, UserError
+from digitlab.files import one_line
 
 LAUNCH_FLAGS = tuple(flag(f) for f in fields(LaunchOptions))  # the launcher's own: its workers get the rest
 LAUNCHER = "DIGITLAB_LAUNCHER"  # set for the workers `--nproc` starts: their launcher reports a lost process
+DEFAULT_PORT = 29400  # torchrun's, for an endpoint given without one
 
 
 def worker_argv(argv: list[str]) -> list[str]:
@@ -37,6 +41,8 @@ def launch(argv: list[str], options: LaunchOptions) -> int:
     nproc, nnodes, endpoint = options.nproc, options.nnodes, options.rdzv_endpoint
     if nnodes > 1 and not endpoint:
         raise UserError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every machine")
+    if endpoint:
+        check_endpoint(*parse_endpoint(endpoint), options.rdzv_timeout)
     # the workers inherit this process's environment: what they need is set for the launch only.
     # torchrun's default would be one thread each, with a warning: share the cores instead. What goes
     # wrong is ours to tell, once: the elastic agent's loggers read LOGLEVEL when they are made.
@@ -78,6 +84,56 @@ def _launch(argv: list[str], options: LaunchOptions) -> int:
                         f"({type(e).__name__}); start the same command on every machine, with one "
                         "--rdzv-endpoint all of them can reach") from None
     return 0
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """'HOST:PORT', '[IPv6]:PORT' or 'HOST' (torchrun's port 29400) -> (host, port); one line if it is none of these."""
+    shown = one_line(text)[:80]
+    bracket = text.startswith("[")
+    if bracket:
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise UserError(f"--rdzv-endpoint {shown!r}: an IPv6 address goes in brackets, as [::1]:29400")
+        port = rest[1:] if rest else str(DEFAULT_PORT)
+    else:
+        host, sep, port = text.rpartition(":") if text.count(":") == 1 else (text, "", str(DEFAULT_PORT))
+    if not host or (":" in host and not bracket):
+        raise UserError(f"--rdzv-endpoint {shown!r}: give HOST:PORT, e.g. 127.0.0.1:29400 or [::1]:29400")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise UserError(f"--rdzv-endpoint {shown!r}: the port must be a number from 1 to 65535")
+    return host, int(port)
+
+
+def check_endpoint(host: str, port: int, timeout: float) -> None:
+    """Meet torch's rendezvous halfway, where its own waits would not end: a host name that does not
+    resolve (torch aborts with a C++ stack trace), and a port held by something that accepts and never
+    answers (torch would wait there, deaf to Ctrl-C). Nothing listening yet is fine: the first machine
+    starts the rendezvous there."""
+    where = f"{host}:{port}"
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--rdzv-endpoint {one_line(where)[:80]}: cannot find the host "
+                        f"({one_line(str(e))[:80]}); give a name or address every machine can reach") from None
+    try:
+        socket.create_connection((host, port), timeout=min(timeout, 5)).close()
+    except OSError:
+        return  # nobody there yet (or not reachable from here yet): torch's own wait and timeout take over
+    answered = threading.Event()
+
+    def ask() -> None:  # a store client's handshake; it waits in C++ without the GIL, so we wait beside it
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        with contextlib.suppress(Exception):
+            TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout), wait_for_workers=False)
+        answered.set()
+
+    threading.Thread(target=ask, name="digitlab-rendezvous-check", daemon=True).start()
+    if not answered.wait(timeout):  # a signal meanwhile ends the command at once
+        raise UserError(f"--rdzv-endpoint {one_line(where)[:80]}: something listens there but did not answer as a "
+                        f"rendezvous within {timeout:g} s (another program's port?); pick a free port")
 
 
 def _how(exitcode: int) -> str:
