@@ -8,8 +8,8 @@ import csv
 import time
 
 import pytest
-
 from conftest import one_error_line, popen_cli, wait_for
+
 from digitlab.config import TrainConfig
 from digitlab.studies.sweep import training_flops
 
@@ -106,6 +106,10 @@ def test_two_commands_join_one_sqlite_study(digits_dir, tmp_path, cli):
     ('[search]\nmodle = ["mlp"]', "[search] unknown option 'modle'"),
     ('[search]\nlr = { low = 0.1, high = 0.01 }', "[search] lr: low must be below high"),
     ('[search]\nlr = { low = 0, high = 0.1, log = true }', "lr: must be a number above 0"),
+    ('[search]\nlr = { low = nan, high = 0.1 }', "[search] lr: must be a number above 0, got nan"),
+    ('[search]\nlr = { low = 0.001, high = inf }', "[search] lr: must be"),
+    ('[search]\nseed = { low = 0, high = 5_000_000_000 }', "[search] seed: must be 4,294,967,295 or less"),
+    ('[search]\nweight_decay = { low = -1.0, high = 0.1 }', "[search] weight_decay: must be 0 or more, got -1"),
     ('[search]\nmodel = { low = 1, high = 2 }', "a range needs a number option"),
     ('[search]\noptimizer = ["sgd", "rmsprop"]', "[search] optimizer: invalid choice: 'rmsprop'"),
     ('[search]\nmodel = []', "the list of choices is empty"),
@@ -213,8 +217,17 @@ def test_random_draws_are_new_in_a_continued_study_and_in_each_worker(digits_dir
     assert first == lrs(tmp_path / "b", "--trials", "1")  # a new study with the same --seed: the same draw
     continued = lrs(tmp_path / "a", "--trials", "1")
     assert continued[0] == first[0] and continued[1] != first[0]  # not the first command's draw again
-    both = lrs(tmp_path / "c", "--trials", "2", "--workers", "2")
-    assert len(set(both)) == 2  # each worker its own draws
+    # more workers than cores would only share them, each with its own torch and data: capped, with a notice
+    from digitlab.studies.sweep import usable_cores
+
+    cores = usable_cores()
+    capped = cli("sweep", str(spec), "--sampler", "random", "--out", str(tmp_path / "c"), "--data-dir",
+                 str(digits_dir), "--trials", "2", "--workers", "256")
+    assert capped.returncode == 0, capped.stderr
+    if cores < 256:
+        assert f"digitlab: --workers 256 is more than the {cores} cores here; using {cores}" in capped.stderr
+    assert capped.stdout.count("data: ") == min(cores, 2)  # a worker per core, each loading the data once
+    assert len({r["lr"] for r in _rows(tmp_path / "c")}) == 2  # each worker its own draws
 
 
 def test_ctrl_c_reaches_every_worker_once(digits_dir, tmp_path):
@@ -263,7 +276,7 @@ def _wait_for_running(out, count: int, process, timeout: float = 60) -> None:
         try:
             running = optuna.load_study(study_name="digitlab", storage=f"sqlite:///{out / 'study.db'}").get_trials(
                 deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        except Exception:  # not created yet
+        except Exception:  # noqa: BLE001 -- not created yet
             running = []
         if len(running) == count:
             return

@@ -1,8 +1,12 @@
 """A sweep's spec: the options every trial shares ([fixed]) and the ones the study chooses ([search]),
-read from TOML and checked option by option; and the Optuna sampler that draws them."""
+read from TOML and checked option by option; the Optuna sampler that draws them; and the study's
+storage, opened with a connection timeout and shown with its password hidden."""
 from __future__ import annotations
 
+import math
 import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,11 @@ from digitlab.errors import UserError
 from digitlab.files import one_line
 
 GRID_SEED = 0
+MAX_CHOICES = 10_000  # values in one list of choices: a longer list is a mistake (a range says it better)
+MAX_GRID = 100_000  # points of a grid: GridSampler builds the whole product in memory, and no sweep runs more
+CONNECT_TIMEOUT = 10  # seconds a database server gets to answer a new connection ...
+TIMEOUT_VARIABLE = "DIGITLAB_CONNECT_TIMEOUT"  # ... unless this says otherwise (or the URL's connect_timeout)
+TIMED_BACKENDS = ("postgresql", "mysql", "mariadb")  # their drivers take connect_timeout (libpq, psycopg, pymysql)
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,9 @@ def _choices(name: str, key: str, value: Any) -> list | Range:
     if isinstance(value, list):
         if not value:
             raise UserError(f"{where}: the list of choices is empty")
+        if len(value) > MAX_CHOICES:
+            raise UserError(f"{where}: {len(value):,} choices; a list holds at most {MAX_CHOICES:,} (search a range "
+                            "{ low = ..., high = ... } instead)")
         if len(set(map(repr, value))) != len(value):
             raise UserError(f"{where}: a choice is listed twice")
         for v in value:
@@ -112,15 +124,29 @@ def make_sampler(name: str | None, spec: Spec, seed: int):
     draw from lists and ranges."""
     import optuna
 
+    name = check_sampler(name, spec)
+    if name == "grid":
+        return optuna.samplers.GridSampler(spec.search, seed=GRID_SEED)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def check_sampler(name: str | None, spec: Spec) -> str:
+    """The sampler's name (grid when every searched option is a list, else tpe), once it suits the spec: a
+    grid needs lists, and its points are counted before any is made (three lists of a few hundred values
+    would be 10^8 points and gigabytes)."""
     name = name or ("grid" if spec.all_lists else "tpe")
     if name == "grid":
         if not spec.all_lists:
             ranged = next(k for k, v in spec.search.items() if isinstance(v, Range))
             raise UserError(f"--sampler grid needs lists of choices; '{ranged}' is a range (use random or tpe)")
-        return optuna.samplers.GridSampler(spec.search, seed=GRID_SEED)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+        points = math.prod(len(v) for v in spec.search.values())
+        if points > MAX_GRID:
+            sizes = " x ".join(f"{len(v):,} {k}" for k, v in spec.search.items())
+            raise UserError(f"the grid has {points:,} points ({sizes}); a grid has at most {MAX_GRID:,}: shorten "
+                            "the lists, or draw from them with --sampler random or tpe")
+    return name
 
 
 def sampler_seed(seed: int, start: int, worker: int) -> int:
@@ -145,3 +171,98 @@ def suggest(trial, spec: Spec) -> dict[str, Any]:
         else:
             values[key] = trial.suggest_categorical(key, choice)
     return values
+
+
+# ---------------------------------------------------------------------------- the study's storage
+
+def _parsed(url: str):
+    """SQLAlchemy's reading of a storage URL, or None if it cannot read it (opening it then says why)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):  # no scheme; a port that is not a number
+        return None
+
+
+def masked_url(url: str) -> str:
+    """A storage URL as digitlab shows it, in messages and reports: its password as ***, on one line."""
+    parsed = _parsed(url)
+    if parsed is not None and "@" not in (parsed.host or ""):
+        return one_line(parsed.render_as_string(hide_password=True))
+    # unread, or an '@' in the password that was not written %40: hide all up to the last '@'
+    return one_line(re.sub(r"^([^:/?#]*://[^:@/?#]*:).*@", r"\1***@", url, flags=re.DOTALL))
+
+
+def masked(text: str, url: str) -> str:
+    """`text` (a library's message) on one line, with the URL and its password hidden wherever they show."""
+    text = text.replace(url, masked_url(url))
+    password = getattr(_parsed(url), "password", None)
+    if password:
+        text = text.replace(f":{password}@", ":***@").replace(f"password={password}", "password=***")
+    return one_line(text)
+
+
+def connect_timeout() -> int:
+    """Seconds a database server gets to answer: $DIGITLAB_CONNECT_TIMEOUT, else CONNECT_TIMEOUT."""
+    raw = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+    if not raw:
+        return CONNECT_TIMEOUT
+    if not (raw.isdigit() and 1 <= int(raw) <= 86_400):
+        raise UserError(f"{TIMEOUT_VARIABLE}={one_line(raw)[:40]}: must be a whole number of seconds from 1 to "
+                        f"86400 (default {CONNECT_TIMEOUT})")
+    return int(raw)
+
+
+def _timed(url: str) -> int | None:
+    """The connection timeout of a database server's URL (its own connect_timeout, else connect_timeout());
+    None for SQLite, or a URL SQLAlchemy cannot read."""
+    parsed = _parsed(url)
+    if parsed is None or parsed.get_backend_name() not in TIMED_BACKENDS:
+        return None
+    own = parsed.query.get("connect_timeout")
+    return int(own) if isinstance(own, str) and own.isdigit() else connect_timeout()
+
+
+def engine_kwargs(url: str) -> dict:
+    """SQLAlchemy's create_engine arguments for a storage URL: a connection timeout for a database server
+    (unless the URL names its own), so that a host that never answers ends in a line, not a hang."""
+    timeout = _timed(url)
+    if timeout is None or "connect_timeout" in _parsed(url).query:
+        return {}
+    return {"connect_args": {"connect_timeout": timeout}}
+
+
+def reach(url: str) -> None:
+    """Connect to a database server once, within its timeout: a server that refuses, does not answer, or
+    does not know the user or the database is one UserError naming the URL (masked) and what to do."""
+    if "@" in (getattr(_parsed(url), "host", None) or ""):  # the rest of the password, taken for the host
+        raise UserError(f"cannot open the study at {masked_url(url)}: an '@' in a URL's password is written %40")
+    timeout = _timed(url)
+    if timeout is None:
+        return
+    import sqlalchemy
+
+    start = time.monotonic()
+    try:
+        engine = sqlalchemy.create_engine(url, **engine_kwargs(url))
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as e:  # noqa: BLE001 -- whatever the driver raises (a missing one too) is one line
+        if "timeout" in str(e).lower() or time.monotonic() - start >= timeout:
+            raise UserError(f"cannot open the study at {masked_url(url)}: no answer within {timeout} s (a server "
+                            "down, or a firewall?); check the host and port, or wait longer with "
+                            f"{TIMEOUT_VARIABLE}=SECONDS") from None
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__]
+        raise UserError(f"cannot open the study at {masked_url(url)}: {masked(reason[0], url)[:200]}") from None
+
+
+def rdb_storage(url: str, **kwargs):
+    """Optuna's RDBStorage on `url`, with the connection timeout (after reach() has found the server)."""
+    from optuna.storages import RDBStorage
+
+    return RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)

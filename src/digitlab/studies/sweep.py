@@ -20,6 +20,10 @@ A trial that stops short is retried: a Ctrl-C or SIGTERM fails the running trial
 copy of it, which the next command on the study runs first; a process that is killed outright
 (or a machine that is lost) stops beating its heart, and after `grace` seconds the next trial
 any command starts fails the stale one and queues its copy (Optuna's heartbeat).
+
+A trial that diverges (its loss NaN or infinite) is a result, not the sweep's end: it is pruned, with
+the reason in its `error` attribute (trials.csv's error column), as a combination the options refuse
+is, and the sweep goes on to its other trials.
 """
 from __future__ import annotations
 
@@ -37,13 +41,31 @@ from digitlab.errors import UserError
 from digitlab.files import one_line
 from digitlab.models import create_model
 from digitlab.stop import SIGNALS, Interrupted, StopRequest
-from digitlab.studies.spec import Spec, make_sampler, sampler_seed, suggest
+from digitlab.studies.spec import (
+    Spec,
+    make_sampler,
+    masked,
+    masked_url,
+    rdb_storage,
+    reach,
+    sampler_seed,
+    suggest,
+)
 from digitlab.studies.sweep_report import write_results
 from digitlab.tasks import get_task
+from digitlab.training.loop import Diverged
 from digitlab.training.reporters import Reporter
 from digitlab.training.run import run
 
 MAX_RETRY = 3  # copies of one stopped trial, at most
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container or taskset narrows)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def training_flops(config: TrainConfig) -> int:
@@ -93,19 +115,25 @@ def _join(spec: Spec, options: SweepOptions):
     import optuna
 
     chosen = make_sampler(options.sampler, spec, options.seed)
-    out = Path(options.out)
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        the_study = _open_study(options.storage_url(), options.study, chosen, options.grace)
-    except UserError:
-        if made and not any(out.iterdir()):
-            out.rmdir()
-        raise
+    the_study, out = _create(options, chosen)
     if not isinstance(chosen, optuna.samplers.GridSampler):
         start = len(the_study.get_trials(deepcopy=False))
         the_study.sampler = make_sampler(options.sampler, spec, sampler_seed(options.seed, start, options.worker))
     return the_study, out
+
+
+def _create(options: SweepOptions, sampler):
+    """(the study, OUT): OUT made, and the study opened in it (or at --storage); a study that cannot be
+    opened leaves no OUT behind that this command made."""
+    out = Path(options.out)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _open_study(options.storage_url(), options.study, sampler, options.grace), out
+    except BaseException:  # a UserError, or a signal while a database server keeps us waiting
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def _objective(spec: Spec, data, out: Path, stop: StopRequest, running: list[int], show):
@@ -113,17 +141,27 @@ def _objective(spec: Spec, data, out: Path, stop: StopRequest, running: list[int
     import optuna
 
     def objective(trial) -> float:
+        def pruned(error: UserError) -> optuna.TrialPruned:
+            """The trial ends pruned, its reason in its `error` attribute and in its line."""
+            reason = one_line(str(error))
+            trial.set_user_attr("error", reason)
+            show(f"trial {trial.number}: {shown}: pruned: {reason}")
+            return optuna.TrialPruned(reason)
+
         running[:] = [trial.number]
         if stop.requested:  # a signal between two trials: this one fails at once, and the sweep stops
             raise Interrupted(stop.requested)
         values = {"val_split": VAL_SPLIT, **spec.fixed, **suggest(trial, spec)}
+        shown = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+        folder = out / "trials" / f"{trial.number:04d}"
         try:
             config = TrainConfig(**values).resolved()
         except UserError as e:  # a combination the options refuse (--reject with a regression, ...)
-            trial.set_user_attr("error", str(e))
-            raise optuna.TrialPruned(str(e)) from None
-        folder = out / "trials" / f"{trial.number:04d}"
-        result = run(config, data, folder, overwrite=True, reporter=Reporter(), stop=stop)
+            raise pruned(e) from None
+        try:
+            result = run(config, data, folder, overwrite=True, reporter=Reporter(), stop=stop)
+        except Diverged as e:  # the loss became NaN or infinite: this point's answer, and the sweep goes on
+            raise pruned(e) from None
         if result.state.stopped in SIGNALS:  # Ctrl-C or SIGTERM: this trial fails, the sweep stops
             raise Interrupted(result.state.stopped)
         steps = len(result.history.batch_loss)
@@ -132,7 +170,6 @@ def _objective(spec: Spec, data, out: Path, stop: StopRequest, running: list[int
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         value = result.state.best_accuracy if result.state.best_accuracy is not None else result.test_accuracy
-        shown = ", ".join(f"{k}={v}" for k, v in trial.params.items())
         show(f"trial {trial.number}: {shown}: val {value:.2%}, test {result.test_accuracy:.2%}, "
              f"{attrs['train_seconds']:.1f} s, {attrs['train_flops']:.3g} FLOPs")
         return value
@@ -201,12 +238,9 @@ def run_workers(spec_path: Path, spec: Spec, options: SweepOptions, data_dir: Pa
 
     import optuna
 
-    out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
     storage = options.storage_url()
-    opened = _open_study(storage, options.study, make_sampler(options.sampler, spec, options.seed),
-                         options.grace)  # created here, once
-    threads = max(1, (os.cpu_count() or 1) // options.workers)
+    opened, out = _create(options, make_sampler(options.sampler, spec, options.seed))  # created here, once
+    threads = max(1, usable_cores() // options.workers)
     shares = [options.trials // options.workers + (k < options.trials % options.workers) for k in range(options.workers)]
 
     def command(worker: int, trials: int) -> list[str]:
@@ -231,7 +265,7 @@ def run_workers(spec_path: Path, spec: Spec, options: SweepOptions, data_dir: Pa
             w.wait()
         raise
     finally:  # the whole study's table, however the workers ended
-        the_study = optuna.load_study(study_name=options.study, storage=storage)
+        the_study = opened
         write_results(the_study, out, spec)
     failed = [c for c in codes if c != 0]
     if failed:
@@ -251,22 +285,22 @@ def _open_study(storage: str, name: str, sampler, grace: int, tries: int = 3):
 
     import optuna
     from filelock import FileLock
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is ours to report, in one line
+    reach(storage)  # a database server that refuses or never answers: one line now, not a retry or a hang
     lock = (FileLock(storage[len("sqlite:///"):] + ".lock") if storage.startswith("sqlite:///")
             else contextlib.nullcontext())
     for attempt in range(tries):
         try:
             with lock, warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                database = RDBStorage(storage, heartbeat_interval=max(1, grace // 4), grace_period=grace,
-                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(MAX_RETRY))
+                database = rdb_storage(storage, heartbeat_interval=max(1, grace // 4), grace_period=grace,
+                                       heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(MAX_RETRY))
                 return optuna.create_study(storage=database, study_name=name, load_if_exists=True,
                                            direction="maximize", sampler=sampler)
-        except Exception as e:  # a bad URL, a missing driver, a database that does not answer: all say why
+        except Exception as e:  # noqa: BLE001 -- a bad URL, a missing driver, a race: all say why
             if attempt == tries - 1:
-                raise UserError(f"cannot open the study at {one_line(storage)}: {one_line(str(e))[:200]}") from None
+                raise UserError(f"cannot open the study at {masked_url(storage)}: {masked(str(e), storage)[:200]}"
+                                ) from None
             time.sleep(0.5 * (attempt + 1))
-
-

@@ -14,9 +14,11 @@ from digitlab.config import (
 from digitlab.errors import UserError
 from digitlab.files import one_line, write_text
 from digitlab.plots import pareto_front, plot_pareto, save_figure
-from digitlab.studies.spec import Spec
+from digitlab.studies.spec import Spec, masked, masked_url, rdb_storage, reach
 
-RESULT_COLUMNS = ("val_accuracy", "test_accuracy", "train_seconds", "train_flops", "params", "run", "retry_of")
+# error: why a trial was pruned (its options refused, its loss diverged)
+RESULT_COLUMNS = ("val_accuracy", "test_accuracy", "train_seconds", "train_flops", "params", "run", "retry_of",
+                  "error")
 
 
 def write_results(study, out: Path, spec: Spec) -> list[Path]:
@@ -55,10 +57,12 @@ def report(out: str | os.PathLike, *, storage: str | None = None, study: str = S
         raise UserError(f"no study in '{one_line(str(out))}' (no study.db); give the sweep's --out folder, or --storage")
     storage = SweepOptions(out=str(out), storage=storage).storage_url()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    reach(storage)  # a database server that refuses or never answers: one line, not a hang
     try:
-        the_study = optuna.load_study(study_name=study, storage=storage)
-    except Exception as e:
-        raise UserError(f"cannot read study '{study}' at {one_line(storage)}: {one_line(str(e))[:200]}") from None
+        the_study = optuna.load_study(study_name=study, storage=rdb_storage(storage))
+    except Exception as e:  # noqa: BLE001 -- no such study, tables of another version: one line
+        raise UserError(f"cannot read study '{one_line(study)}' at {masked_url(storage)}: "
+                        f"{masked(str(e), storage)[:200]}") from None
     done = [t for t in the_study.trials if t.value is not None and "train_flops" in t.user_attrs]
     if not done:
         raise UserError(f"study '{study}' has no finished trial yet")
