@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -21,8 +22,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary name stays within a file system's 255 bytes whenever `path`'s own name does."""
     path = Path(path)
-    stem = path.name if len(os.fsencode(path.name)) <= 200 else ""  # a long name: the random part alone
-    tmp = path.with_name(f".{stem}.{secrets.token_hex(4)}{PART_SUFFIX}")
+    # .NAME.PID-RANDOM.part: the writer's process id lets sweep_parts tell a killed writer's file from a live one's
+    tmp = path.with_name(f"{_part_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}{PART_SUFFIX}")
     # Created as open() creates files (0666 less the umask), so the finished file gets the usual mode.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
@@ -32,6 +33,46 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _part_prefix(path: Path) -> str:
+    """How the temporary files of `path` begin: `.NAME.`, or `..` alone for a name over 200 bytes (the
+    temporary name must stay within a file system's 255)."""
+    return f".{path.name if len(os.fsencode(path.name)) <= 200 else ''}."
+
+
+def sweep_parts(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of `path` (atomic_path's) whose writer is gone: a `kill -9` leaves them.
+    A live writer's file, this process's own and any other file stay. Returns what was removed."""
+    path = Path(path)
+    prefix = _part_prefix(path)
+    removed = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:  # no folder yet, or one that cannot be read: nothing to sweep, and the write will say why
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(PART_SUFFIX)):
+            continue
+        writer = re.fullmatch(r"(\d+)-[0-9a-f]{8}", name[len(prefix):-len(PART_SUFFIX)])  # PID-RANDOM
+        if writer and not _alive(int(writer[1])):
+            with contextlib.suppress(OSError):
+                (path.parent / name).unlink()
+                removed.append(path.parent / name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine); where that cannot be told, as if it did."""
+    if os.name != "posix" or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM): alive
+        return True
+    return True
 
 
 def reason(error: OSError) -> str:
@@ -102,8 +143,9 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str
     return write_atomic(path, write)
 
 
-def prepare_out_dir(path: str | os.PathLike) -> Path:
-    """Create `path` if needed and prove it is writable, before any long work starts."""
+def prepare_out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Create `path` if needed and prove it is writable, before any long work starts. `option` is the
+    command's option that names the folder, for the error line."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -113,7 +155,7 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise UserError(f"cannot write to output folder '{one_line(str(path))}': {reason}; pick another with "
-                        "--out") from None
+                        f"{option}") from None
     return path
 
 

@@ -55,7 +55,8 @@ def cmd_serve(args: argparse.Namespace, stop: StopRequest) -> int:
 
 
 def cmd_export(args: argparse.Namespace, stop: StopRequest) -> int:
+    from digitlab.files import one_line
     from digitlab.serving.export import export_onnx
 
-    print(f"wrote {export_onnx(args.run, args.out, opset=args.opset, overwrite=args.overwrite)}")
+    print(f"wrote {one_line(str(export_onnx(args.run, args.out, opset=args.opset, overwrite=args.overwrite)))}")
     return 0

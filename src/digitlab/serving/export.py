@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from digitlab.errors import UserError
-from digitlab.files import file_target, one_line, write_atomic
+from digitlab.files import file_target, one_line, sweep_parts, write_atomic
 from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.serving.backends import ONNX_FACTS, model_facts
 
@@ -70,4 +70,5 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17,
         onnx.save(graph, str(tmp))
         onnx.checker.check_model(graph)
 
+    sweep_parts(out)  # what an export killed while it wrote left beside `out`
     return write_atomic(out, write)
