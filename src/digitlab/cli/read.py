@@ -85,6 +85,8 @@ def cmd_evaluate(args: argparse.Namespace, stop: StopRequest) -> int:
         report["temperature"] = meta.temperature
         report["calibration_error"] = expected_calibration_error(
             probabilities(result.outputs, meta.temperature), result.labels)
+        report["calibration_error_uncalibrated"] = expected_calibration_error(
+            probabilities(result.outputs), result.labels)
     title = f"{meta.model} ({meta.task.name}): {result.accuracy:.2%} of {len(result.labels):,}"
     report["files"] = [str(f) for f in _evaluation_figures(result, data, report, title, out, args.worst)]
     if args.json:
@@ -110,13 +112,19 @@ def _evaluation_figures(result, data, report: dict, title: str, out: Path, worst
 def _print_evaluation(report: dict, title: str, mean_loss: float, meta) -> None:
     from rich.table import Table
 
+    from digitlab.reading.calibrate import ece_change
+
     console = rich_console()
     console.print(f"{title}; mean loss {mean_loss:.4f}")
     if meta.task.confident:
-        how = (f"with temperature {meta.temperature:.3f}" if meta.temperature is not None
-               else "not calibrated (no temperature in this checkpoint: a run's best.safetensors has one when "
-                    "it was trained with --val-split)")
-        console.print(f"confidence: expected calibration error {report['calibration_error']:.2%}, {how}")
+        if meta.temperature is not None:
+            change = ece_change(report["calibration_error_uncalibrated"], report["calibration_error"])
+            # print, not the console: rich would fold the long line at 80 columns in a pipe
+            print(f"confidence: temperature {meta.temperature:.3f}; expected calibration error {change}")
+        else:
+            console.print(f"confidence: expected calibration error {report['calibration_error']:.2%}, not calibrated "
+                          "(no temperature in this checkpoint: a run's best.safetensors has one when it was trained "
+                          "with --val-split)")
     table = Table("digit", "precision", "recall", "test images", title="per digit")
     for digit, (p, r) in enumerate(zip(report["precision"], report["recall"])):
         table.add_row(str(digit), f"{p:.4f}", f"{r:.4f}", f"{sum(report['confusion'][digit]):,}")
@@ -125,13 +133,12 @@ def _print_evaluation(report: dict, title: str, mean_loss: float, meta) -> None:
 
 
 def cmd_predict(args: argparse.Namespace, stop: StopRequest) -> int:
-    from PIL import Image
     from rich.table import Table
+    from rich.text import Text
 
-    from digitlab.files import prepare_out_dir, write_atomic
     from digitlab.reading.checkpoint import describe, load_checkpoint
     from digitlab.reading.image import expand_inputs
-    from digitlab.reading.predict import predict_files, preprocessed_names
+    from digitlab.reading.predict import predict_files
 
     model, meta = load_checkpoint(args.checkpoint)
     print(f"checkpoint: {describe(args.checkpoint, meta)}", file=sys.stderr if args.json else sys.stdout)
@@ -140,27 +147,50 @@ def cmd_predict(args: argparse.Namespace, stop: StopRequest) -> int:
         raise UserError("no image files in " + ", ".join(map(one_line, args.inputs)) + "; give PNG, JPEG, BMP "
                         "or WebP files")
     predictions = predict_files(model, meta, files, single=args.single, threshold=args.threshold)
-    for p in predictions:
-        if p.error:
-            print(f"digitlab: error: {one_line(p.error)}", file=sys.stderr)
-    if args.save_preprocessed and any(p.error is None for p in predictions):  # no empty folder for nothing
-        prepare_out_dir(args.save_preprocessed)
-        for p, name in zip(predictions, preprocessed_names(files)):
-            if p.error is None:
-                write_atomic(args.save_preprocessed / name,
-                             lambda tmp, image=p.image: Image.fromarray(image).save(tmp, format="PNG"))
-    if args.json:
+    failed = [p for p in predictions if p.error]
+    for p in failed:
+        print(f"digitlab: error: {one_line(p.error)}", file=sys.stderr)
+    read = [p for p in predictions if p.error is None]
+    unsaved = _save_preprocessed(args.save_preprocessed, predictions, files) if args.save_preprocessed and read else 0
+    if args.json:  # the real file names: JSON escapes what a terminal must not see raw
         print(json.dumps([p.as_dict() for p in predictions], indent=1))
-    else:
+    elif read:  # no table at all when no picture could be read: the error lines say it all
         table = Table("file", "read", "confidence", "next best")
-        for p in predictions:
-            if p.error is None:
-                confidence = "-" if p.confidence is None else f"{p.confidence:.1%}"
-                guesses = p.guesses(3)
-                read = p.text if p.sure is not False else f"not sure: {' or '.join(guesses[:2])}"
-                table.add_row(p.file, read, confidence, ", ".join(guesses[1:]))
+        for p in read:
+            confidence = "-" if p.confidence is None else f"{p.confidence:.1%}"
+            guesses = p.guesses(3)
+            text = p.text if p.sure is not False else f"not sure: {' or '.join(guesses[:2])}"
+            # Text, not a string: rich would read '[' in a file name as markup; one_line: a newline or a
+            # right-to-left override in a name is shown escaped, as in the error lines
+            table.add_row(Text(one_line(p.file)), text, confidence, ", ".join(guesses[1:]))
         rich_console().print(table)
         if meta.task.confident and meta.temperature is None:
             print("note: this checkpoint has no calibration temperature (a run's best.safetensors has one when it "
                   "was trained with --val-split): its confidences are the plain softmax's")
-    return ExitCode.USAGE if any(p.error for p in predictions) else 0
+    return ExitCode.USAGE if failed or unsaved else 0
+
+
+def _save_preprocessed(folder: Path, predictions, files: list[Path]) -> int:
+    """Write the 28x28 pictures of the inputs that were read into `folder`; returns how many could not be
+    written. Each failure is one error line and costs only its own picture."""
+    from PIL import Image
+
+    from digitlab.files import prepare_out_dir, write_atomic
+    from digitlab.reading.predict import preprocessed_names
+
+    def fail(error: UserError) -> int:
+        print(f"digitlab: error: {one_line(str(error))}", file=sys.stderr)
+        return 1
+
+    try:
+        prepare_out_dir(folder, option="--save-preprocessed")
+    except UserError as e:
+        return fail(e)
+    unsaved = 0
+    for p, name in zip(predictions, preprocessed_names(files)):
+        if p.error is None:
+            try:
+                write_atomic(folder / name, lambda tmp, image=p.image: Image.fromarray(image).save(tmp, format="PNG"))
+            except UserError as e:
+                unsaved += fail(e)
+    return unsaved

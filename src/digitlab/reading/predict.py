@@ -2,6 +2,7 @@
 reading with its confidence, its runners-up and whether the model is sure."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +15,14 @@ from digitlab.reading.image import open_grey
 from digitlab.reading.segment import Found, find_digits
 from digitlab.tasks import Task
 
+PREPROCESSED_SUFFIX = ".28x28.png"
+NAME_BYTES = 255  # a file name's limit on Linux's and macOS's file systems
+
 
 def preprocessed_names(files: list[Path]) -> list[str]:
     """A distinct file name for each input's 28x28 picture: `x.png.28x28.png`, or with as much of
-    its folder path as tells it apart (`a_x.png...` and `b_x.png...`)."""
+    its folder path as tells it apart (`a_x.png...` and `b_x.png...`); a name too long for a file system is
+    cut (see _fitted)."""
     parts = [Path(os.path.abspath(f)).parts for f in files]
     depth = 1
     while depth < max((len(p) for p in parts), default=1):
@@ -31,7 +36,20 @@ def preprocessed_names(files: list[Path]) -> list[str]:
     for name in names:  # the same file given twice
         seen[name] = seen.get(name, 0) + 1
         unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
-    return [f"{name}.28x28.png" for name in unique]
+    return [_fitted(name) + PREPROCESSED_SUFFIX for name in unique]
+
+
+def _fitted(name: str) -> str:
+    """`name`, cut so that it and the suffix fit in NAME_BYTES; a cut name ends in a hash of the whole, so that
+    two long names alike in their first 200-odd bytes stay apart."""
+    room = NAME_BYTES - len(PREPROCESSED_SUFFIX)
+    if len(os.fsencode(name)) <= room:
+        return name
+    tag = "~" + hashlib.sha1(os.fsencode(name)).hexdigest()[:8]
+    cut = name[:room]
+    while len(os.fsencode(cut + tag)) > room:
+        cut = cut[:-1]
+    return cut + tag
 
 
 @dataclass
