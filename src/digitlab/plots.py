@@ -5,13 +5,62 @@ or a display, and a notebook still shows the returned Figure.
 """
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
 
-from digitlab.files import write_atomic
+from digitlab.errors import UserError
+from digitlab.files import one_line, write_atomic
+
+
+def _writable(folder: Path) -> bool:
+    """Whether matplotlib could keep its config or cache in `folder`: as it checks, it makes it if need be."""
+    try:
+        folder = folder.resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+    except (OSError, RuntimeError):
+        return False
+    return folder.is_dir() and os.access(folder, os.W_OK)
+
+
+def _matplotlib_folder() -> None:
+    """Point MPLCONFIGDIR at a temporary folder (removed at exit) when matplotlib's own folders are not
+    writable (a read-only HOME, HOME=/proc/...): matplotlib would do the same, but with a warning of several
+    lines on stderr. Done before matplotlib is imported; a user's MPLCONFIGDIR is left alone."""
+    if os.environ.get("MPLCONFIGDIR") or "matplotlib" in sys.modules:
+        return
+    try:
+        home = Path.home()
+    except RuntimeError:  # no HOME and no user entry
+        home = None
+    if sys.platform == "win32":  # %LOCALAPPDATA% or the profile: left to matplotlib
+        return
+    if sys.platform.startswith(("linux", "freebsd")):
+        bases = [os.environ.get("XDG_CONFIG_HOME") or (home and home / ".config"),
+                 os.environ.get("XDG_CACHE_HOME") or (home and home / ".cache")]
+        folders = [Path(base, "matplotlib") for base in bases] if all(bases) else []
+    else:
+        folders = [home / ".matplotlib"] if home else []
+    if folders and all(map(_writable, folders)):
+        return
+    try:
+        folder = tempfile.mkdtemp(prefix="digitlab-matplotlib-")
+    except OSError as e:
+        raise UserError(f"matplotlib needs a writable folder, and neither HOME nor the temporary folder "
+                        f"'{one_line(tempfile.gettempdir())}' is ({e.strerror}); set MPLCONFIGDIR to one") from None
+    os.environ["MPLCONFIGDIR"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
+_matplotlib_folder()
+
+from matplotlib.figure import Figure
 
 # The chapter's colours: a magenta solid line and a light-pink dashed one.
 COLOR_1, COLOR_2 = "#e4007f", "#f19ec2"
@@ -26,7 +75,7 @@ def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
     paths = []
     for fmt in FORMATS:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        paths.append(write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=100, bbox_inches="tight")))
+        paths.append(write_atomic(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=100, bbox_inches="tight")))
     return paths
 
 

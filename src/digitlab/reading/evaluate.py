@@ -13,6 +13,7 @@ from torch import nn
 
 from digitlab.data import NUM_CLASSES, fingerprint, normalize
 from digitlab.errors import UserError
+from digitlab.files import one_line
 from digitlab.tasks import Task, get_task
 
 EVAL_BATCH = 250  # under inference_mode: 250 beat 64, 1000 and 10000 here (benchmarks/cnn_variants.py), and divides 10,000
@@ -129,10 +130,13 @@ def data_note(meta: dict, data, allow_overlap: bool = False) -> str | None:
         return f"note: figures from {SAMPLE_WORDS}, not comparable with full-MNIST figures" if data.is_sample else None
     if data.is_sample and not trained.get("sample"):
         if not allow_overlap:
-            raise UserError(f"this model was trained on {trained.get('source')}, which holds the offline sample's "
-                            "5,000 digits: scoring it on them would measure memory, not accuracy; pass --data-dir "
-                            "with the full MNIST set (or --allow-overlap to score it anyway)")
+            # data.is_sample: no --data-dir, no DIGITLAB_DATA_DIR, and no full set in the cache or online
+            raise UserError("no --data-dir and no full MNIST set found, so this evaluation would use the offline "
+                            "sample's 5,000 digits, which are among the training images of "
+                            f"{one_line(str(trained.get('source')))}, the data this model was trained on: the score "
+                            "would measure memory, not accuracy; pass --data-dir with the full MNIST set (or "
+                            "--allow-overlap to score it anyway)")
         return "warning: scored on digits this model was trained on (--allow-overlap): the figure is not a test score"
     if trained.get("sample"):
-        return f"note: this model was trained on {SAMPLE_WORDS} and is scored on {data.source}"
-    return f"note: this model was trained on other data ({trained.get('source')})"
+        return f"note: this model was trained on {SAMPLE_WORDS} and is scored on {one_line(data.source)}"
+    return f"note: this model was trained on other data ({one_line(str(trained.get('source')))})"
