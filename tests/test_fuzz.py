@@ -10,12 +10,15 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import signal
 import struct
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -148,3 +151,89 @@ def test_checkpoint_metadata_of_any_shape(meta):
     except UserError:
         return
     assert loaded.task.outputs == 1 and model.fc3.out_features == 1
+
+
+# ---------------------------------------------------------------------------- state records, TOML, endpoints
+
+@pytest.fixture(scope="module")
+def stopped_state(digits, tmp_path_factory):
+    """A real run's state, stopped by a signal in its second epoch: the record and tensors to mutate."""
+    from dataclasses import replace
+
+    from digitlab.config import TrainConfig
+    from digitlab.training.reporters import Reporter
+    from digitlab.training.run import run
+    from digitlab.training.state import read_state
+
+    class CtrlCAt(Reporter):  # a real SIGINT to this process after step 15, as a user's Ctrl-C
+        def step(self, done_steps, loss):
+            if done_steps == 15:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    small = replace(digits, train_images=digits.train_images[:960], train_labels=digits.train_labels[:960])
+    folder = tmp_path_factory.mktemp("fuzz-state")
+    config = TrainConfig(model="lenet5", epochs=3, schedule="none", val_split=96, log_every=5, augment=True)
+    run(config, small, folder, reporter=CtrlCAt())
+    record, tensors = read_state(folder)
+    assert record["position"]["epoch"] == 1 and record["position"]["batch"] > 0
+    return folder, record, tensors
+
+
+BAD_VALUES = st.one_of(st.sampled_from([None, -1, 0, 1, 2, 3, 10**12, -10**12, 0.5, 1.5, float("inf"), "x", "",
+                                        True, [], {}, [1, 2], [[0, 0]], "SIGINT", "patience"]), JSON)
+POSITION_KEYS = ["epoch", "batch", "step", "best_accuracy", "best_epoch", "stopped"]
+HISTORY_KEYS = ["loss_list", "log_points", "log_steps", "batch_loss", "epochs", "images", "seconds"]
+
+
+@st.composite
+def near_valid_state(draw, record: dict) -> dict:
+    """The record with a few of its fields replaced (position, history, rng, config), or a whole part swapped."""
+    record = json.loads(json.dumps(record))
+    for _ in range(draw(st.integers(1, 3))):
+        part = draw(st.sampled_from(["position", "history", "history_item", "rng", "whole"]))
+        position, history, rng = (record.get(k) for k in ("position", "history", "rng"))
+        if part == "position" and isinstance(position, dict):
+            position[draw(st.sampled_from(POSITION_KEYS))] = draw(BAD_VALUES)
+        elif part == "history" and isinstance(history, dict):
+            history[draw(st.sampled_from(HISTORY_KEYS))] = draw(BAD_VALUES)
+        elif part == "history_item" and isinstance(history, dict):
+            values = history.get(draw(st.sampled_from(["loss_list", "batch_loss", "epochs", "log_points"])))
+            if isinstance(values, list) and values:
+                values[draw(st.integers(0, len(values) - 1))] = draw(BAD_VALUES)
+        elif part == "rng" and isinstance(rng, dict) and isinstance(rng.get("$dict"), list):
+            pairs = rng["$dict"]
+            i = draw(st.integers(0, len(pairs) - 1))
+            pairs[i][1] = draw(st.one_of(BAD_VALUES, st.sampled_from(
+                [{"$tensor": "model.conv1.weight"}, {"$tensor": "rng.torch"}, {"$tensor": "nowhere"}])))
+        elif part == "whole":
+            record[draw(st.sampled_from(["position", "history", "rng", "model", "optimizer", "data"]))] = draw(BAD_VALUES)
+    return record
+
+
+def test_state_records_near_valid_are_refused_in_one_line_or_resume(stopped_state, tmp_path):
+    import shutil
+
+    from digitlab.config import TrainConfig
+    from digitlab.models import create_model
+    from digitlab.training.optim import make_optimizer
+    from digitlab.training.resume import check_resumable, restore
+    from digitlab.training.state import STATE_KEY, read_state
+
+    folder, valid, valid_tensors = stopped_state
+    config = TrainConfig(**valid["config"])
+    copy = shutil.copytree(folder, tmp_path / "run")
+
+    @given(near_valid_state(valid))
+    def resumes_or_says_why(edited):
+        save_file(valid_tensors, str(copy / "state.safetensors"), metadata={STATE_KEY: json.dumps(edited)})
+        try:  # what --resume does before it touches anything
+            record, tensors = read_state(copy)
+            check_resumable(copy, config, record, tensors, valid["data"])
+        except UserError:
+            return
+        model = create_model(config.model, num_outputs=10, init="torch")
+        optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
+        state = restore(record, tensors, model, optimizer, torch.Generator(), torch.device("cpu"))
+        assert 0 <= state.epoch <= config.epochs and state.step == len(state.history.batch_loss)
+
+    resumes_or_says_why()

@@ -5,6 +5,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -292,3 +293,84 @@ def test_resume_errors_on_the_command_line(digits_dir, tmp_path, cli):
     assert saved["lr"] == 0.02 and saved["max_batches"] == 5  # the command line wins over the file
     config.write_text("epochs = 0\n")
     one_error_line(cli("train", "--config", str(config)), "c.toml: epochs: must be 1 or more, got 0")
+
+
+def _rewrite_state(folder: Path, change) -> None:
+    """Edits a run folder's state record as a person (or a damaged disk) might: change(record, tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / STATE_FILE
+    with safe_open(str(path), framework="pt") as f:
+        record = json.loads(f.metadata()["digitlab_state"])
+    tensors = load_file(str(path))
+    change(record, tensors)
+    save_file(tensors, str(path), metadata={"digitlab_state": json.dumps(record)})
+
+
+def _set_rng(key: str, value):
+    def change(record, tensors):
+        record["rng"]["$dict"] = [[k, value if k == key else v] for k, v in record["rng"]["$dict"]]
+    return change
+
+
+def _position(**values):
+    return lambda record, tensors: record["position"].update(values)
+
+
+def _history(key: str, value):
+    return lambda record, tensors: record["history"].__setitem__(key, value)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tiny, tmp_path_factory) -> tuple[TrainConfig, Path]:
+    """A run stopped by a signal in its second epoch (13 batches an epoch, stopped after step 15)."""
+    config = TrainConfig(model="lenet5", epochs=3, schedule="none", val_split=96, log_every=5)
+    folder = tmp_path_factory.mktemp("stopped")
+    stopped = run(config, tiny, folder, reporter=SignalAt(15))
+    assert (stopped.state.epoch, stopped.state.batch, stopped.state.best_epoch) == (1, 2, 0)
+    return config, folder
+
+
+@pytest.mark.parametrize("change, message", [
+    (_position(best_epoch=10**6), "best accuracy .* at epoch 1000000 is not an accuracy of an epoch done"),
+    (_position(best_accuracy="x"), "best accuracy 'x'"),
+    (_position(epoch=-3), "epoch -3 is not from 0 to its 3 epochs"),
+    (_position(batch=-7), "batch -7 is not from 0 to 12"),
+    (_position(batch=10**12), "batch 1000000000000 is not from 0 to 12"),
+    (_position(epoch=2), "step 15 does not match epoch 2, batch 2"),
+    (_history("batch_loss", "abc"), "'batch_loss' is not a list of numbers"),
+    (lambda r, t: r["history"]["epochs"][0].update(bogus=1), "epoch rows do not match epoch 1, or hold other than"),
+    (lambda r, t: r["history"]["epochs"].append(r["history"]["epochs"][0]), "its 2 epoch rows do not match epoch 1"),
+    (_set_rng("shuffle", {"$tensor": "model.conv1.weight"}), "the shuffle generator's state is not one"),
+    (_set_rng("shuffle", 5), "the shuffle generator's state is not one"),
+    (lambda r, t: t.__setitem__("model.conv1.weight", torch.zeros(2, 2)), "its weights or optimiser state do not fit a lenet5"),
+])
+def test_an_edited_state_is_refused_before_the_folder_is_touched(change, message, stopped_run, tiny, tmp_path):
+    config, folder = stopped_run
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    _rewrite_state(tmp_path, change)
+    before = _folder_digest(tmp_path)
+    with pytest.raises(UserError, match="state.safetensors is damaged or edited .*" + message):
+        run(config, tiny, tmp_path, resume=True, reporter=Reporter())
+    assert _folder_digest(tmp_path) == before
+
+
+def test_a_state_from_another_run_or_an_edited_config_is_refused(tiny, tmp_path):
+    config = TrainConfig(model="lenet5", epochs=2, schedule="none", log_every=5)
+    run(config, tiny, tmp_path / "ours", reporter=SignalAt(5))
+    run(replace(config, model="mlp"), tiny, tmp_path / "theirs", reporter=SignalAt(5))
+    ours = tmp_path / "ours"
+    (ours / STATE_FILE).write_bytes((tmp_path / "theirs" / STATE_FILE).read_bytes())  # copied over by mistake
+    before = _folder_digest(ours)
+    with pytest.raises(UserError, match="state.safetensors is from another run \\(model = 'mlp', its "
+                                        "model.safetensors has 'lenet5'\\)"):
+        run(replace(config, model="mlp"), tiny, ours, resume=True, reporter=Reporter())
+    assert _folder_digest(ours) == before
+    theirs = tmp_path / "theirs"
+    toml = (theirs / "config.toml").read_text().replace('model = "mlp"', 'model = "lenet5"')
+    (theirs / "config.toml").write_text(toml)  # edited by hand: the state decides, and says so
+    before = _folder_digest(theirs)
+    with pytest.raises(UserError, match="its config.toml says model = 'lenet5' but state.safetensors has 'mlp'; "
+                                        "the state is what --resume continues"):
+        run(replace(config, model="mlp"), tiny, theirs, resume=True, reporter=Reporter())
+    assert _folder_digest(theirs) == before

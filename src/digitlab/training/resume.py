@@ -3,6 +3,7 @@ the saved weights, optimiser state and generators back."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -10,10 +11,12 @@ from typing import Any
 
 import torch
 
-from digitlab.config import FIELDS, TrainConfig, check_value
+from digitlab.config import CONFIG_FILE, FIELDS, TrainConfig, check_value, read_config_file
 from digitlab.errors import UserError
-from digitlab.training.folder import HISTORY_FILE, STATE_FILE
-from digitlab.training.loop import TrainState
+from digitlab.files import one_line
+from digitlab.stop import SIGNALS
+from digitlab.training.folder import HISTORY_FILE, STATE_FILE, WEIGHTS_FILE
+from digitlab.training.loop import EPOCH_COLUMNS, History, TrainState
 from digitlab.training.state import read_state, saved_history, unpack
 
 # What `--resume` may change: how long the run goes on, and where it runs. Anything else
@@ -35,7 +38,9 @@ def resume_config(run_dir: str | os.PathLike, given: dict[str, Any]) -> TrainCon
     return replace(saved, **{k: check_value(k, v) for k, v in given.items() if k in RESUMABLE})
 
 
-def check_resumable(run_dir: Path, config: TrainConfig, record: dict, data_info: dict) -> None:
+def check_resumable(run_dir: Path, config: TrainConfig, record: dict, tensors: dict, data_info: dict) -> None:
+    """Whether the run in `run_dir` (its state's `record` and `tensors`) can go on as `config` on this data: one
+    line saying why not. Called before the folder is touched."""
     saved = TrainConfig(**record["config"])
     different = [k for k in FIELDS if k not in RESUMABLE and getattr(config, k) != getattr(saved, k)]
     if different:
@@ -45,6 +50,9 @@ def check_resumable(run_dir: Path, config: TrainConfig, record: dict, data_info:
     if any(data_info[k] != record["data"].get(k) for k in ("train", "val", "test", "fingerprint")):
         raise UserError(f"cannot resume '{run_dir}': it was trained on other data ({record['data'].get('source')}, "
                         f"{record['data'].get('train')} training images); pass the same --data-dir")
+    check_record(run_dir, record, saved, data_info["train"] // saved.batch_size)
+    check_tensors(run_dir, record, tensors, saved)
+    _check_own_files(run_dir, saved)
     position = record["position"]
     done, stopped = position["epoch"], position["stopped"]
     if config.epochs < done or (config.epochs == done and position["batch"] > 0):
@@ -62,6 +70,114 @@ def check_resumable(run_dir: Path, config: TrainConfig, record: dict, data_info:
     if done == config.epochs and stopped != "patience":
         raise UserError(f"'{run_dir}' has finished all {done} epochs; pass --epochs N (more than {done}) "
                         "to train it further")
+
+
+def check_record(run_dir: Path, record: dict, saved: TrainConfig, batches: int) -> None:
+    """Every field of a state's position and history, by type and range, before anything uses them (a
+    hand-edited or damaged state file). `batches`: the batches in one of its epochs."""
+    def bad(what: str) -> UserError:
+        return UserError(f"cannot resume '{one_line(str(run_dir))}': {STATE_FILE} is damaged or edited ({what}); "
+                         "train it again into a new folder")
+
+    def count(value, low: int, high: int) -> bool:
+        return type(value) is int and low <= value <= high
+
+    def number(value) -> bool:
+        return type(value) in (int, float) and math.isfinite(value)
+
+    position, history = record["position"], record["history"]
+    batches = max(1, min(saved.max_batches or batches, batches))
+    epoch, batch, step = position["epoch"], position["batch"], position["step"]
+    if not count(epoch, 0, saved.epochs):
+        raise bad(f"epoch {epoch!r} is not from 0 to its {saved.epochs} epochs")
+    if not count(batch, 0, batches - 1) or (epoch == saved.epochs and batch):
+        raise bad(f"batch {batch!r} is not from 0 to {batches - 1}" if epoch < saved.epochs else f"batch {batch!r} after the last epoch")
+    if not isinstance(history, dict) or any(f not in history for f in History.__dataclass_fields__):
+        raise bad("its history is not a digitlab history")
+    for key in ("loss_list", "batch_loss"):
+        if not isinstance(history[key], list) or not all(number(v) for v in history[key]):
+            raise bad(f"'{key}' is not a list of numbers")
+    if not count(step, 0, 2**62) or step != len(history["batch_loss"]) or step != epoch * batches + batch:
+        raise bad(f"step {step!r} does not match epoch {epoch}, batch {batch} and its {len(history['batch_loss'])} "
+                  "batch losses")
+    if not isinstance(history["log_steps"], list) or not all(count(v, 0, step) for v in history["log_steps"]) \
+            or len(history["log_steps"]) != len(history["loss_list"]):
+        raise bad("'log_steps' do not match its losses")
+    if not isinstance(history["log_points"], list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(count(v, 0, 2**62) for v in p) for p in history["log_points"]):
+        raise bad("'log_points' are not (epoch, batch) pairs")
+    rows = history["epochs"]
+    if not isinstance(rows, list) or len(rows) != epoch or not all(
+            isinstance(r, dict) and set(r) <= set(EPOCH_COLUMNS) and "train_loss" in r
+            and all(v is None or number(v) for v in r.values()) for r in rows):
+        raise bad(f"its {len(rows) if isinstance(rows, list) else 'missing'} epoch rows do not match epoch {epoch}, "
+                  f"or hold other than {', '.join(EPOCH_COLUMNS)}")
+    if not (count(history["images"], 0, 2**62) and number(history["seconds"]) and history["seconds"] >= 0):
+        raise bad("'images' or 'seconds' is not a count")
+    best, best_epoch = position.get("best_accuracy"), position.get("best_epoch")
+    if (best is None) != (best_epoch is None) or (best is not None and not (
+            number(best) and 0 <= best <= 1 and count(best_epoch, 0, max(0, epoch - 1)))):
+        raise bad(f"best accuracy {best!r} at epoch {best_epoch!r} is not an accuracy of an epoch done")
+    if position["stopped"] not in (None, "patience", *SIGNALS):
+        raise bad(f"stopped {position['stopped']!r}")
+
+
+def check_tensors(run_dir: Path, record: dict, tensors: dict, saved: TrainConfig) -> None:
+    """The state's weights and optimiser state fit its model (put back into a scratch copy of it), and its
+    generators' states are generators' states."""
+    import torch
+
+    from digitlab.models import create_model
+    from digitlab.tasks import get_task
+    from digitlab.training.optim import make_optimizer
+
+    def bad(what: str) -> UserError:
+        return UserError(f"cannot resume '{one_line(str(run_dir))}': {STATE_FILE} is damaged or edited ({what}); "
+                         "train it again into a new folder")
+
+    try:
+        rng = unpack(record["rng"], tensors)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise bad(f"{type(e).__name__}: {one_line(str(e))[:80]}") from None
+    generator = torch.get_rng_state()
+    for key in ("shuffle", "torch", "augment"):
+        value = rng.get(key) if isinstance(rng, dict) else None
+        if (key == "augment" and value is None and not (saved.augment or saved.reject)) or (
+                isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.shape == generator.shape):
+            continue
+        raise bad(f"the {key} generator's state is not one")
+    with torch.random.fork_rng(devices=[]):  # the scratch model's weights are drawn, then forgotten
+        model = create_model(saved.model, num_outputs=get_task(saved.task).outputs, init="torch")
+        optimizer = make_optimizer(saved.optimizer, model.parameters(), saved.lr, saved.weight_decay)
+        try:
+            restore(record, tensors, model, optimizer, None, torch.device("cpu"))
+        except UserError as e:
+            raise bad(f"its weights or optimiser state do not fit a {saved.model}: {str(e).split('(', 1)[-1][:100]}") from None
+
+
+def _check_own_files(run_dir: Path, saved: TrainConfig) -> None:
+    """The state must be the folder's own run: its config.toml and its model checkpoint say the same run
+    (a state copied in from another run would train that run here)."""
+    from digitlab.reading.checkpoint import read_checkpoint
+
+    for name in (WEIGHTS_FILE, CONFIG_FILE):  # both differ: a state copied in; the toml alone: edited
+        path = run_dir / name
+        if not path.is_file():
+            continue  # written again from the state
+        try:
+            other = TrainConfig(**read_config_file(path)) if name == CONFIG_FILE else read_checkpoint(path)[1].config
+        except (UserError, TypeError):
+            other = None
+        differ = [k for k in FIELDS if k not in RESUMABLE and getattr(other, k, None) != getattr(saved, k)]
+        if differ:
+            k = differ[0]
+            raise UserError(f"cannot resume '{one_line(str(run_dir))}': its {name} says {k} = {getattr(other, k, None)!r} "
+                            f"but {STATE_FILE} has {getattr(saved, k)!r}; the state is what --resume continues: put "
+                            f"{name} back as it was, or start a new run (--config {one_line(str(path))})"
+                            if name == CONFIG_FILE else
+                            f"cannot resume '{one_line(str(run_dir))}': its {STATE_FILE} is from another run ({k} = "
+                            f"{getattr(saved, k)!r}, its {name} has {getattr(other, k, None)!r}); train it again into a "
+                            "new folder")
 
 
 def _finished(run_dir: Path, epochs_done: int) -> bool:
@@ -89,6 +205,6 @@ def restore(record: dict, tensors: dict, model, optimizer, augment, device) -> T
                           shuffle=rng["shuffle"], best_accuracy=position["best_accuracy"],
                           best_epoch=position["best_epoch"], stopped=position["stopped"],
                           history=saved_history(record["history"]))
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as e:
         raise UserError(f"cannot resume: {STATE_FILE} does not fit this run ({type(e).__name__}: "
                         f"{str(e).splitlines()[0]}); train it again into a new folder") from None

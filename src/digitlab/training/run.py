@@ -190,11 +190,11 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
         if cfg.tensorboard:
             TensorBoardReporter.check_installed()  # before --overwrite removes anything
         if resume:
-            check_resumable(out_dir, cfg, read_state(out_dir, tensors=False)[0], split.info)  # nothing touched yet
+            check_resumable(out_dir, cfg, *read_state(out_dir), split.info)  # the whole state, nothing touched yet
         with claim(out_dir, resume=resume, overwrite=overwrite) as out_dir:
             if resume:  # again, under the lock: another process may have moved the run on since
                 record, tensors = read_state(out_dir)
-                check_resumable(out_dir, cfg, record, split.info)
+                check_resumable(out_dir, cfg, record, tensors, split.info)
             share((record, tensors))
             return _train(cfg, data, split, out_dir, device, record, tensors, reporter, world, stop)
 
