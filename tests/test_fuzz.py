@@ -237,3 +237,54 @@ def test_state_records_near_valid_are_refused_in_one_line_or_resume(stopped_stat
         assert 0 <= state.epoch <= config.epochs and state.step == len(state.history.batch_loss)
 
     resumes_or_says_why()
+
+
+TOML_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                        max_size=3), max_leaves=8)
+
+
+@st.composite
+def toml_texts(draw) -> str:
+    """Config files as people and attackers write them: near-valid options with wrong types, deep nesting,
+    huge values, and text that is not TOML at all."""
+    from digitlab.config import FIELDS
+
+    kind = draw(st.sampled_from(["options", "deep", "huge", "any"]))
+    if kind == "options":
+        lines = []
+        for key in draw(st.lists(st.sampled_from([*FIELDS, "colour", "model.x"]), max_size=5)):
+            value = draw(TOML_VALUES)
+            lines.append(f"{key} = {json.dumps(value)}" if value is not None else f"{key} = ")
+        return "\n".join(lines)
+    if kind == "deep":
+        depth = draw(st.integers(1, 5000))
+        return "a = " + draw(st.sampled_from(["[", "{b = "])) * depth
+    if kind == "huge":
+        return f'model = "{"x" * draw(st.integers(0, 2_000_000))}"'
+    return draw(st.text(max_size=200))
+
+
+@given(toml_texts())
+def test_config_files_of_any_shape(text):
+    from digitlab.config import TrainConfig, read_config_file
+
+    path = _file("fuzz.toml", text.encode("utf-8", "surrogatepass") if text.isascii() else text.encode("utf-8", "replace"))
+    try:
+        values = read_config_file(path)
+    except UserError as e:
+        assert len(str(e)) < 600 and "\n" not in str(e)
+        return
+    TrainConfig(**values).resolved()
+
+
+@given(st.one_of(st.text(max_size=40), st.from_regex(r"\[?[0-9a-z:.\-]{0,20}\]?(:-?[0-9]{0,7})?", fullmatch=True)))
+def test_rendezvous_endpoints_of_any_shape(text):
+    from digitlab.training.launch import parse_endpoint
+
+    try:
+        host, port = parse_endpoint(text)
+    except UserError as e:
+        assert "\n" not in str(e) and len(str(e)) < 300
+        return
+    assert host and 1 <= port <= 65535
