@@ -286,6 +286,7 @@ def _open_study(storage: str, name: str, sampler, grace: int, tries: int = 3):
     import optuna
     from filelock import FileLock
     from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import ArgumentError
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is ours to report, in one line
     reach(storage)  # a database server that refuses or never answers: one line now, not a retry or a hang
@@ -300,7 +301,7 @@ def _open_study(storage: str, name: str, sampler, grace: int, tries: int = 3):
                 return optuna.create_study(storage=database, study_name=name, load_if_exists=True,
                                            direction="maximize", sampler=sampler)
         except Exception as e:  # noqa: BLE001 -- a bad URL, a missing driver, a race: all say why
-            if attempt == tries - 1:
+            if attempt == tries - 1 or isinstance(e, (ArgumentError, ImportError)):  # a bad URL, no such driver
                 raise UserError(f"cannot open the study at {masked_url(storage)}: {masked(str(e), storage)[:200]}"
                                 ) from None
             time.sleep(0.5 * (attempt + 1))
