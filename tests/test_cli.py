@@ -68,6 +68,8 @@ def test_train_writes_a_run_folder(digits_dir, tmp_path, cli):
         "epoch: 0, batch: 0", "epoch: 0, batch: 50", "epoch: 1, batch: 0", "epoch: 1, batch: 50"]
     assert float(logs[0].split()[-1]) > float(logs[-1].split()[-1])
     assert "4,000 train / 1,000 test" in result.stdout
+    assert f"training mlp (regress): 2 epochs, sgd lr 0.01, batch 64, 60 batches an epoch, seed 0 in {out}\n" \
+        in result.stdout  # the recipe as resolved: the preset, the file, the options and the model's defaults
     for name in ("model.safetensors", "history.json", "loss.png", "loss.svg"):
         assert f"wrote {out / name}" in result.stdout
     model, meta = load_checkpoint(out)
@@ -164,19 +166,23 @@ def test_unwritable_output_folder(digits_dir, tmp_path, cli):
 
 
 def test_ctrl_c_saves_the_last_complete_state_and_exits_130(digits_dir, tmp_path):
+    from digitlab.training.state import read_state
+
     out = tmp_path / "run"
     process = popen_cli("train", "cnn", "--epochs", "50", "--log-every", "20", "--data-dir", digits_dir, "--out", out)
     wait_for(process, "epoch: 0, batch: 20,")  # training has really started
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr and "interrupted" in stderr
-    model, meta = load_checkpoint(out)
-    assert meta.results["interrupted"] is True and meta.epochs == 0
-    history = json.loads((out / "history.json").read_text())
-    assert 21 <= len(history["batch_loss"]) < 62
-    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["config.toml", "history.json", "loss.png", "loss.svg",
-                                                     "metrics.csv", "model.safetensors", "state.safetensors"]
+    # it stops, says where, and scores nothing: a stopped run is not a finished one
+    position = read_state(out, tensors=False)[0]["position"]
+    assert position["stopped"] == "SIGINT" and position["epoch"] == 0 and 21 <= position["batch"] < 62
+    assert stderr.strip().splitlines() == [
+        f"digitlab: interrupted (SIGINT): stopped after the last complete batch (epoch 0, batch {position['batch']}), "
+        f"nothing scored; continue with --resume {out}"]
+    assert "test accuracy" not in stdout and "wrote" not in stdout
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == [  # no history.json: not finished
+        "config.toml", "metrics.csv", "model.safetensors", "state.safetensors"]
 
 
 def _mirror_reachable() -> bool:

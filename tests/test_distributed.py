@@ -82,8 +82,11 @@ def test_nproc_two_reproduces_one_and_resumes(digits_dir, tmp_path, single, cli)
     first = cli(*_train(digits_dir, out, "lenet5", "--epochs", "1", "--batches", "50", "--nproc", "2"))
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("epoch 0 done") == 1 and first.stderr.count("\n") <= 1, first.stderr
+    assert first.stdout.startswith("digitlab: starting 2 training processes on this machine\n")
+    assert first.stdout.count("training lenet5 (classify): 1 epoch, sgd lr 0.05, batch 64, 50 batches an epoch") == 1
     again = cli("train", "--resume", str(out), "--epochs", "2", "--nproc", "2", "--data-dir", str(digits_dir))
     assert again.returncode == 0, again.stderr
+    assert again.stdout.count("lenet5: resuming after step 50 of 100") == 1
     # one epoch on two processes, then one more after a resume: the single process's 100 steps
     assert _max_relative_difference(_losses(out), _losses(single["lenet5"])) < 1e-4
 
@@ -219,8 +222,9 @@ def test_ctrl_c_stops_every_process_after_the_same_step(digits_dir, tmp_path, cl
     os.killpg(launcher.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the launcher and every worker
     _, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode == 130 and "Traceback" not in stderr, stderr
-    assert stderr.strip().splitlines() == [
-        "digitlab: interrupted (SIGINT): saved the state after the last complete batch; continue with --resume"]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("digitlab: interrupted (SIGINT): stopped after the last complete batch")
+    assert lines[0].endswith(f"nothing scored; continue with --resume {out}") and not (out / "history.json").exists()
     from digitlab.training.state import read_state
 
     position = read_state(out, tensors=False)[0]["position"]

@@ -121,6 +121,16 @@ class TrainConfig:
                        lr=default_lr(self.model) if self.lr is None else self.lr,
                        init=self.init or default_init(self.model))
 
+    def recipe(self) -> str:
+        """The recipe in one line, as a run announces it: 'lenet5 (classify): 3 epochs, adam lr 0.01, ...'."""
+        parts = [f"{self.epochs} epoch{'s' * (self.epochs != 1)}", f"{self.optimizer} lr {self.lr:g}",
+                 f"batch {self.batch_size}"]
+        parts += [f"{self.schedule} schedule"] * (self.schedule != "none")
+        parts += ["augmented"] * self.augment + ["with non-digits"] * self.reject
+        parts += [f"validating on {self.val_split:,}"] * bool(self.val_split)
+        parts += [f"{self.max_batches} batches an epoch"] * bool(self.max_batches)
+        return f"{self.model} ({self.task}): {', '.join(parts)}, seed {self.seed}"
+
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
@@ -316,7 +326,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
                             f"{', '.join(FIELDS)}")
         wrong = problem(key, value)
         if wrong:
-            raise UserError(f"{path}: {key}: {wrong}")
+            raise UserError(f"{one_line(str(path))}: {key}: {wrong}")
     return table
 
 

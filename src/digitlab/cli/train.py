@@ -86,6 +86,8 @@ def _train(args: argparse.Namespace, stop: StopRequest, speaks: bool) -> int:
             world = distributed.start(config.device if config else args.device or "auto")
             config = distributed.from_main(world, config)
         data = distributed.everywhere(world, lambda: load_data(args.data_dir, say=say, quiet=not speaks))
+        if args.resume is None:  # a resumed run says where it picks up, once its state is checked
+            say(f"training {config.resolved().recipe()} in {one_line(str(out))}")
         result = run(config, data, out, resume=args.resume is not None, overwrite=args.overwrite, stop=stop,
                      world=world)
         distributed.together(world)  # none tears its connections down while another still uses them
@@ -100,9 +102,9 @@ def _train(args: argparse.Namespace, stop: StopRequest, speaks: bool) -> int:
                         f"saved state in '{out}' is resumable with --resume") from None
     finally:
         distributed.stop()
-    if world.main:
+    if world.main and not result.state.interrupted:
         _report(result, data, say)
-    return stopped_exit(result.state.stopped, say)
+    return stopped_exit(result.state.stopped, say, result.state, out)
 
 
 def _config_and_folder(args: argparse.Namespace):
@@ -124,6 +126,7 @@ def _config_and_folder(args: argparse.Namespace):
 
 def _report(result, data, say) -> None:
     """What a finished (or stopped) run tells its user: speed, loss, accuracy, calibration, files."""
+    from digitlab.reading.calibrate import ece_change
     from digitlab.reading.evaluate import SAMPLE_WORDS
 
     h, config = result.history, result.config
@@ -135,7 +138,7 @@ def _report(result, data, say) -> None:
     c = result.calibration
     if "temperature" in c:
         say(f"confidence: temperature {c['temperature']:.3f} fitted on the validation split; expected calibration "
-            f"error on the test set {c['test_ece_uncalibrated']:.2%} before, {c['test_ece']:.2%} after")
+            f"error on the test set {ece_change(c['test_ece_uncalibrated'], c['test_ece'])}")
     elif c:
         why = ("the validation split is too small or all right to fit a temperature (give --val-split 200 or more)"
                if c.get("calibration") == "skipped" else "calibration needs --val-split")
@@ -150,10 +153,13 @@ def _silent(*_, **__) -> None:
     pass
 
 
-def stopped_exit(stopped: str | None, say=print) -> int:
+def stopped_exit(stopped: str | None, say=print, state=None, out=None) -> int:
+    """The exit code of a run that ended (or was stopped by a signal: one line saying where, and how to go on)."""
     if stopped in SIGNALS:
-        say(f"digitlab: interrupted ({stopped}): saved the state after the last complete batch; "
-            "continue with --resume", file=sys.stderr)
+        where = f" (epoch {state.epoch}, batch {state.batch})" if state is not None else ""
+        again = f" {one_line(str(out))}" if out is not None else ""
+        say(f"digitlab: interrupted ({stopped}): stopped after the last complete batch{where}, nothing scored; "
+            f"continue with --resume{again}", file=sys.stderr)
         return ExitCode[stopped]
     return 0
 
@@ -169,5 +175,5 @@ def cmd_compare(args: argparse.Namespace, stop: StopRequest) -> int:
     result = compare(configs, data, args.out or fresh_run_dir(Path("runs/compare")), console=rich_console(),
                      overwrite=args.overwrite, stop=stop)
     report_files(result.files)
-    stopped = [r.state.stopped for r in result.runs if r.state.interrupted]
-    return stopped_exit(stopped[0] if stopped else None)
+    stopped = [r for r in result.runs if r.state.interrupted]
+    return stopped_exit(stopped[0].state.stopped, print, stopped[0].state, stopped[0].out_dir) if stopped else 0

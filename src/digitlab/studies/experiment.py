@@ -70,12 +70,12 @@ def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, consol
     for cfg in configs:
         cfg = cfg.resolved()
         summary(create_model(cfg.model, num_outputs=get_task(cfg.task).outputs), console=console)
-        console.print(f"training {cfg.model}: {cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}")
+        console.print(f"training {cfg.recipe()}", highlight=False)
         runs.append(run(cfg, data, out_dir / cfg.model, overwrite=overwrite, reporter=reporter, stop=stop))
         if runs[-1].state.interrupted:
             break
     files = [f for r in runs for f in r.files]
-    rows = [results_row(r) for r in runs]
+    rows = [results_row(r) for r in runs if not r.state.interrupted]  # a stopped run keeps its state, no row
     if len(runs) == 2 and not runs[-1].state.interrupted:
         first, second = runs
         labels = (f"Train loss1 ({first.config.model})", f"Train loss2 ({second.config.model})")

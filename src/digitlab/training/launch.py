@@ -48,6 +48,8 @@ def launch(argv: list[str], options: LaunchOptions) -> int:
     # wrong is ours to tell, once: the elastic agent's loggers read LOGLEVEL when they are made.
     workers_env = {LAUNCHER: "1", "LOGLEVEL": os.environ.get("LOGLEVEL", "CRITICAL"),
                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    machines = f", one of {nnodes} machines meeting at {endpoint}" if nnodes > 1 else ""
+    print(f"digitlab: starting {nproc} training process{'es' * (nproc > 1)} on this machine{machines}", flush=True)
     with _environment(workers_env), _signal_handlers_kept():
         return _launch(argv, options)
 

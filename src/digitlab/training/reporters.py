@@ -47,6 +47,8 @@ class ConsoleReporter(Reporter):
         self.task, self.done, self.loss = None, 0, None
 
     def start(self, name, total_steps, done_steps):
+        if done_steps:  # a resumed run: where it picks up
+            print(f"{name}: resuming after step {done_steps:,} of {total_steps:,}")
         self.bar.start()
         self.task = self.bar.add_task(name, total=total_steps, completed=done_steps, loss="-")
 

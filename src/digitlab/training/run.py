@@ -247,8 +247,10 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
         if out_dir is not None and (out_dir / STATE_FILE).exists():
             raise Diverged(f"{e}; '{one_line(str(out_dir))}' keeps the state of the last epoch before it") from None
         raise
-    if out_dir is None:  # another rank's copy: rank 0 scores the test set and writes the files
-        return RunResult(cfg, state, sum(p.numel() for p in model.parameters()), float("nan"), Path(), Path(), [])
+    if out_dir is None or state.interrupted:  # another rank's copy, or a stopped run: only its state is kept
+        files = [out_dir / STATE_FILE] if out_dir is not None and (out_dir / STATE_FILE).exists() else []
+        return RunResult(cfg, state, sum(p.numel() for p in model.parameters()), float("nan"), Path(),
+                         out_dir or Path(), files)
     return _finish(cfg, data, split, out_dir, state, model, device, world)
 
 
