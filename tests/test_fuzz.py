@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 import os
 import signal
 import struct
@@ -244,6 +245,21 @@ TOML_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                                                                                         max_size=3), max_leaves=8)
 
 
+def _toml(value) -> str:
+    """A value as TOML writes it inline (None, which TOML lacks, as nothing: a syntax error)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if value != value else ("inf" if value > 0 else "-inf")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
+
+
 @st.composite
 def toml_texts(draw) -> str:
     """Config files as people and attackers write them: near-valid options with wrong types, deep nesting,
@@ -254,8 +270,9 @@ def toml_texts(draw) -> str:
     if kind == "options":
         lines = []
         for key in draw(st.lists(st.sampled_from([*FIELDS, "colour", "model.x"]), max_size=5)):
-            value = draw(TOML_VALUES)
-            lines.append(f"{key} = {json.dumps(value)}" if value is not None else f"{key} = ")
+            value = draw(st.one_of(TOML_VALUES, st.fixed_dictionaries(
+                {"low": TOML_VALUES, "high": TOML_VALUES}, optional={"log": TOML_VALUES})))
+            lines.append(f"{key} = {_toml(value)}")
         return "\n".join(lines)
     if kind == "deep":
         depth = draw(st.integers(1, 5000))
@@ -265,17 +282,28 @@ def toml_texts(draw) -> str:
     return draw(st.text(max_size=200))
 
 
-@given(toml_texts())
-def test_config_files_of_any_shape(text):
+@given(toml_texts(), st.booleans())
+def test_config_files_and_sweep_specs_of_any_shape(text, as_spec):
     from digitlab.config import TrainConfig, read_config_file
+    from digitlab.studies.spec import check_sampler, read_spec
 
-    path = _file("fuzz.toml", text.encode("utf-8", "surrogatepass") if text.isascii() else text.encode("utf-8", "replace"))
+    if as_spec:  # the same options under [fixed] or [search], where lists and ranges are choices
+        text = draw_free_spec(text)
+    path = _file("fuzz.toml", text.encode("utf-8", "replace"))
     try:
-        values = read_config_file(path)
+        if as_spec:
+            check_sampler("grid", read_spec(path))
+        else:
+            TrainConfig(**read_config_file(path)).resolved()
     except UserError as e:
         assert len(str(e)) < 600 and "\n" not in str(e)
-        return
-    TrainConfig(**values).resolved()
+
+
+def draw_free_spec(text: str) -> str:
+    """A config file's lines as a sweep spec: the first half [fixed], the rest [search]."""
+    lines = text.splitlines()
+    half = len(lines) // 2
+    return "\n".join(["[fixed]", *lines[:half], "[search]", *lines[half:]])
 
 
 @given(st.one_of(st.text(max_size=40), st.from_regex(r"\[?[0-9a-z:.\-]{0,20}\]?(:-?[0-9]{0,7})?", fullmatch=True)))

@@ -150,7 +150,7 @@ def _field(of: type, name: str) -> Field:
     return FIELDS[name] if of is TrainConfig else {f.name: f for f in fields(of)}[name]
 
 
-def _short(value: Any, most: int = 60) -> str:
+def short_repr(value: Any, most: int = 60) -> str:
     """repr(value), cut to `most` characters (a value may be a 20 MB string); repr keeps it on one line."""
     text = repr(value[:most + 1] if isinstance(value, str) else value)
     size = len(value) if isinstance(value, str) else len(text)
@@ -166,12 +166,12 @@ def problem(name: str, value: Any, of: type = TrainConfig) -> str | None:
         return None if f.default is None else "needs a value"
     kind = value_type(name, of)
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, (float, int) if kind is float else kind):
-        return f"must be {_kind_name(kind)}, got {_short(value)}"
+        return f"must be {_kind_name(kind)}, got {short_repr(value)}"
     choices = meta["choices"]
     if choices is not None:
         allowed = choices() if callable(choices) else choices
         if value not in allowed:
-            return f"invalid choice: {_short(value)} (choose from {', '.join(allowed)})"
+            return f"invalid choice: {short_repr(value)} (choose from {', '.join(allowed)})"
     if kind in (int, float):
         number = "a number " if kind is float else ""
         finite = isinstance(value, int) or math.isfinite(value)  # isfinite() overflows on a huge int

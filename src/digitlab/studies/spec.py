@@ -15,6 +15,7 @@ from digitlab.config import (
     FIELDS,
     problem,
     read_toml,
+    short_repr,
     value_type,
 )
 from digitlab.errors import UserError
@@ -54,7 +55,7 @@ def read_spec(path: str | os.PathLike) -> Spec:
     table = read_toml(path, "sweep spec")
     unknown = sorted(set(table) - {"fixed", "search"})
     if unknown:
-        raise UserError(f"{name}: unknown table [{unknown[0]}]; a sweep spec has [fixed] and [search]")
+        raise UserError(f"{name}: unknown table [{one_line(unknown[0])[:60]}]; a sweep spec has [fixed] and [search]")
     fixed, search = table.get("fixed", {}), table.get("search", {})
     if not isinstance(fixed, dict) or not isinstance(search, dict):
         raise UserError(f"{name}: [fixed] and [search] must be tables")
@@ -76,7 +77,7 @@ def read_spec(path: str | os.PathLike) -> Spec:
 
 def _known(name: str, table: str, key: str) -> None:
     if key not in FIELDS:
-        raise UserError(f"{name}: [{table}] unknown option '{key}'; the options are: {', '.join(FIELDS)}")
+        raise UserError(f"{name}: [{table}] unknown option '{one_line(key)[:60]}'; the options are: {', '.join(FIELDS)}")
 
 
 def _choices(name: str, key: str, value: Any) -> list | Range:
@@ -114,7 +115,7 @@ def _choices(name: str, key: str, value: Any) -> list | Range:
         if log and low <= 0:
             raise UserError(f"{where}: a log range needs low above 0, got {low}")
         return Range(low, high, log)
-    raise UserError(f"{where}: must be a list of choices or a range {{ low = ..., high = ... }}, got {value!r}")
+    raise UserError(f"{where}: must be a list of choices or a range {{ low = ..., high = ... }}, got {short_repr(value)}")
 
 
 def make_sampler(name: str | None, spec: Spec, seed: int):
