@@ -95,22 +95,53 @@ def test_idx_reader_on_mutated_gzip_streams(data):
         pass
 
 
-def _picture(fmt: str) -> bytes:
+def _picture(kind: str) -> bytes:
+    """A "1" on paper in one of the formats and variants `predict` reads."""
     page = np.full((60, 48), 235, np.uint8)
     page[10:50, 22:28] = 20  # a "1"
+    if kind == "PSD":  # Pillow reads PSD but cannot write it: 8-bit grey, raw, no layers
+        header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 1, *page.shape, 8, 1)
+        return header + struct.pack(">III", 0, 0, 0) + struct.pack(">H", 0) + page.tobytes()
+    picture, fmt, options = Image.fromarray(page), kind, {}
+    if kind == "TIFF-float":
+        picture, fmt = Image.fromarray(page.astype(np.float32) / 255), "TIFF"
+    elif kind == "PNG-16bit":
+        picture, fmt = Image.fromarray(page.astype(np.uint16) * 257), "PNG"
+    elif kind == "JPEG-CMYK":
+        picture, fmt = picture.convert("CMYK"), "JPEG"
+    elif kind == "JPEG-EXIF":  # a phone's photo, stored on its side
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        picture, fmt, options = picture.rotate(90, expand=True).convert("RGB"), "JPEG", {"exif": exif}
+    elif kind in ("GIF-animated", "WEBP-animated"):
+        fmt = kind.split("-")[0]
+        options = {"save_all": True, "append_images": [Image.fromarray(255 - page)], "duration": 100}
+    elif kind == "ICO":
+        picture = picture.resize((64, 64))
     buffer = io.BytesIO()
-    Image.fromarray(page).save(buffer, format=fmt)
+    picture.save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
-PICTURES = {fmt: _picture(fmt) for fmt in ("PNG", "JPEG", "GIF", "TIFF")}
+PICTURES = {kind: _picture(kind) for kind in ("PNG", "JPEG", "GIF", "TIFF", "TIFF-float", "PNG-16bit", "JPEG-CMYK",
+                                             "JPEG-EXIF", "GIF-animated", "WEBP-animated", "ICO", "PSD")}
 
 
-@pytest.mark.parametrize("fmt", sorted(PICTURES))
-def test_image_loading_and_preparation_on_mutated_files(fmt):
-    @given(mutated(PICTURES[fmt]))
+@pytest.mark.parametrize("kind", sorted(PICTURES))
+def test_every_kind_of_picture_in_the_corpus_reads_as_a_one(kind):
+    from digitlab.reading.segment import find_digits
+
+    found = find_digits(load_grey(_file(f"corpus.{kind.lower()}", PICTURES[kind])))
+    assert len(found) == 1 and found[0].image.max() > 200
+    rows, cols = np.nonzero(found[0].image > 128)
+    assert np.ptp(rows) > 2 * np.ptp(cols)  # upright and whole: the EXIF turn undone, the first frame read
+
+
+@pytest.mark.parametrize("kind", sorted(PICTURES))
+def test_image_loading_and_preparation_on_mutated_files(kind):
+    @given(mutated(PICTURES[kind]))
     def check(data):
-        path = _file(f"fuzz.{fmt.lower()}", data)
+        path = _file(f"fuzz.{kind.lower()}", data)
         try:
             digit = preprocess(load_grey(path), source=str(path))
         except UserError:
