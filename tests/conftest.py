@@ -50,6 +50,9 @@ LONG = PROFILE == "long"  # the hand-made random loops (kill -9, Ctrl-C at any m
 # The threads a fresh `digitlab` process computes with. A run is bit-for-bit the same in this process
 # and in a real one only on as many threads (the sums are split differently), so `cli` runs with these.
 FRESH_THREADS = torch.get_num_threads()
+# ... and a `digitlab` process started by a test computes on as many, however busy the machine is (a run
+# chooses its threads from the load otherwise: training/threads.py)
+os.environ.setdefault("DIGITLAB_THREADS", str(FRESH_THREADS))
 
 
 @pytest.fixture(scope="session")

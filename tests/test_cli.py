@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import copy_run, one_error_line, popen_cli, wait_for, write_idx
+from conftest import copy_run, one_error_line, popen_cli, run_cli, wait_for, write_idx
 from digitlab.reading.checkpoint import load_checkpoint, read_checkpoint
 from digitlab.data import IMAGE_MAGIC, MIRRORS
 
@@ -248,3 +248,25 @@ def test_evaluate_a_regression_checkpoint_rounds_its_output(digits_dir, tmp_path
 ])
 def test_more_bad_arguments(args, fragment, cli):
     one_error_line(cli(*args), fragment)
+
+
+def test_threads_are_chosen_from_the_load_recorded_and_kept_on_resume(digits_dir, tmp_path, cli):
+    from digitlab.training.state import read_state
+
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:  # every core busy: the run takes one thread, and says why
+        busy = run_cli("train", "mlp", "--epochs", "2", "--batches", "3", "--data-dir", digits_dir,
+                       "--out", tmp_path / "busy", env={"DIGITLAB_THREADS": ""})
+    finally:
+        for burner in burners:
+            burner.kill()
+    assert busy.returncode == 0, busy.stderr
+    assert "digitlab: the machine is busy (load " in busy.stderr and "training on 1 thread; --threads N chooses" in busy.stderr
+    assert read_state(tmp_path / "busy", tensors=False)[0]["threads"] == 1
+    out = tmp_path / "two"
+    assert cli("train", "mlp", "--epochs", "1", "--batches", "3", "--threads", "2", "--data-dir", str(digits_dir),
+               "--out", str(out)).returncode == 0
+    assert read_state(out, tensors=False)[0]["threads"] == 2
+    resumed = cli("train", "--resume", str(out), "--epochs", "2", "--data-dir", str(digits_dir), env={"DIGITLAB_THREADS": "1"})
+    assert resumed.returncode == 0 and read_state(out, tensors=False)[0]["threads"] == 2  # its own, not this process's
+    one_error_line(cli("train", "mlp", "--threads", "0"), "--threads: must be from 1 to 256")

@@ -218,7 +218,7 @@ def test_random_draws_are_new_in_a_continued_study_and_in_each_worker(digits_dir
     continued = lrs(tmp_path / "a", "--trials", "1")
     assert continued[0] == first[0] and continued[1] != first[0]  # not the first command's draw again
     # more workers than cores would only share them, each with its own torch and data: capped, with a notice
-    from digitlab.studies.sweep import usable_cores
+    from digitlab.training.threads import usable_cores
 
     cores = usable_cores()
     capped = cli("sweep", str(spec), "--sampler", "random", "--out", str(tmp_path / "c"), "--data-dir",

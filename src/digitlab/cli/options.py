@@ -113,6 +113,9 @@ def add_training_options(p: argparse.ArgumentParser, default_out: str, resume: b
                         f"{default_out}-2, -3, ... when that holds a run already)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run that --out holds already (default: refuse, and keep it)")
+    p.add_argument("--threads", type=thread_count, default=None, metavar="N",
+                   help="compute on N threads (default: one per core that other work leaves free; a resumed "
+                        "run keeps its own)")
 
 
 def add_threshold(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -131,6 +134,10 @@ def port(text: str) -> int:
 
 
 
+
+
+def thread_count(text: str) -> int:
+    return _number(text, int, lambda v: 1 <= v <= 256, "from 1 to 256")
 
 
 def threshold(text: str) -> float:

@@ -36,8 +36,9 @@ def cmd_sweep(args: argparse.Namespace, stop: StopRequest) -> int:
     import importlib.util
 
     from digitlab.studies.spec import check_sampler, connect_timeout, read_spec
-    from digitlab.studies.sweep import run_sweep, run_workers, usable_cores
+    from digitlab.studies.sweep import run_sweep, run_workers
     from digitlab.studies.sweep_report import report
+    from digitlab.training.threads import usable_cores
 
     if importlib.util.find_spec("optuna") is None:
         raise UserError("sweep needs the sweep extra (optuna): pip install -e '.[sweep]' in digitlab's folder (or make setup)")

@@ -80,6 +80,7 @@ def _train(args: argparse.Namespace, stop: StopRequest, speaks: bool) -> int:
 
     say = print if speaks else _silent
     config, out = _config_and_folder(args)
+    _threads(args, out, say)
     world = distributed.SINGLE
     try:
         if distributed.launched():
@@ -105,6 +106,20 @@ def _train(args: argparse.Namespace, stop: StopRequest, speaks: bool) -> int:
     if world.main and not result.state.interrupted:
         _report(result, data, say)
     return stopped_exit(result.state.stopped, say, result.state, out)
+
+
+def _threads(args: argparse.Namespace, out, say) -> None:
+    """Compute on --threads, a resumed run's own count, or one thread per core that is not busy."""
+    from digitlab.training import distributed, threads
+    from digitlab.training.state import read_state
+
+    if distributed.launched():  # torchrun and --nproc share the cores out (OMP_NUM_THREADS)
+        return
+    saved = read_state(out, tensors=False)[0].get("threads") if args.resume is not None else None
+    count, note = threads.choose(args.threads, saved if type(saved) is int and 1 <= saved <= 256 else None)
+    threads.apply(count)
+    if note:
+        say(f"digitlab: {note}", file=sys.stderr)
 
 
 def _config_and_folder(args: argparse.Namespace):
@@ -171,6 +186,7 @@ def cmd_compare(args: argparse.Namespace, stop: StopRequest) -> int:
     if args.models[0] == args.models[1]:
         raise UserError(f"compare needs two different models, got '{args.models[0]}' twice")
     configs = [train_config(name, args) for name in args.models]
+    _threads(args, None, print)
     data = load_data(args.data_dir)
     result = compare(configs, data, args.out or fresh_run_dir(Path("runs/compare")), console=rich_console(),
                      overwrite=args.overwrite, stop=stop)

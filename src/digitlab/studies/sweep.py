@@ -27,7 +27,6 @@ is, and the sweep goes on to its other trials.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,16 +55,9 @@ from digitlab.tasks import get_task
 from digitlab.training.loop import Diverged
 from digitlab.training.reporters import Reporter
 from digitlab.training.run import run
+from digitlab.training.threads import usable_cores
 
 MAX_RETRY = 3  # copies of one stopped trial, at most
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, which a container or taskset narrows)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def training_flops(config: TrainConfig) -> int:

@@ -120,6 +120,8 @@ def check_record(run_dir: Path, record: dict, saved: TrainConfig, batches: int) 
         raise bad(f"best accuracy {best!r} at epoch {best_epoch!r} is not an accuracy of an epoch done")
     if position["stopped"] not in (None, "patience", *SIGNALS):
         raise bad(f"stopped {position['stopped']!r}")
+    if record.get("threads") is not None and not count(record["threads"], 1, 256):
+        raise bad(f"threads {record['threads']!r} is not from 1 to 256")
 
 
 def check_tensors(run_dir: Path, record: dict, tensors: dict, saved: TrainConfig) -> None:

@@ -87,6 +87,7 @@ def save_state(run_dir: Path, config: TrainConfig, state: TrainState, model, opt
     record = {
         "format": STATE_FORMAT,
         "config": asdict(config),
+        "threads": torch.get_num_threads(),  # a resumed run computes on as many, to repeat its sums exactly
         "data": data_info,
         "position": {k: getattr(state, k) for k in ("epoch", "batch", "step", "best_accuracy", "best_epoch",
                                                      "stopped")},

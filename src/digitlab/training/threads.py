@@ -1,0 +1,65 @@
+"""How many threads a training process computes with.
+
+PyTorch takes one thread per core. On a machine whose cores are busy with other work that is a
+cliff, not a slope: its threads wait for each other at every operation, and a step that runs
+on a core that another process holds waits for that process. Measured on a 2-core VM with one
+other process busy (benchmarks/threads.py): 2 threads ran the fast recipe's steps at a fraction
+of 1 thread's speed. So a run looks at the machine when it starts: one thread per core that is
+not busy (the load average, or the processes running right now if more), at least one.
+
+`--threads N` decides instead, and so does $OMP_NUM_THREADS (PyTorch has read it already; torchrun
+and `--nproc` set it), or $DIGITLAB_THREADS. A resumed run computes on the threads it started with, since a different
+count sums in a different order and a resumed run is meant to repeat its steps bit for bit.
+"""
+from __future__ import annotations
+
+import os
+
+ENV = "DIGITLAB_THREADS"  # a count for every digitlab process (the tests fix it, so runs compare bit for bit)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container or taskset narrows)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def busy_cores() -> float:
+    """How many cores other processes keep busy: the 1-minute load average, or the processes running
+    now (less this one) if that is more; 0 where the system does not say."""
+    try:
+        load = os.getloadavg()[0]
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0]) - 1
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+    return max(load, float(running))
+
+
+def choose(asked: int | None = None, saved: int | None = None) -> tuple[int, str | None]:
+    """The thread count for this run, and a line to tell the user when it is not what they would assume
+    (None otherwise): `asked` (--threads), else `saved` (a resumed run's), else $DIGITLAB_THREADS or
+    $OMP_NUM_THREADS, else one per core that is not busy."""
+    import torch
+
+    cores = usable_cores()
+    if asked or saved:
+        return asked or saved, None
+    if os.environ.get("OMP_NUM_THREADS"):  # PyTorch read it when it started (torchrun and --nproc set it)
+        return torch.get_num_threads(), None
+    if os.environ.get(ENV, "").isdigit() and int(os.environ[ENV]) > 0:
+        return int(os.environ[ENV]), None
+    busy = busy_cores()
+    free = max(1, min(cores, int(cores - busy + 0.5)))
+    if free == cores:
+        return cores, None
+    return free, (f"the machine is busy (load {busy:.1f} on {cores} cores): training on {free} thread"
+                  f"{'s' * (free > 1)}; --threads N chooses")
+
+
+def apply(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
