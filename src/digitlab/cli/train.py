@@ -115,7 +115,7 @@ def _threads(args: argparse.Namespace, out, say) -> None:
 
     if distributed.launched():  # torchrun and --nproc share the cores out (OMP_NUM_THREADS)
         return
-    saved = read_state(out, tensors=False)[0].get("threads") if args.resume is not None else None
+    saved = read_state(out, tensors=False)[0].get("threads") if getattr(args, "resume", None) is not None else None
     count, note = threads.choose(args.threads, saved if type(saved) is int and 1 <= saved <= 256 else None)
     threads.apply(count)
     if note:
