@@ -270,6 +270,10 @@ THRESHOLD = 0.8  # `predict` and `serve` call an answer below this calibrated co
 VAL_SPLIT = 5_000  # the classification presets validate on 5,000 of the 60,000 training images
 PRESETS: dict[str, dict] = {
     "chapter": {},
+    # 99% as soon as possible: a quarter of convnet's FLOPs, large batches, every training image, no
+    # augmentation (so it reads handwriting less well than fast: benchmarks/time_to_99.py --hwset)
+    "sprint": dict(model="convnet_tiny", task="classify", epochs=2, batch_size=256, optimizer="adam", lr=0.02,
+                   schedule="onecycle", val_split=0),
     "fast": dict(model="convnet_small", task="classify", epochs=2, batch_size=128, optimizer="adam",
                  lr=0.01, schedule="onecycle", augment=True, val_split=VAL_SPLIT),
     "best": dict(model="convnet", task="classify", epochs=20, batch_size=128, optimizer="adamw",

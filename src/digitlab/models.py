@@ -230,6 +230,11 @@ def convnet_small(num_outputs: int = 10, init: str = "torch") -> nn.Module:
     return _initialise(ConvNet(num_outputs, widths=(16, 32, 64), dropout=0.1), init)
 
 
+@register_model(lr=0.02, description="convnet at a quarter width (8-16-32), no dropout: the sprint to 99%")
+def convnet_tiny(num_outputs: int = 10, init: str = "torch") -> nn.Module:
+    return _initialise(ConvNet(num_outputs, widths=(8, 16, 32), dropout=0.0), init)
+
+
 INITIALISERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "paddle": init_like_paddle,  # the chapter's code starts from these
     "torch": lambda model: model,  # PyTorch's defaults, as the layers made them

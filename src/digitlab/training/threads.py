@@ -5,7 +5,7 @@ cliff, not a slope: its threads wait for each other at every operation, and a st
 on a core that another process holds waits for that process. Measured on a 2-core VM with one
 other process busy (benchmarks/threads.py): 2 threads ran the fast recipe's steps at a fraction
 of 1 thread's speed. So a run looks at the machine when it starts: one thread per core that is
-not busy (the load average, or the processes running right now if more), at least one.
+not busy (the processes running right now, looked at a few times), at least one.
 
 `--threads N` decides instead, and so does $OMP_NUM_THREADS (PyTorch has read it already; torchrun
 and `--nproc` set it), or $DIGITLAB_THREADS. A resumed run computes on the threads it started with, since a different
@@ -26,16 +26,23 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def busy_cores() -> float:
-    """How many cores other processes keep busy: the 1-minute load average, or the processes running
-    now (less this one) if that is more; 0 where the system does not say."""
+def busy_cores(samples: int = 5, every: float = 0.01) -> float:
+    """How many cores other processes keep busy now: the processes running (less this one), looked at
+    `samples` times `every` seconds apart, the median; 0 where the system does not say. (Not the load
+    average: it remembers the last minute, so a run started after another would see that one.)"""
+    import statistics
+    import time
+
+    counts = []
     try:
-        load = os.getloadavg()[0]
-        with open("/proc/loadavg") as f:
-            running = int(f.read().split()[3].split("/")[0]) - 1
-    except (OSError, ValueError, IndexError, AttributeError):
+        for k in range(samples):
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+            if k < samples - 1:
+                time.sleep(every)
+    except (OSError, ValueError, IndexError):
         return 0.0
-    return max(load, float(running))
+    return float(statistics.median(counts))
 
 
 def choose(asked: int | None = None, saved: int | None = None) -> tuple[int, str | None]:
@@ -55,7 +62,7 @@ def choose(asked: int | None = None, saved: int | None = None) -> tuple[int, str
     free = max(1, min(cores, int(cores - busy + 0.5)))
     if free == cores:
         return cores, None
-    return free, (f"the machine is busy (load {busy:.1f} on {cores} cores): training on {free} thread"
+    return free, (f"the machine is busy ({busy:.0f} other processes running on {cores} cores): training on {free} thread"
                   f"{'s' * (free > 1)}; --threads N chooses")
 
 
