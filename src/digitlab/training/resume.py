@@ -11,7 +11,13 @@ from typing import Any
 
 import torch
 
-from digitlab.config import CONFIG_FILE, FIELDS, TrainConfig, check_value, read_config_file
+from digitlab.config import (
+    CONFIG_FILE,
+    FIELDS,
+    TrainConfig,
+    check_value,
+    read_config_file,
+)
 from digitlab.errors import UserError
 from digitlab.files import one_line
 from digitlab.stop import SIGNALS
@@ -72,13 +78,14 @@ def check_resumable(run_dir: Path, config: TrainConfig, record: dict, tensors: d
                         "to train it further")
 
 
+def _damaged(run_dir: Path, what: str) -> UserError:
+    return UserError(f"cannot resume '{one_line(str(run_dir))}': {STATE_FILE} is damaged or edited ({what}); "
+                     "train it again into a new folder")
+
+
 def check_record(run_dir: Path, record: dict, saved: TrainConfig, batches: int) -> None:
     """Every field of a state's position and history, by type and range, before anything uses them (a
     hand-edited or damaged state file). `batches`: the batches in one of its epochs."""
-    def bad(what: str) -> UserError:
-        return UserError(f"cannot resume '{one_line(str(run_dir))}': {STATE_FILE} is damaged or edited ({what}); "
-                         "train it again into a new folder")
-
     def count(value, low: int, high: int) -> bool:
         return type(value) is int and low <= value <= high
 
@@ -89,72 +96,66 @@ def check_record(run_dir: Path, record: dict, saved: TrainConfig, batches: int) 
     batches = max(1, min(saved.max_batches or batches, batches))
     epoch, batch, step = position["epoch"], position["batch"], position["step"]
     if not count(epoch, 0, saved.epochs):
-        raise bad(f"epoch {epoch!r} is not from 0 to its {saved.epochs} epochs")
+        raise _damaged(run_dir, f"epoch {epoch!r} is not from 0 to its {saved.epochs} epochs")
     if not count(batch, 0, batches - 1) or (epoch == saved.epochs and batch):
-        raise bad(f"batch {batch!r} is not from 0 to {batches - 1}" if epoch < saved.epochs else f"batch {batch!r} after the last epoch")
+        raise _damaged(run_dir, f"batch {batch!r} is not from 0 to {batches - 1}" if epoch < saved.epochs else f"batch {batch!r} after the last epoch")
     if not isinstance(history, dict) or any(f not in history for f in History.__dataclass_fields__):
-        raise bad("its history is not a digitlab history")
+        raise _damaged(run_dir, "its history is not a digitlab history")
     for key in ("loss_list", "batch_loss"):
         if not isinstance(history[key], list) or not all(number(v) for v in history[key]):
-            raise bad(f"'{key}' is not a list of numbers")
+            raise _damaged(run_dir, f"'{key}' is not a list of numbers")
     if not count(step, 0, 2**62) or step != len(history["batch_loss"]) or step != epoch * batches + batch:
-        raise bad(f"step {step!r} does not match epoch {epoch}, batch {batch} and its {len(history['batch_loss'])} "
+        raise _damaged(run_dir, f"step {step!r} does not match epoch {epoch}, batch {batch} and its {len(history['batch_loss'])} "
                   "batch losses")
     if not isinstance(history["log_steps"], list) or not all(count(v, 0, step) for v in history["log_steps"]) \
             or len(history["log_steps"]) != len(history["loss_list"]):
-        raise bad("'log_steps' do not match its losses")
+        raise _damaged(run_dir, "'log_steps' do not match its losses")
     if not isinstance(history["log_points"], list) or not all(
             isinstance(p, list) and len(p) == 2 and all(count(v, 0, 2**62) for v in p) for p in history["log_points"]):
-        raise bad("'log_points' are not (epoch, batch) pairs")
+        raise _damaged(run_dir, "'log_points' are not (epoch, batch) pairs")
     rows = history["epochs"]
     if not isinstance(rows, list) or len(rows) != epoch or not all(
             isinstance(r, dict) and set(r) <= set(EPOCH_COLUMNS) and "train_loss" in r
             and all(v is None or number(v) for v in r.values()) for r in rows):
-        raise bad(f"its {len(rows) if isinstance(rows, list) else 'missing'} epoch rows do not match epoch {epoch}, "
+        raise _damaged(run_dir, f"its {len(rows) if isinstance(rows, list) else 'missing'} epoch rows do not match epoch {epoch}, "
                   f"or hold other than {', '.join(EPOCH_COLUMNS)}")
     if not (count(history["images"], 0, 2**62) and number(history["seconds"]) and history["seconds"] >= 0):
-        raise bad("'images' or 'seconds' is not a count")
+        raise _damaged(run_dir, "'images' or 'seconds' is not a count")
     best, best_epoch = position.get("best_accuracy"), position.get("best_epoch")
     if (best is None) != (best_epoch is None) or (best is not None and not (
             number(best) and 0 <= best <= 1 and count(best_epoch, 0, max(0, epoch - 1)))):
-        raise bad(f"best accuracy {best!r} at epoch {best_epoch!r} is not an accuracy of an epoch done")
+        raise _damaged(run_dir, f"best accuracy {best!r} at epoch {best_epoch!r} is not an accuracy of an epoch done")
     if position["stopped"] not in (None, "patience", *SIGNALS):
-        raise bad(f"stopped {position['stopped']!r}")
+        raise _damaged(run_dir, f"stopped {position['stopped']!r}")
     if record.get("threads") is not None and not count(record["threads"], 1, 256):
-        raise bad(f"threads {record['threads']!r} is not from 1 to 256")
+        raise _damaged(run_dir, f"threads {record['threads']!r} is not from 1 to 256")
 
 
 def check_tensors(run_dir: Path, record: dict, tensors: dict, saved: TrainConfig) -> None:
     """The state's weights and optimiser state fit its model (put back into a scratch copy of it), and its
     generators' states are generators' states."""
-    import torch
-
     from digitlab.models import create_model
     from digitlab.tasks import get_task
     from digitlab.training.optim import make_optimizer
 
-    def bad(what: str) -> UserError:
-        return UserError(f"cannot resume '{one_line(str(run_dir))}': {STATE_FILE} is damaged or edited ({what}); "
-                         "train it again into a new folder")
-
     try:
         rng = unpack(record["rng"], tensors)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise bad(f"{type(e).__name__}: {one_line(str(e))[:80]}") from None
+        raise _damaged(run_dir, f"{type(e).__name__}: {one_line(str(e))[:80]}") from None
     generator = torch.get_rng_state()
     for key in ("shuffle", "torch", "augment"):
         value = rng.get(key) if isinstance(rng, dict) else None
         if (key == "augment" and value is None and not (saved.augment or saved.reject)) or (
                 isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.shape == generator.shape):
             continue
-        raise bad(f"the {key} generator's state is not one")
+        raise _damaged(run_dir, f"the {key} generator's state is not one")
     with torch.random.fork_rng(devices=[]):  # the scratch model's weights are drawn, then forgotten
         model = create_model(saved.model, num_outputs=get_task(saved.task).outputs, init="torch")
         optimizer = make_optimizer(saved.optimizer, model.parameters(), saved.lr, saved.weight_decay)
         try:
             restore(record, tensors, model, optimizer, None, torch.device("cpu"))
         except UserError as e:
-            raise bad(f"its weights or optimiser state do not fit a {saved.model}: {str(e).split('(', 1)[-1][:100]}") from None
+            raise _damaged(run_dir, f"its weights or optimiser state do not fit a {saved.model}: {str(e).split('(', 1)[-1][:100]}") from None
 
 
 def _check_own_files(run_dir: Path, saved: TrainConfig) -> None:
