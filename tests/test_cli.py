@@ -255,7 +255,7 @@ def test_threads_are_chosen_from_the_load_recorded_and_kept_on_resume(digits_dir
 
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
     try:  # every core busy: the run takes one thread, and says why
-        busy = run_cli("train", "mlp", "--epochs", "2", "--batches", "3", "--data-dir", digits_dir,
+        busy = run_cli("train", "mlp", "--epochs", "1", "--batches", "2", "--data-dir", digits_dir,
                        "--out", tmp_path / "busy", env={"DIGITLAB_THREADS": ""})
     finally:
         for burner in burners:

@@ -256,7 +256,7 @@ def test_kill_9_at_any_moment_leaves_a_complete_or_resumable_folder(digits_dir, 
 
     Each kill lands at a random moment of the run (a few a test run; HYPOTHESIS_PROFILE=long: many): in
     a random epoch, at a random point of it; the run left alone, in this process, says how long one takes."""
-    epochs = 30
+    epochs = 16
     args = ["train", "mlp", "--epochs", str(epochs), "--batches", "2", "--log-every", "1", "--data-dir", str(digits_dir)]
     reference = tmp_path / "alone"
     started = time.monotonic()
