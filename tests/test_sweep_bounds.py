@@ -148,5 +148,6 @@ def test_storage_urls_are_shown_without_their_password(digits_dir, tmp_path, pos
                           "cannot read study 'nosuchstudy' at postgresql+psycopg://digitlab:***@127.0.0.1:")
     assert "s3cret" not in line
     for url in ("nosuchdb://user:s3cret@host/db", "postgresql+psycopg://user:s3c@ret@host/db"):  # no such driver;
-        result = cli("sweep", spec, "--storage", url, "--out", tmp_path / "never")  # an '@' not %-encoded
+        result = cli("sweep", spec, "--storage", url, "--out", tmp_path / "never",  # an '@' not %-encoded
+                     "--data-dir", digits_dir)
         assert result.returncode == 2 and "s3c" not in result.stderr and ":***@" in result.stderr, result.stderr
