@@ -87,8 +87,6 @@ def _train(args: argparse.Namespace, stop: StopRequest, speaks: bool) -> int:
             world = distributed.start(config.device if config else args.device or "auto")
             config = distributed.from_main(world, config)
         data = distributed.everywhere(world, lambda: load_data(args.data_dir, say=say, quiet=not speaks))
-        if args.resume is None:  # a resumed run says where it picks up, once its state is checked
-            say(f"training {config.resolved().recipe()} in {one_line(str(out))}")
         result = run(config, data, out, resume=args.resume is not None, overwrite=args.overwrite, stop=stop,
                      world=world)
         distributed.together(world)  # none tears its connections down while another still uses them

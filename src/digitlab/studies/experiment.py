@@ -70,7 +70,6 @@ def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, consol
     for cfg in configs:
         cfg = cfg.resolved()
         summary(create_model(cfg.model, num_outputs=get_task(cfg.task).outputs), console=console)
-        console.print(f"training {cfg.recipe()}", highlight=False)
         runs.append(run(cfg, data, out_dir / cfg.model, overwrite=overwrite, reporter=reporter, stop=stop))
         if runs[-1].state.interrupted:
             break

@@ -28,6 +28,9 @@ class Reporter:
     def notice(self, text: str) -> None:
         """Something the user should know about the run that is not a figure (a shrunk validation split)."""
 
+    def begin(self, text: str) -> None:
+        """What a new run is about to do, in a line: its recipe and its folder, once the folder is its own."""
+
 
 class ConsoleReporter(Reporter):
     """The chapter's log lines, a progress bar with the current loss, and a line per epoch."""
@@ -74,6 +77,9 @@ class ConsoleReporter(Reporter):
     def notice(self, text):
         print(f"digitlab: {text}", file=sys.stderr)
 
+    def begin(self, text):
+        print(text, flush=True)
+
     def _catch_up(self):
         if self.loss is not None:
             self.bar.update(self.task, completed=self.done, loss=f"{self.loss.item():.4f}")
@@ -108,6 +114,10 @@ class Reporters(Reporter):
     def notice(self, text):
         for r in self.reporters:
             r.notice(text)
+
+    def begin(self, text):
+        for r in self.reporters:
+            r.begin(text)
 
 
 class TensorBoardReporter(Reporter):

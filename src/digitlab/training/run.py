@@ -195,6 +195,8 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
             if resume:  # again, under the lock: another process may have moved the run on since
                 record, tensors = read_state(out_dir)
                 check_resumable(out_dir, cfg, record, tensors, split.info)
+            else:  # a resumed run says where it picks up when its loop starts
+                reporter.begin(f"training {cfg.recipe()} in {one_line(str(out_dir))}")
             share((record, tensors))
             return _train(cfg, data, split, out_dir, device, record, tensors, reporter, world, stop)
 
