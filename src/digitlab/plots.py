@@ -5,60 +5,25 @@ or a display, and a notebook still shows the returned Figure.
 """
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import sys
-import tempfile
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from digitlab.errors import UserError
-from digitlab.files import one_line, write_atomic
+from digitlab.files import write_atomic
 
 
-def _writable(folder: Path) -> bool:
-    """Whether matplotlib could keep its config or cache in `folder`: as it checks, it makes it if need be."""
-    try:
-        folder = folder.resolve()
-        folder.mkdir(parents=True, exist_ok=True)
-    except (OSError, RuntimeError):
-        return False
-    return folder.is_dir() and os.access(folder, os.W_OK)
+class _NoTemporaryFolderWarning(logging.Filter):
+    """With HOME's folders not writable (read-only, HOME=/proc/...), matplotlib makes itself a temporary
+    folder, removes it at exit, and says so in warnings from the function that looks for its folder:
+    library noise on stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "_get_config_or_cache_dir"
 
 
-def _matplotlib_folder() -> None:
-    """Point MPLCONFIGDIR at a temporary folder (removed at exit) when matplotlib's own folders are not
-    writable (a read-only HOME, HOME=/proc/...): matplotlib would do the same, but with a warning of several
-    lines on stderr. Done before matplotlib is imported; a user's MPLCONFIGDIR is left alone."""
-    if os.environ.get("MPLCONFIGDIR") or "matplotlib" in sys.modules:
-        return
-    try:
-        home = Path.home()
-    except RuntimeError:  # no HOME and no user entry
-        home = None
-    if sys.platform == "win32":  # %LOCALAPPDATA% or the profile: left to matplotlib
-        return
-    if sys.platform.startswith(("linux", "freebsd")):
-        bases = [os.environ.get("XDG_CONFIG_HOME") or (home and home / ".config"),
-                 os.environ.get("XDG_CACHE_HOME") or (home and home / ".cache")]
-        folders = [Path(base, "matplotlib") for base in bases] if all(bases) else []
-    else:
-        folders = [home / ".matplotlib"] if home else []
-    if folders and all(map(_writable, folders)):
-        return
-    try:
-        folder = tempfile.mkdtemp(prefix="digitlab-matplotlib-")
-    except OSError as e:
-        raise UserError(f"matplotlib needs a writable folder, and neither HOME nor the temporary folder "
-                        f"'{one_line(tempfile.gettempdir())}' is ({e.strerror}); set MPLCONFIGDIR to one") from None
-    os.environ["MPLCONFIGDIR"] = folder
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-
-
-_matplotlib_folder()
+logging.getLogger("matplotlib").addFilter(_NoTemporaryFolderWarning())  # before matplotlib looks for its folder
 
 from matplotlib.figure import Figure
 
