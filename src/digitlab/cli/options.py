@@ -137,7 +137,11 @@ def port(text: str) -> int:
 
 
 def thread_count(text: str) -> int:
-    return _number(text, int, lambda v: 1 <= v <= 256, "from 1 to 256")
+    from digitlab.training.threads import (
+        MAX_THREADS,  # os alone: --help stays free of torch
+    )
+
+    return _number(text, int, lambda v: 1 <= v <= MAX_THREADS, f"from 1 to {MAX_THREADS}")
 
 
 def threshold(text: str) -> float:

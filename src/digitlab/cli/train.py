@@ -114,7 +114,8 @@ def _threads(args: argparse.Namespace, out, say) -> None:
     if distributed.launched():  # torchrun and --nproc share the cores out (OMP_NUM_THREADS)
         return
     saved = read_state(out, tensors=False)[0].get("threads") if getattr(args, "resume", None) is not None else None
-    count, note = threads.choose(args.threads, saved if type(saved) is int and 1 <= saved <= 256 else None)
+    valid = type(saved) is int and 1 <= saved <= threads.MAX_THREADS  # else run() refuses the state in one line
+    count, note = threads.choose(args.threads, saved if valid else None)
     threads.apply(count)
     if note:
         say(f"digitlab: {note}", file=sys.stderr)

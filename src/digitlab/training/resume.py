@@ -24,6 +24,7 @@ from digitlab.stop import SIGNALS
 from digitlab.training.folder import HISTORY_FILE, STATE_FILE, WEIGHTS_FILE
 from digitlab.training.loop import EPOCH_COLUMNS, History, TrainState
 from digitlab.training.state import read_state, saved_history, unpack
+from digitlab.training.threads import MAX_THREADS
 
 # What `--resume` may change: how long the run goes on, and where it runs. Anything else
 # would make the resumed run a different run.
@@ -98,15 +99,16 @@ def check_record(run_dir: Path, record: dict, saved: TrainConfig, batches: int) 
     if not count(epoch, 0, saved.epochs):
         raise _damaged(run_dir, f"epoch {epoch!r} is not from 0 to its {saved.epochs} epochs")
     if not count(batch, 0, batches - 1) or (epoch == saved.epochs and batch):
-        raise _damaged(run_dir, f"batch {batch!r} is not from 0 to {batches - 1}" if epoch < saved.epochs else f"batch {batch!r} after the last epoch")
+        raise _damaged(run_dir, f"batch {batch!r} is not from 0 to {batches - 1}" if epoch < saved.epochs
+                       else f"batch {batch!r} after the last epoch")
     if not isinstance(history, dict) or any(f not in history for f in History.__dataclass_fields__):
         raise _damaged(run_dir, "its history is not a digitlab history")
     for key in ("loss_list", "batch_loss"):
         if not isinstance(history[key], list) or not all(number(v) for v in history[key]):
             raise _damaged(run_dir, f"'{key}' is not a list of numbers")
     if not count(step, 0, 2**62) or step != len(history["batch_loss"]) or step != epoch * batches + batch:
-        raise _damaged(run_dir, f"step {step!r} does not match epoch {epoch}, batch {batch} and its {len(history['batch_loss'])} "
-                  "batch losses")
+        raise _damaged(run_dir, f"step {step!r} does not match epoch {epoch}, batch {batch} and its "
+                                f"{len(history['batch_loss'])} batch losses")
     if not isinstance(history["log_steps"], list) or not all(count(v, 0, step) for v in history["log_steps"]) \
             or len(history["log_steps"]) != len(history["loss_list"]):
         raise _damaged(run_dir, "'log_steps' do not match its losses")
@@ -117,8 +119,8 @@ def check_record(run_dir: Path, record: dict, saved: TrainConfig, batches: int) 
     if not isinstance(rows, list) or len(rows) != epoch or not all(
             isinstance(r, dict) and set(r) <= set(EPOCH_COLUMNS) and "train_loss" in r
             and all(v is None or number(v) for v in r.values()) for r in rows):
-        raise _damaged(run_dir, f"its {len(rows) if isinstance(rows, list) else 'missing'} epoch rows do not match epoch {epoch}, "
-                  f"or hold other than {', '.join(EPOCH_COLUMNS)}")
+        raise _damaged(run_dir, f"its {len(rows) if isinstance(rows, list) else 'missing'} epoch rows do not match "
+                                f"epoch {epoch}, or hold other than {', '.join(EPOCH_COLUMNS)}")
     if not (count(history["images"], 0, 2**62) and number(history["seconds"]) and history["seconds"] >= 0):
         raise _damaged(run_dir, "'images' or 'seconds' is not a count")
     best, best_epoch = position.get("best_accuracy"), position.get("best_epoch")
@@ -127,8 +129,8 @@ def check_record(run_dir: Path, record: dict, saved: TrainConfig, batches: int) 
         raise _damaged(run_dir, f"best accuracy {best!r} at epoch {best_epoch!r} is not an accuracy of an epoch done")
     if position["stopped"] not in (None, "patience", *SIGNALS):
         raise _damaged(run_dir, f"stopped {position['stopped']!r}")
-    if record.get("threads") is not None and not count(record["threads"], 1, 256):
-        raise _damaged(run_dir, f"threads {record['threads']!r} is not from 1 to 256")
+    if record.get("threads") is not None and not count(record["threads"], 1, MAX_THREADS):
+        raise _damaged(run_dir, f"threads {record['threads']!r} is not from 1 to {MAX_THREADS}")
 
 
 def check_tensors(run_dir: Path, record: dict, tensors: dict, saved: TrainConfig) -> None:
