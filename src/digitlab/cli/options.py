@@ -137,9 +137,8 @@ def port(text: str) -> int:
 
 
 def thread_count(text: str) -> int:
-    from digitlab.training.threads import (
-        MAX_THREADS,  # os alone: --help stays free of torch
-    )
+    # threads.py imports os alone at its top: --help stays free of torch
+    from digitlab.training.threads import MAX_THREADS
 
     return _number(text, int, lambda v: 1 <= v <= MAX_THREADS, f"from 1 to {MAX_THREADS}")
 
