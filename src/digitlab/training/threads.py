@@ -3,13 +3,13 @@
 PyTorch takes one thread per core. On a machine whose cores are busy with other work that is a
 cliff, not a slope: its threads wait for each other at every operation, and a step that runs
 on a core that another process holds waits for that process. Measured on a 2-core VM with one
-other process busy (benchmarks/threads.py): 2 threads ran the fast recipe's steps at a fraction
-of 1 thread's speed. So a run looks at the machine when it starts: one thread per core that is
-not busy (the processes running right now, looked at a few times), at least one.
+other process busy (benchmarks/threads.py): 2 threads ran the fast recipe's steps at 0.43x the
+speed of 1 thread. So a run looks at the machine when it starts: one thread per core that is not
+busy (the processes running right now, looked at a few times), at least one.
 
-`--threads N` decides instead, and so does $OMP_NUM_THREADS (PyTorch has read it already; torchrun
-and `--nproc` set it), or $DIGITLAB_THREADS. A resumed run computes on the threads it started with, since a different
-count sums in a different order and a resumed run is meant to repeat its steps bit for bit.
+`--threads N` decides instead; then a resumed run's own count (another count sums in another
+order, and a resumed run is meant to repeat its steps bit for bit); then $OMP_NUM_THREADS
+(PyTorch has read it already; torchrun and `--nproc` set it); then $DIGITLAB_THREADS.
 """
 from __future__ import annotations
 
