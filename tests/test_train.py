@@ -242,6 +242,37 @@ def test_reject_makes_non_digits_unsure_and_keeps_digits_sure(digits, tmp_path):
         TrainConfig(model="cnn", reject=True).resolved()
 
 
+def test_label_smoothing_caps_the_confidence_it_trains_towards(digits):
+    import torch.nn.functional as F
+
+    from digitlab.reading.evaluate import model_outputs
+    from digitlab.tasks import probabilities
+    from digitlab.training.steps import AutogradStep, HandWrittenMLPStep, choose_step
+
+    confidence, first = {}, {}
+    for smoothing in (0.0, 0.2):
+        torch.manual_seed(0)
+        model = create_model("convnet_tiny")
+        loader, twin = (InMemoryLoader(digits.train_images[:3200], digits.train_labels[:3200], seed=0)
+                        for _ in range(2))
+        images, labels = next(twin.batches())  # the batch fit starts with
+        with torch.no_grad():
+            first[smoothing] = F.cross_entropy(model(images), labels, label_smoothing=smoothing).item()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        step = choose_step(model, optimizer, "classify", smoothing=smoothing)
+        history = fit(model, loader, optimizer, epochs=2, task="classify", step=step).history
+        assert history.batch_loss[0] == pytest.approx(first[smoothing], rel=1e-5)  # the step's loss is the smoothed one
+        confidence[smoothing] = probabilities(model_outputs(model.eval(), digits.test_images)).max(1).values.mean()
+    # one-hot targets push the right digit towards 1; smoothed ones towards 1 - 0.2 + 0.02 = 0.82
+    assert confidence[0.0] > 0.9 and confidence[0.2] < 0.82, confidence  # measured: 0.95 and 0.75
+    mlp = create_model("mlp", num_outputs=10)
+    sgd = torch.optim.SGD(mlp.parameters(), lr=0.01)
+    assert isinstance(choose_step(mlp, sgd, "classify"), HandWrittenMLPStep)
+    assert type(choose_step(mlp, sgd, "classify", smoothing=0.1)) is AutogradStep  # its gradient is one-hot's
+    with pytest.raises(UserError, match="label smoothing: a regression model"):
+        TrainConfig(model="cnn", label_smoothing=0.1).resolved()
+
+
 def test_presets_and_overrides():
     from digitlab.config import preset_config
 

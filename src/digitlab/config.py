@@ -77,6 +77,10 @@ class TrainConfig:
     reject: bool = option(False, "also train on non-digits made from a quarter of each batch (digits mirrored, "
                                  "turned on their side, overlaid or cut up) to a flat answer, so that a letter or a "
                                  "scribble comes out 'not sure' (outlier exposure; classify only)")
+    label_smoothing: float = option(
+        0.0, "train towards 1 - S on the right digit and S/10 spread over all ten instead of a one-hot target "
+             "(Szegedy et al., 2016; classify only); the validation and test losses stay plain cross-entropy",
+        minimum=0, maximum=0.5, metavar="S")
     val_split: int = option(
         0, "hold out N training images (stratified by digit, seeded, at most a tenth of the set) to validate on "
            "after every epoch, and keep the best checkpoint by validation accuracy (default: 0; 5000 in the "
@@ -117,6 +121,9 @@ class TrainConfig:
         task = self.task or default_task(self.model)
         if self.reject and not get_task(task).confident:
             raise UserError("reject: a regression model has no answer to flatten; use it with --task classify")
+        if self.label_smoothing and not get_task(task).confident:
+            raise UserError("label smoothing: a regression model has no labels to smooth; use it with --task "
+                            "classify")
         return replace(self, task=task,
                        lr=default_lr(self.model) if self.lr is None else self.lr,
                        init=self.init or default_init(self.model))
@@ -127,6 +134,7 @@ class TrainConfig:
                  f"batch {self.batch_size}"]
         parts += [f"{self.schedule} schedule"] * (self.schedule != "none")
         parts += ["augmented"] * self.augment + ["with non-digits"] * self.reject
+        parts += [f"label smoothing {self.label_smoothing:g}"] * bool(self.label_smoothing)
         parts += [f"validating on {self.val_split:,}"] * bool(self.val_split)
         parts += [f"{self.max_batches} batches an epoch"] * bool(self.max_batches)
         return f"{self.model} ({self.task}): {', '.join(parts)}, seed {self.seed}"

@@ -46,7 +46,8 @@ class Task:
     confident: bool  # whether an answer has a probability: calibrated, 'not sure', trained to reject
     onnx_output: str  # the name of the exported graph's output
 
-    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+        """The mean loss; `smoothing` (classification) trains towards label-smoothed targets."""
         raise NotImplementedError
 
     def loss_and_gradient(self, outputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +75,7 @@ class Regression(Task):
 
     name, outputs, confident, onnx_output = "regress", 1, False, "value"
 
-    def loss(self, outputs, labels):
+    def loss(self, outputs, labels, smoothing=0.0):
         import torch.nn.functional as F
 
         # The chapter's F.square_error_cost then mean: the digit value is the target.
@@ -107,10 +108,10 @@ class Classification(Task):
 
     name, outputs, confident, onnx_output = "classify", NUM_CLASSES, True, "logits"
 
-    def loss(self, outputs, labels):
+    def loss(self, outputs, labels, smoothing=0.0):
         import torch.nn.functional as F
 
-        return F.cross_entropy(outputs, labels)  # (B, 10) logits against class indices
+        return F.cross_entropy(outputs, labels, label_smoothing=smoothing)  # (B, 10) logits against class indices
 
     def loss_and_gradient(self, outputs, labels):
         import torch

@@ -236,7 +236,7 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
     if world.distributed:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step = choose_step(net, optimizer, cfg.task, fast_mlp=cfg.fast_mlp, outliers=augment if cfg.reject else None,
-                       distributed=world.distributed, precision=cfg.precision)
+                       distributed=world.distributed, precision=cfg.precision, smoothing=cfg.label_smoothing)
     options = FitOptions(epochs=cfg.epochs, task=cfg.task, log_every=cfg.log_every, max_batches=cfg.max_batches,
                          schedule=cfg.schedule, augment=augment if cfg.augment else None, patience=cfg.patience,
                          name=cfg.model)

@@ -1,6 +1,7 @@
 """One optimiser step on one batch, as an object the loop is handed: the loop never asks which.
 
-- `AutogradStep`: the chapter's forward, loss, zero_grad, backward, step (bf16 autocast if asked).
+- `AutogradStep`: the chapter's forward, loss, zero_grad, backward, step (bf16 autocast if asked;
+  label-smoothed targets if asked).
 - `OutlierExposureStep` (`--reject`): the same, plus non-digits made from a quarter of the batch,
   which the model learns to answer with a flat distribution (Hendrycks et al., 2019).
 - `HandWrittenMLPStep`: the chapter's sigmoid MLP with plain SGD, its gradient written out by
@@ -26,17 +27,19 @@ OUTLIER_WEIGHT = 0.1  # weight of the non-digits' flat-target loss (0.5 in Hendr
 
 
 class AutogradStep:
-    """forward, loss, zero_grad, backward, step; bf16 runs the forward pass and the loss under autocast."""
+    """forward, loss, zero_grad, backward, step; bf16 runs the forward pass and the loss under autocast;
+    `smoothing` trains a classifier towards label-smoothed targets."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: str | Task, precision: str = "fp32"):
-        self.model, self.optimizer, self.task = model, optimizer, get_task(task)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: str | Task, precision: str = "fp32",
+                 smoothing: float = 0.0):
+        self.model, self.optimizer, self.task, self.smoothing = model, optimizer, get_task(task), smoothing
         device = next(model.parameters()).device
         self.autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
                                           enabled=precision == "bf16")
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            loss = self.task.loss(self.model(images), labels)
+            loss = self.task.loss(self.model(images), labels, self.smoothing)
         self._update(loss)
         return loss
 
@@ -50,8 +53,9 @@ class OutlierExposureStep(AutogradStep):
     """Digits plus non-digits made from a quarter of them; the loss returned is the digits' alone,
     comparable with a run without outliers."""
 
-    def __init__(self, model, optimizer, task, generator: torch.Generator, precision: str = "fp32"):
-        super().__init__(model, optimizer, task, precision)
+    def __init__(self, model, optimizer, task, generator: torch.Generator, precision: str = "fp32",
+                 smoothing: float = 0.0):
+        super().__init__(model, optimizer, task, precision, smoothing)
         self.generator = generator  # the run's augmentation generator: its draws follow the distortions'
 
     def __call__(self, images, labels):
@@ -59,7 +63,7 @@ class OutlierExposureStep(AutogradStep):
         unsure = non_digits(images[:k], labels[:k], self.generator)
         with self.autocast():
             output = self.model(torch.cat([images, unsure]))
-            loss = self.task.loss(output[:len(images)], labels)
+            loss = self.task.loss(output[:len(images)], labels, self.smoothing)
             flat = -F.log_softmax(output[len(images):], 1).mean()  # cross-entropy against a flat target
         self._update(loss + OUTLIER_WEIGHT * flat)
         return loss
@@ -108,13 +112,15 @@ class HandWrittenMLPStep:
 
 
 def choose_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: str | Task, *, fast_mlp: bool = True,
-                outliers: torch.Generator | None = None, distributed: bool = False, precision: str = "fp32"):
+                outliers: torch.Generator | None = None, distributed: bool = False, precision: str = "fp32",
+                smoothing: float = 0.0):
     """The step a run trains with. The hand-written one knows nothing of non-digits, of other
-    processes (under DistributedDataParallel the gradients are autograd's, all-reduced) or of bf16."""
+    processes (under DistributedDataParallel the gradients are autograd's, all-reduced), of bf16 or
+    of smoothed labels."""
     if outliers is not None:
-        return OutlierExposureStep(model, optimizer, task, outliers, precision)
-    if fast_mlp and not distributed and precision == "fp32":
+        return OutlierExposureStep(model, optimizer, task, outliers, precision, smoothing)
+    if fast_mlp and not distributed and precision == "fp32" and not smoothing:
         step = HandWrittenMLPStep.for_model(model, optimizer, task)
         if step is not None:
             return step
-    return AutogradStep(model, optimizer, task, precision)
+    return AutogradStep(model, optimizer, task, precision, smoothing)
