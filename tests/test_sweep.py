@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import time
+from pathlib import Path
 
 import pytest
 from conftest import one_error_line, popen_cli, wait_for
@@ -240,6 +241,15 @@ def test_ctrl_c_reaches_every_worker_once(digits_dir, tmp_path):
     process = popen_cli("sweep", str(spec), "--trials", "4", "--workers", "2", "--out", str(out),
                         "--data-dir", str(digits_dir))
     _wait_for_running(out, 2, process)  # both workers are training a trial
+    # the workers learn the storage URL from their environment: on the command line `ps` would show its password
+    workers = [int(p) for t in Path(f"/proc/{process.pid}/task").iterdir()
+               for p in (t / "children").read_text().split()]
+    assert len(workers) == 2
+    for pid in workers:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+        assert b"--storage" not in argv and not any(b"study.db" in a for a in argv), argv
+        assert environ[b"DIGITLAB_STORAGE"] == f"sqlite:///{(out / 'study.db').resolve()}".encode()
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr

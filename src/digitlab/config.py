@@ -214,6 +214,9 @@ def _kind_name(kind: type) -> str:
 SAMPLERS = ("grid", "random", "tpe")
 
 
+STORAGE_ENV = "DIGITLAB_STORAGE"  # a sweep's database URL, when --storage does not give one
+
+
 @dataclass
 class SweepOptions:
     """How `digitlab sweep` runs its study; the trials' own options are TrainConfig's, from the spec."""
@@ -222,7 +225,8 @@ class SweepOptions:
     workers: int = option(1, "processes on this machine, each running its share of the trials with the cores "
                              "divided among them", minimum=1, maximum=256)
     storage: str | None = option(None, "the study's database, shared by every command that joins it, e.g. "
-                                       "postgresql://user:password@host/db (default: sqlite:///OUT/study.db)",
+                                       "postgresql://user:password@host/db (default: $DIGITLAB_STORAGE, which keeps "
+                                       "a password out of the process list, else sqlite:///OUT/study.db)",
                                  kind=str, metavar="URL")
     study: str = option("digitlab", "the study's name in the storage")
     grace: int = option(60, "a running trial not heard from for this long (its process killed, its machine lost) "
@@ -239,8 +243,8 @@ class SweepOptions:
     worker: int = option(0, "which worker this is, for its sampler's seed", minimum=0, maximum=255, hidden=True)
 
     def storage_url(self) -> str:
-        """The study's database: --storage, else a SQLite file in OUT."""
-        return self.storage or f"sqlite:///{(Path(self.out) / 'study.db').resolve()}"
+        """The study's database: --storage, else $DIGITLAB_STORAGE, else a SQLite file in OUT."""
+        return self.storage or os.environ.get(STORAGE_ENV) or f"sqlite:///{(Path(self.out) / 'study.db').resolve()}"
 
 
 @dataclass

@@ -27,10 +27,12 @@ is, and the sweep goes on to its other trials.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
 from digitlab.config import (
+    STORAGE_ENV,
     VAL_SPLIT,
     SweepOptions,
     TrainConfig,
@@ -236,13 +238,15 @@ def run_workers(spec_path: Path, spec: Spec, options: SweepOptions, data_dir: Pa
     shares = [options.trials // options.workers + (k < options.trials % options.workers) for k in range(options.workers)]
 
     def command(worker: int, trials: int) -> list[str]:
-        mine = replace(options, trials=trials, workers=1, worker=worker, threads=threads, storage=storage, out=str(out))
+        mine = replace(options, trials=trials, workers=1, worker=worker, threads=threads, storage=None, out=str(out))
         data = ["--data-dir", str(data_dir)] if data_dir else []
         return [sys.executable, "-m", "digitlab", "sweep", str(spec_path), *as_argv(mine), *data]
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
     before = len(opened.get_trials(deepcopy=False, states=finished))
-    workers = [subprocess.Popen(command(k, n), start_new_session=True) for k, n in enumerate(shares) if n]
+    # the storage URL goes in the environment, not on the command line, where `ps` would show its password
+    env = {**os.environ, STORAGE_ENV: storage}
+    workers = [subprocess.Popen(command(k, n), env=env, start_new_session=True) for k, n in enumerate(shares) if n]
     try:
         with SweepBar(options.trials) as progress:  # the workers print their trials' lines; this counts them
             while any(w.poll() is None for w in workers):
