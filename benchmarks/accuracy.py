@@ -66,8 +66,8 @@ def main() -> None:
     args = parser.parse_args()
     data = read_folder(args.data_dir)
     print(f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}\n")
-    print("| row | model | task | recipe | epochs | seed | test accuracy, last epoch | test accuracy, scored checkpoint "
-          "| training wall time (s) |")
+    print("| row | model | task | recipe | epochs | seed | test accuracy, last epoch "
+          "| test accuracy, scored checkpoint | training wall time (s) |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for name in args.only:
         figures = []
