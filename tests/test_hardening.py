@@ -163,6 +163,35 @@ print("exit", main(["summary", "mlp"], stop=stop))
     assert result.stderr.strip() == "digitlab: interrupted (SIGINT)"
 
 
+def test_a_signal_inside_a_destructor_is_no_traceback_and_still_stops():
+    # what a training process printed when the launcher's SIGTERM landed while a file lock was being
+    # collected: Python swallowed the Interrupted raised inside the lock's __del__ and printed
+    # "Exception ignored in ..." with a traceback; other errors there must still be shown
+    script = """
+import os, signal, sys
+from digitlab.stop import Interrupted, StopRequest
+stop = StopRequest().install()
+class Lock:
+    def __init__(self, error=None):
+        self.error = error
+    def __del__(self):
+        if self.error:
+            raise self.error
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10_000))  # the handler runs in here
+Lock(ValueError("a real bug in a destructor"))
+Lock()
+try:
+    stop.check()
+except Interrupted as e:
+    sys.exit(143 if e.name == "SIGTERM" else 1)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 143, result.stderr
+    assert "ValueError: a real bug in a destructor" in result.stderr  # shown, as Python shows it
+    assert "Interrupted" not in result.stderr and result.stderr.count("Traceback") == 1, result.stderr
+
+
 def test_ctrl_c_at_any_moment_is_one_line_and_130(digits_dir, tmp_path):
     rng = random.Random(0)
     commands = [["train", "mlp", "--epochs", "3", "--batches", "5", "--data-dir", str(digits_dir)],

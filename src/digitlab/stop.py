@@ -12,11 +12,14 @@ numpy's ImportError, which `import torch` catches, and the command would go on w
 half-made. The request remembers the signal all the same, and `check()` raises it at the
 next safe point: the CLI checks once the command's libraries are loaded, and every graceful
 section starts with a check. An error that neither is nor wraps a signal surfaces as itself.
+Python itself swallows one raised inside a `__del__` (a lock collected as the signal lands), and
+prints it with a traceback: for our `Interrupted`, `install` makes that silent.
 """
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -65,6 +68,8 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for s in HANDLED:
                 signal.signal(s, self._handler)
+            if not isinstance(sys.unraisablehook, _QuietInterrupts):
+                sys.unraisablehook = _QuietInterrupts(sys.unraisablehook)
         return self
 
     def ignore(self) -> None:
@@ -129,3 +134,16 @@ class StopRequest:
             self.requested = None
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+class _QuietInterrupts:
+    """sys.unraisablehook: an Interrupted that Python swallowed (raised inside a `__del__` or a weakref
+    callback) passes silently, since the request has it and `check()` acts on it; anything else goes to
+    the hook that was there before."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        if not isinstance(unraisable.exc_value, Interrupted):
+            self.previous(unraisable)
