@@ -279,6 +279,9 @@ def test_presets_and_overrides():
     fast = preset_config("fast")
     assert fast.model == "convnet_small" and fast.task == "classify" and fast.schedule == "onecycle"
     assert preset_config("fast", epochs=5, seed=3).epochs == 5
+    assert preset_config("best").recipe() == ("convnet (classify): 20 epochs, adamw lr 0.003, batch 128, onecycle "
+                                             "schedule, augmented, validating on 5,000, seed 0")
+    assert "onecycle schedule, augmented, bf16 autocast, validating" in preset_config("best", precision="bf16").recipe()
     assert preset_config("chapter", "mlp").lr == 0.01 and preset_config("chapter", "mlp").task == "regress"
     assert preset_config("chapter", "lenet5").task == "classify"
     with pytest.raises(UserError, match="unknown preset 'turbo'"):

@@ -135,6 +135,7 @@ class TrainConfig:
         parts += [f"{self.schedule} schedule"] * (self.schedule != "none")
         parts += ["augmented"] * self.augment + ["with non-digits"] * self.reject
         parts += [f"label smoothing {self.label_smoothing:g}"] * bool(self.label_smoothing)
+        parts += ["bf16 autocast"] * (self.precision == "bf16")
         parts += [f"validating on {self.val_split:,}"] * bool(self.val_split)
         parts += [f"{self.max_batches} batches an epoch"] * bool(self.max_batches)
         return f"{self.model} ({self.task}): {', '.join(parts)}, seed {self.seed}"
