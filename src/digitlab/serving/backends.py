@@ -57,7 +57,7 @@ class TorchModel(ServedModel):
         from digitlab.reading.checkpoint import describe, load_checkpoint
 
         model, meta = load_checkpoint(path)
-        # Serving, not training: each model's batches run on one thread, the other cores decode pictures.
+        # Serving, not training: each model's batches run on one thread, the other cores read pictures.
         torch.set_num_threads(1)
         self.name, self.task, self.temperature = name, meta.task, meta.temperature
         self.model, self.norm = model.eval(), meta.normalization
@@ -106,7 +106,10 @@ class OnnxModel(ServedModel):
             raise UserError("serving an .onnx file needs onnxruntime: pip install -e '.[serve-onnx]' in "
                             "digitlab's folder") from None
         options = ort.SessionOptions()
-        options.intra_op_num_threads = os.cpu_count() or 1
+        # Serving, not training, as for PyTorch above: one thread, which sleeps when idle; the other
+        # cores read pictures. (Two threads that spin while waiting served 15% fewer requests.)
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # its warnings are not the user's to read
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -25,15 +25,23 @@ class Reader:
         self.models, self.threshold = models, threshold
         self.workers = PictureWorkers(decoders)
         self.coming = 0  # requests whose pictures are being read: the batchers may wait for them
+        self.serving = 0  # requests being answered (read, batched, put into words)
         self.batchers = [MicroBatcher(m.outputs, size=batch, wait=wait, coming=lambda: self.coming) for m in models]
 
     async def read(self, data: bytes, maps: bool = False) -> dict:
         """Every model's reading of the picture in `data` (its bytes, as uploaded), the 28x28 digits they
         saw side by side, and with `maps` each conv layer's feature maps for each digit. A picture that
         cannot be read raises ImageError (one line)."""
+        self.serving += 1
+        try:
+            return await self._read(data, maps)
+        finally:
+            self.serving -= 1
+
+    async def _read(self, data: bytes, maps: bool) -> dict:
         self.coming += 1
         try:
-            found = await self.workers.find_digits(data)
+            found = await self.workers.find_digits(data, alone=self.serving == 1)
         finally:
             self.coming -= 1
         digits = np.stack([f.image for f in found])

@@ -5,20 +5,30 @@ of huge pictures cost about one's memory per core, not N; and the decoding runs 
 own Python instead of taking turns with it for the interpreter. Each worker is a process of its own
 with a pipe to the server: a request takes an idle worker, sends the picture's bytes and awaits the
 digits found (`segment.Found`, a few kB) on the server's event loop, with no thread in between.
+
+A small picture (a drawing from the page) that is the server's only work is read on the event loop
+itself: the round trip to a worker (the pipe both ways, waking the process) took longer than reading
+it, and nothing else waits meanwhile.
 """
 from __future__ import annotations
 
 import asyncio
+import io
 import multiprocessing
 import os
 import signal
 import traceback
+import warnings
+
+from PIL import Image
 
 from digitlab.errors import UserError
 from digitlab.reading.image import ImageError, open_grey
 from digitlab.reading.segment import Found, find_digits
 
 PICTURE = "the picture"  # how errors name an upload
+HERE_PIXELS = 512 * 512  # a picture up to this size, when it is the server's only work, is read on the loop
+HERE_FORMATS = (b"\x89PNG", b"\xff\xd8\xff")  # PNG, JPEG: Pillow reads their size from the header alone
 
 
 class PictureWorkers:
@@ -31,6 +41,7 @@ class PictureWorkers:
         self.count = count or os.cpu_count() or 1
         self._workers = [self._start() for _ in range(self.count)]
         self._idle: asyncio.Queue | None = None  # made on the event loop, when first needed
+        self.read_here = 0  # pictures read on the event loop so far, not by a worker
 
     def _start(self):
         ours, theirs = self._context.Pipe()
@@ -39,8 +50,12 @@ class PictureWorkers:
         theirs.close()
         return process, ours
 
-    async def find_digits(self, data: bytes) -> list[Found]:
-        """The digits in the picture whose bytes are `data`; ImageError (one line) if it cannot be read."""
+    async def find_digits(self, data: bytes, alone: bool = False) -> list[Found]:
+        """The digits in the picture whose bytes are `data`; ImageError (one line) if it cannot be read.
+        A small picture `alone` (nothing else is being read or answered) is read here, on the loop."""
+        if alone and _small(data):
+            self.read_here += 1
+            return read(data)
         if self._idle is None:
             self._idle = asyncio.Queue()
             for worker in self._workers:
@@ -92,6 +107,24 @@ async def _ask(pipe, data: bytes):
     return pipe.recv()  # a few kB, being written now
 
 
+def read(data: bytes) -> list[Found]:
+    """The digits in an uploaded picture (its bytes); ImageError or UserError, one line, if there are none."""
+    return find_digits(open_grey(data, name=PICTURE), source=PICTURE)
+
+
+def _small(data: bytes) -> bool:
+    """Whether a PNG's or JPEG's header says it has at most HERE_PIXELS; nothing is decoded. Anything
+    else goes to a worker, which also says what is wrong with a file that cannot be read."""
+    if not data.startswith(HERE_FORMATS):
+        return False
+    try:
+        with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
+            warnings.simplefilter("ignore")
+            return im.width * im.height <= HERE_PIXELS
+    except Exception:  # unreadable: the worker tells the user why
+        return False
+
+
 def _work(pipe) -> None:
     """A worker's life: read a picture, answer its digits (or the one line saying why not), again."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the server stops us
@@ -101,7 +134,7 @@ def _work(pipe) -> None:
         except (EOFError, OSError):
             return
         try:
-            answer = (True, find_digits(open_grey(data, name=PICTURE), source=PICTURE))
+            answer = (True, read(data))
         except UserError as e:
             answer = (False, str(e))
         except Exception:  # a bug: the server answers 500 and logs it
