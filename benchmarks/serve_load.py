@@ -6,9 +6,11 @@ and answers a constant. Both servers run in processes of their own on 127.0.0.1;
 solid black strokes on white, RGBA). Each row is measured in one run with its floor, interleaved; the ratio
 is the figure to trust on a shared machine. Then 8 and 32 concurrent uploads of a 6300x6300
 RGBA PNG (40 megapixels in 170 kB): every one answered, the server's peak memory, and whether it
-still answers. Run it on a quiet machine: the clients share the 2 cores.
+still answers. Run it on a quiet machine: the clients share the 2 cores. Each row takes --rounds
+turns of the floor and ours (the order alternating) and shows their medians, and the median of the
+rounds' ratios: one turn alone moved by 1.5x on these shared VMs.
 
-    python benchmarks/serve_load.py --data-dir ../shared/data/mnist
+    python benchmarks/serve_load.py --data-dir ../shared/data/mnist [--rounds 3]
     python benchmarks/serve_load.py --bare PORT      (the floor's server, started by the above)
 """
 
@@ -99,6 +101,25 @@ def load(url: str, pictures: list[bytes], clients: int, path: str = "/api/predic
             "p95": latencies[int(0.95 * len(latencies)) - 1]}
 
 
+def row(commands: dict, pictures: list[bytes], clients: int, rounds: int) -> tuple[dict, dict, dict]:
+    """`rounds` turns of each server (a fresh process each, the order alternating), under `clients`: the
+    median of each figure per server, and the median of the rounds' ours-to-bare ratios."""
+    runs = {name: [] for name in commands}
+    for turn in range(rounds):
+        for name in sorted(commands, reverse=bool(turn % 2)):
+            command, path = commands[name]
+            process, url = start(command)
+            try:
+                load(url, pictures[:4], clients, path)  # warm-up
+                runs[name].append(load(url, pictures, clients, path))
+            finally:
+                stop(process)
+    medians = {name: {k: statistics.median(r[k] for r in results) for k in ("rps", "p50", "p95")}
+               for name, results in runs.items()}
+    ratios = {k: statistics.median(o[k] / b[k] for o, b in zip(runs["ours"], runs["bare"])) for k in ("rps", "p95")}
+    return medians["ours"], medians["bare"], ratios
+
+
 def canvases(data, count: int = 32) -> list[bytes]:
     """MNIST test digits as the page's canvas sends a drawing: 280x280, solid black strokes with smooth
     edges on white (the page draws 18-px lines), RGBA PNG."""
@@ -143,6 +164,7 @@ def huge_uploads(command: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", help="folder with the four MNIST files")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of each server per row (default: %(default)s)")
     parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
@@ -161,8 +183,8 @@ def main() -> None:
 
         onnx = export_onnx(runs["fast"], Path(tmp) / "fast.onnx")  # the same model, on onnxruntime
         ours = {"1 model": [runs["fast"]], "3 models": list(runs.values()), "1 model, ONNX": [onnx]}
-        print(f"{cpu_name()}; {REQUESTS} requests per row, 280x280 canvas PNGs; each row against the bare "
-              "endpoint, measured in turn\n")
+        print(f"{cpu_name()}; {REQUESTS} requests per turn, 280x280 canvas PNGs; each row the median of "
+              f"{args.rounds} turns of ours and the bare endpoint, alternating\n")
         print("| server | clients | requests/s | p50 (ms) | p95 (ms) | bare endpoint: req/s, p50, p95 | "
               "req/s vs bare | p95 vs bare |\n|---|---:|---:|---:|---:|---|---:|---:|")
         for label, chosen, clients, path in (("1 model", "1 model", 1, "/api/predict"),
@@ -171,19 +193,12 @@ def main() -> None:
                                              ("1 model, ONNX", "1 model, ONNX", 16, "/api/predict"),
                                              ("3 models", "3 models", 16, "/api/predict"),
                                              ("1 model, feature maps", "1 model", 16, "/api/predict?maps=1")):
-            results = {}
-            for name, command in (("bare", floor), ("ours", [sys.executable, "-m", "digitlab", "serve",
-                                                              *map(str, ours[chosen]), "--port"])):
-                process, url = start(command)
-                try:
-                    load(url, pictures[:4], clients, path if name == "ours" else "/api/predict")  # warm-up
-                    results[name] = load(url, pictures, clients, path if name == "ours" else "/api/predict")
-                finally:
-                    stop(process)
-            o, b = results["ours"], results["bare"]
+            commands = {"bare": (floor, "/api/predict"),
+                        "ours": ([sys.executable, "-m", "digitlab", "serve", *map(str, ours[chosen]), "--port"], path)}
+            o, b, ratios = row(commands, pictures, clients, args.rounds)
             print(f"| {label} | {clients} | {o['rps']:.0f} | {o['p50'] * 1000:.1f} | {o['p95'] * 1000:.0f} | "
-                  f"{b['rps']:.0f}, {b['p50'] * 1000:.1f}, {b['p95'] * 1000:.0f} | {o['rps'] / b['rps']:.2f}x | "
-                  f"{o['p95'] / b['p95']:.2f}x |", flush=True)
+                  f"{b['rps']:.0f}, {b['p50'] * 1000:.1f}, {b['p95'] * 1000:.0f} | {ratios['rps']:.2f}x | "
+                  f"{ratios['p95']:.2f}x |", flush=True)
         huge_uploads([sys.executable, "-m", "digitlab", "serve", str(runs["fast"]), "--port"])
 
 
