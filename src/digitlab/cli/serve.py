@@ -9,7 +9,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from digitlab.cli.options import add_threshold, opset, port
+from digitlab.cli.options import add_options, opset, options_from
+from digitlab.config import ServeOptions
 from digitlab.errors import UserError
 
 if TYPE_CHECKING:
@@ -21,15 +22,7 @@ def add_serve_parser(commands) -> None:
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
                    help="run folders, checkpoints or exported .onnx files to load; the first one answers in large "
                         "(`digitlab train --preset best` makes the model that reads real handwriting best)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=port, default=8000, help="port to listen on (default: %(default)s)")
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="also answer requests addressed to NAME (the Host header; repeatable): the server answers "
-                        "only to its --host, localhost and 127.0.0.1, so that no other site's page can reach it")
-    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
-                   help="let pages of ORIGIN (e.g. https://example.org; repeatable) call the API; by default only "
-                        "the server's own page may")
-    add_threshold(p, "an answer with a (calibrated) confidence below P is 'not sure'")
+    add_options(p, ServeOptions)
     p.set_defaults(func=cmd_serve)
 
 
@@ -44,12 +37,11 @@ def add_export_parser(commands) -> None:
 
 def cmd_serve(args: argparse.Namespace, stop: StopRequest) -> int:
     try:
-        from digitlab.serving.server import ServeOptions, serve
+        from digitlab.serving.server import serve
     except ImportError as e:
         raise UserError(f"serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]' in "
                         "digitlab's folder (or make setup)") from None
-    serve(args.runs, ServeOptions(host=args.host, port=args.port, threshold=args.threshold,
-                                  allow_hosts=args.allow_host, cors=args.cors))
+    serve(args.runs, options_from(args, ServeOptions))
     stop.check()  # uvicorn stops on Ctrl-C or SIGTERM itself, and hands the signal back
     return 0
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from digitlab.cli.options import add_data_dir, add_options, load_data, rich_console
+from digitlab.cli.options import add_data_dir, add_options, load_data, options_from, rich_console
 from digitlab.config import SweepOptions
 from digitlab.errors import UserError
 
@@ -42,7 +42,7 @@ def cmd_sweep(args: argparse.Namespace, stop: StopRequest) -> int:
 
     if importlib.util.find_spec("optuna") is None:
         raise UserError("sweep needs the sweep extra (optuna): pip install -e '.[sweep]' in digitlab's folder (or make setup)")
-    options = SweepOptions(**{f.name: getattr(args, f.name) for f in fields(SweepOptions)})
+    options = options_from(args, SweepOptions)
     connect_timeout()  # a wrong $DIGITLAB_CONNECT_TIMEOUT: one line before anything is loaded
     if args.report is not None:
         report(args.report, storage=options.storage, study=options.study, console=rich_console())

@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 import warnings
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ from digitlab.cli.options import (
     add_training_options,
     given_options,
     load_data,
+    options_from,
     report_files,
     rich_console,
     train_config,
@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace, stop: StopRequest) -> int:
     if args.nproc is not None and not distributed.launched():
         if args.device == "cuda":  # here, once, rather than in every process
             distributed.check_gpus(args.nproc, f"--nproc {args.nproc}")
-        options = LaunchOptions(**{f.name: getattr(args, f.name) for f in fields(LaunchOptions)})
+        options = options_from(args, LaunchOptions)
         return launch.launch(launch.worker_argv(args.argv), options)
     if args.nnodes > 1 or args.rdzv_endpoint:
         raise UserError("--nnodes and --rdzv-endpoint go with --nproc N (or use torchrun's own options)")

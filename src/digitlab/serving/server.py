@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import (  # module level: FastAPI reads the annotations
@@ -34,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
 import digitlab
-from digitlab.config import THRESHOLD
+from digitlab.config import ServeOptions
 from digitlab.errors import UserError
 from digitlab.files import one_line, reason
 from digitlab.serving.backends import ServedModel
@@ -45,17 +44,6 @@ DRAIN = 64 * 1024 * 1024  # a refused body up to this size is read and dropped, 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
-@dataclass
-class ServeOptions:
-    """How `digitlab serve` listens, and whom it answers."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    threshold: float = THRESHOLD  # an answer below this (calibrated) confidence is "not sure"
-    allow_hosts: list[str] = field(default_factory=list)  # more names the server answers to (Host header)
-    cors: list[str] = field(default_factory=list)  # origins whose pages may call the API
-
-
 def create_app(models: list[ServedModel], options: ServeOptions | None = None) -> FastAPI:
     """The FastAPI application serving these loaded models (`backends.load_models`)."""
     options = options or ServeOptions()
@@ -64,19 +52,13 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        reader.close()  # the batching threads
+        reader.close()  # its picture workers
 
     app = FastAPI(title="digitlab", description="Draw a digit; every loaded network reads it.",
                   version=digitlab.__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.reader = reader
+    app.add_exception_handler(RequestValidationError, _one_sentence)
     page = resources.files("digitlab.serving").joinpath("web/index.html").read_text(encoding="utf-8")
-
-    @app.exception_handler(RequestValidationError)
-    async def one_sentence(request: Request, exc: RequestValidationError):
-        missing = any(e.get("type") == "missing" for e in exc.errors())
-        message = ("send the picture as a multipart form field named 'image'" if missing
-                   else "the request is not a multipart form with a picture in the field 'image'")
-        return JSONResponse({"error": message}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
@@ -100,6 +82,21 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         except UserError as e:
             return JSONResponse({"error": one_line(str(e))}, status_code=400)
 
+    _guard(app, options)
+    return app
+
+
+async def _one_sentence(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A request FastAPI could not take apart: what to send instead, in one line."""
+    missing = any(e.get("type") == "missing" for e in exc.errors())
+    message = ("send the picture as a multipart form field named 'image'" if missing
+               else "the request is not a multipart form with a picture in the field 'image'")
+    return JSONResponse({"error": message}, status_code=422)
+
+
+def _guard(app: FastAPI, options: ServeOptions) -> None:
+    """The middleware that keeps the server to itself (outermost first): other sites' names and pages
+    refused, big bodies refused, CORS headers only for --cors origins."""
     if options.cors:
         from starlette.middleware.cors import CORSMiddleware
 
@@ -107,7 +104,6 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
                            allow_headers=["*"])
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     app.add_middleware(OnlyThisSite, hosts=_own_names(options), origins=options.cors)
-    return app
 
 
 def _own_names(options: ServeOptions) -> set[str]:
