@@ -8,13 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from conftest import copy_run, one_error_line, popen_cli, run_cli, wait_for, write_idx
-from digitlab.reading.checkpoint import load_checkpoint, read_checkpoint
+from digitlab.reading.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from digitlab.data import IMAGE_MAGIC, MIRRORS
 
 
@@ -216,16 +217,23 @@ def test_evaluate_needs_only_the_checkpoint(digits_model, digits_dir, tmp_path, 
     assert report["temperature"] == temperature and 0 <= report["calibration_error"] < 0.1
     for name in ("confusion.png", "worst.png"):
         assert Image.open(run_dir / name).format == "PNG"
-    # ... and the last epoch's weights carry no temperature: scored as they are
-    result = cli("evaluate", str(run_dir / "model.safetensors"), "--json", "--data-dir", str(digits_dir))
+    # ... the last epoch's weights, calibrated on the same split ...
+    last = json.loads(cli("evaluate", str(run_dir / "model.safetensors"), "--json", "--data-dir",
+                          str(digits_dir)).stdout)
+    assert last["temperature"] == read_checkpoint(run_dir / "model.safetensors")[1].temperature > 0
+    # ... and a checkpoint without a temperature (as digitlab wrote the last epoch's before) scored as it is
+    model, meta = load_checkpoint(run_dir / "model.safetensors")
+    save_checkpoint(tmp_path / "plain.safetensors", model, replace(meta, temperature=None))
+    result = cli("evaluate", str(tmp_path / "plain.safetensors"), "--json", "--data-dir", str(digits_dir))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["model"] == "convnet_small" and report["task"] == "classify" and report["images"] == 1000
     assert 0.85 < report["accuracy"] < 1  # a fraction, not a percentage
+    assert report["accuracy"] == last["accuracy"]  # a temperature changes no answer
     assert len(report["precision"]) == len(report["recall"]) == 10
     assert sum(report["confusion"][d][d] for d in range(10)) == round(report["accuracy"] * 1000)
     assert report["temperature"] is None and 0 <= report["calibration_error"] < 0.1  # not calibrated
-    text = cli("evaluate", str(run_dir / "model.safetensors"), "--data-dir", str(digits_dir),
+    text = cli("evaluate", str(tmp_path / "plain.safetensors"), "--data-dir", str(digits_dir),
                "--out", str(tmp_path / "report"))
     assert text.returncode == 0 and f"{report['accuracy']:.2%}" in text.stdout and "precision" in text.stdout
     assert f"expected calibration error {report['calibration_error']:.2%}, not calibrated" in text.stdout

@@ -123,8 +123,8 @@ def _print_evaluation(report: dict, title: str, mean_loss: float, meta) -> None:
             print(f"confidence: temperature {meta.temperature:.3f}; expected calibration error {change}")
         else:
             console.print(f"confidence: expected calibration error {report['calibration_error']:.2%}, not calibrated "
-                          "(no temperature in this checkpoint: a run's best.safetensors has one when it was trained "
-                          "with --val-split)")
+                          "(no temperature in this checkpoint: a run's checkpoints have one when it was trained with "
+                          "--val-split)")
     table = Table("digit", "precision", "recall", "test images", title="per digit")
     for digit, (p, r) in enumerate(zip(report["precision"], report["recall"])):
         table.add_row(str(digit), f"{p:.4f}", f"{r:.4f}", f"{sum(report['confusion'][digit]):,}")

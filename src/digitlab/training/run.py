@@ -295,7 +295,11 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
         best_row = history.epochs[state.best_epoch]
         files.append(save_checkpoint(scored, test_model, replace(scored_meta, epochs=state.best_epoch + 1,
                                                                  final_loss=best_row["train_loss"])))
-        files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, last))
+        # the last epoch's weights are calibrated too, on the same validation split (label smoothing, for
+        # one, leaves them far from calibrated): the best ones' temperature when they are the same weights
+        own = calibration.get("temperature") if state.best_epoch == len(history.epochs) - 1 else (
+            _temperature(model, split) if get_task(cfg.task).confident else None)
+        files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, replace(last, temperature=own)))
     else:
         files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, scored_meta))
     files.append(out_dir / STATE_FILE)
@@ -313,8 +317,15 @@ def _calibrate(model, split: Split, test) -> dict:
     before = expected_calibration_error(probabilities(test.outputs), test.labels)
     if split.val_images is None:
         return {"test_ece": before}
-    temperature = fit_temperature(model_outputs(model, split.val_images), split.val_labels)
+    temperature = _temperature(model, split)
     if temperature is None:  # too few held-out images, or all of them right
         return {"test_ece": before, "calibration": "skipped"}
     after = expected_calibration_error(probabilities(test.outputs, temperature), test.labels)
     return {"temperature": temperature, "test_ece_uncalibrated": before, "test_ece": after}
+
+
+def _temperature(model, split: Split) -> float | None:
+    """The temperature that calibrates the model's logits on the validation split; None without one."""
+    if split.val_images is None:
+        return None
+    return fit_temperature(model_outputs(model, split.val_images), split.val_labels)
