@@ -3,12 +3,13 @@
 The floor is a bare FastAPI endpoint on the same uvicorn that reads the same multipart upload
 and answers a constant. Both servers run in processes of their own on 127.0.0.1; the clients
 (threads with httpx) post 280x280 canvas PNGs as the page sends them (MNIST test digits drawn as
-solid black strokes on white, RGBA). Each row is measured in one run with its floor, interleaved; the ratio
+solid black strokes on white, RGBA). Each row is measured with its floor, interleaved; the ratio
 is the figure to trust on a shared machine. Then 8 and 32 concurrent uploads of a 6300x6300
 RGBA PNG (40 megapixels in 170 kB): every one answered, the server's peak memory, and whether it
 still answers. Run it on a quiet machine: the clients share the 2 cores. Each row takes --rounds
 turns of the floor and ours (the order alternating) and shows their medians, and the median of the
-rounds' ratios: one turn alone moved by 1.5x on these shared VMs.
+rounds' ratios (so a ratio need not be the ratio of the medians beside it): one turn alone moved by
+1.5x on these shared VMs.
 
     python benchmarks/serve_load.py --data-dir ../shared/data/mnist [--rounds 3]
     python benchmarks/serve_load.py --bare PORT      (the floor's server, started by the above)
@@ -164,7 +165,8 @@ def huge_uploads(command: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", help="folder with the four MNIST files")
-    parser.add_argument("--rounds", type=int, default=3, help="turns of each server per row (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, choices=range(1, 21), metavar="N",
+                        help="turns of each server per row, 1-20 (default: %(default)s)")
     parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:

@@ -261,15 +261,17 @@ def test_more_bad_arguments(args, fragment, cli):
 
 
 def test_options_come_back_from_their_own_command_lines():
-    """A sweep's workers and a launch's processes get their options as a command line (`as_argv`)."""
+    """A sweep's workers get their options as a command line (`as_argv`): every options dataclass, and
+    values that look like flags, come back whole."""
     import argparse
 
     from digitlab.cli.options import add_options, options_from
     from digitlab.config import LaunchOptions, ServeOptions, SweepOptions, as_argv
 
     for given in (ServeOptions(host="::1", port=9000, threshold=0.5, allow_hosts=["a.example", "b.example"],
-                               cors=["http://c.example"]),
-                  SweepOptions(trials=3, workers=2, storage="sqlite:///x.db", sampler="random", seed=4, worker=1),
+                               cors=["http://c.example", "-x"]),
+                  SweepOptions(trials=3, workers=2, storage="sqlite:///x.db", sampler="random", seed=4, worker=1,
+                               study="--trials"),
                   LaunchOptions(nproc=2, nnodes=2, rdzv_endpoint="127.0.0.1:29500")):
         parser = argparse.ArgumentParser()
         add_options(parser, type(given))

@@ -158,6 +158,26 @@ def test_patience_stops_early_and_the_best_checkpoint_is_kept(small, tmp_path):
     assert [r["epoch"] for r in more.history.epochs] == [0, 1, 2, 3] and more.state.stopped == "patience"
 
 
+def test_the_last_epochs_weights_get_a_temperature_of_their_own(small, tmp_path):
+    from digitlab.reading.calibrate import fit_temperature
+    from digitlab.reading.evaluate import model_outputs
+    from digitlab.training.run import split_data
+
+    # A learning rate high enough that validation accuracy soon falls back: patience stops the run on an
+    # epoch worse than the best one, so the last weights are not the best ones.
+    config = TrainConfig(model="convnet_tiny", epochs=30, optimizer="adam", lr=0.05, val_split=320, patience=1)
+    result = run(config, small, tmp_path, reporter=Reporter())
+    assert result.state.stopped == "patience" and result.state.best_epoch < len(result.history.epochs) - 1
+    split, _ = split_data(small, config)
+    temperatures = {}
+    for name in ("best.safetensors", "model.safetensors"):  # each fitted to its own weights on the split
+        model, meta = load_checkpoint(tmp_path / name)
+        outputs = model_outputs(model, split.val_images, normalization=meta.normalization)
+        assert meta.temperature == pytest.approx(fit_temperature(outputs, split.val_labels), rel=1e-4)
+        temperatures[name] = meta.temperature
+    assert temperatures["best.safetensors"] != temperatures["model.safetensors"]
+
+
 def test_validation_split_is_stratified_seeded_and_disjoint(digits):
     from digitlab.data import stratified_split
 

@@ -232,12 +232,12 @@ def test_eight_huge_uploads_at_once_cost_about_one(server):
 def test_micro_batched_answers_are_one_at_a_times(runs, digits):
     from digitlab.serving.backends import load_models
     from digitlab.serving.reader import Reader
-    from digitlab.serving.workers import HERE_PIXELS
+    from digitlab.serving.workers import LOOP_BYTES, LOOP_PIXELS
 
     rng = np.random.default_rng(1)
     pictures = [_drawn(SEVEN), _number_png()]
     pictures += [_png(synthetic_photo(digits.test_images[i].numpy(), rng).convert("L")) for i in range(24)]
-    small = sum(np.prod(Image.open(io.BytesIO(p)).size) <= HERE_PIXELS for p in pictures)
+    small = sum(len(p) <= LOOP_BYTES and np.prod(Image.open(io.BytesIO(p)).size) <= LOOP_PIXELS for p in pictures)
     assert 2 < small < len(pictures)  # 300-700 px photos: some of each size
     reader = Reader(load_models(runs), wait=0.02)
 
@@ -245,9 +245,9 @@ def test_micro_batched_answers_are_one_at_a_times(runs, digits):
         alone = [await reader.read(p) for p in pictures]  # one at a time: a forward pass each
         assert all(b.batches == len(pictures) for b in reader.batchers)
         # each the server's only work: the small ones were read on its loop, the others by a worker
-        assert reader.workers.read_here == small
+        assert reader.workers.read_on_loop == small
         together = await asyncio.gather(*(reader.read(p) for p in pictures))  # all at once
-        assert reader.workers.read_here == small + 1  # the first one alone; the rest by the workers
+        assert reader.workers.read_on_loop == small + 1  # the first one alone; the rest by the workers
         return alone, together
 
     try:

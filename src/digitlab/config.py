@@ -38,7 +38,7 @@ def option(default: Any, help: str, *, choices: tuple | Callable[[], list] | Non
     """A field of an options dataclass with what the CLI and the config-file reader need to know.
 
     minimum/above/maximum: the value must be >= minimum, > above, <= maximum (and finite).
-    kind: the value's type when the annotation allows None (an int or a float).
+    kind: the value's type when the annotation allows None (an int, a float or a str).
     flag: the command-line flag, when it is not the field name with dashes.
     hidden: set by digitlab itself (a worker's command line), not shown in --help.
     A list default makes a repeatable flag (each use adds a value); every instance gets its own copy.
@@ -153,7 +153,7 @@ def flag(f: Field) -> str:
 
 
 def value_type(name: str, of: type = TrainConfig) -> type:
-    """The Python type of a field's value: bool, int, float or str."""
+    """The Python type of a field's value: bool, int, float, str, or list (a repeatable flag)."""
     f = _field(of, name)
     return f.metadata["kind"] or type(f.default)
 
@@ -285,16 +285,15 @@ class ServeOptions:
 
 
 def as_argv(options) -> list[str]:
-    """The command line that gives an options dataclass these values (fields set to None left out)."""
+    """The command line that gives an options dataclass these values (fields set to None left out).
+    `--flag=value`, so that a value starting with '-' is not taken for a flag."""
     argv = []
     for f in fields(options):
         value = getattr(options, f.name)
         if isinstance(value, bool):
             argv.append(flag(f) if value else "--no-" + flag(f)[2:])
-        elif isinstance(value, list):
-            argv += [part for item in value for part in (flag(f), str(item))]
         elif value is not None:
-            argv += [flag(f), str(value)]
+            argv += [f"{flag(f)}={item}" for item in (value if isinstance(value, list) else [value])]
     return argv
 
 

@@ -123,8 +123,8 @@ def _print_evaluation(report: dict, title: str, mean_loss: float, meta) -> None:
             print(f"confidence: temperature {meta.temperature:.3f}; expected calibration error {change}")
         else:
             console.print(f"confidence: expected calibration error {report['calibration_error']:.2%}, not calibrated "
-                          "(no temperature in this checkpoint: a run's checkpoints have one when it was trained with "
-                          "--val-split)")
+                          "(no temperature in this checkpoint: a classifier trained with --val-split gets one; older "
+                          "runs wrote it into best.safetensors alone)")
     table = Table("digit", "precision", "recall", "test images", title="per digit")
     for digit, (p, r) in enumerate(zip(report["precision"], report["recall"])):
         table.add_row(str(digit), f"{p:.4f}", f"{r:.4f}", f"{sum(report['confusion'][digit]):,}")
@@ -165,8 +165,9 @@ def cmd_predict(args: argparse.Namespace, stop: StopRequest) -> int:
             table.add_row(Text(one_line(p.file)), text, confidence, ", ".join(guesses[1:]))
         rich_console().print(table)
         if meta.task.confident and meta.temperature is None:
-            print("note: this checkpoint has no calibration temperature (a run's best.safetensors has one when it "
-                  "was trained with --val-split): its confidences are the plain softmax's")
+            print("note: this checkpoint has no calibration temperature (a classifier trained with --val-split "
+                  "gets one; older runs wrote it into best.safetensors alone): its confidences are the plain "
+                  "softmax's")
     return ExitCode.USAGE if failed or unsaved else 0
 
 

@@ -1,7 +1,8 @@
 """One picture read by every loaded model, as `digitlab predict --json` reads a file.
 
-Pictures are decoded and their digits found by worker processes, one per core (`workers`); the
-digits go to each model through its micro-batcher, together with other requests' digits.
+Pictures are decoded and their digits found by worker processes, one per core, or on the event loop
+for a lone drawing (`workers`); the digits go to each model through its micro-batcher, together with
+other requests' digits.
 """
 from __future__ import annotations
 
@@ -25,23 +26,23 @@ class Reader:
         self.models, self.threshold = models, threshold
         self.workers = PictureWorkers(decoders)
         self.coming = 0  # requests whose pictures are being read: the batchers may wait for them
-        self.serving = 0  # requests being answered (read, batched, put into words)
+        self.answering = 0  # how many requests are being answered (read, batched, put into words)
         self.batchers = [MicroBatcher(m.outputs, size=batch, wait=wait, coming=lambda: self.coming) for m in models]
 
     async def read(self, data: bytes, maps: bool = False) -> dict:
         """Every model's reading of the picture in `data` (its bytes, as uploaded), the 28x28 digits they
         saw side by side, and with `maps` each conv layer's feature maps for each digit. A picture that
         cannot be read raises ImageError (one line)."""
-        self.serving += 1
+        self.answering += 1
         try:
             return await self._read(data, maps)
         finally:
-            self.serving -= 1
+            self.answering -= 1
 
     async def _read(self, data: bytes, maps: bool) -> dict:
         self.coming += 1
         try:
-            found = await self.workers.find_digits(data, alone=self.serving == 1)
+            found = await self.workers.find_digits(data, alone=self.answering == 1)
         finally:
             self.coming -= 1
         digits = np.stack([f.image for f in found])
