@@ -133,7 +133,7 @@ def test_plot_commands(digits_dir, tmp_path, cli):
     (["train", "mlp", "--lr", "0"], "--lr: must be a number above 0, got 0"),
     (["train", "mlp", "--lr", "-0.1"], "--lr: must be a number above 0"),
     (["train", "mlp", "--lr", "fast"], "--lr: 'fast' is not a number"),
-    (["train", "mlp", "--lr", "nan"], "--lr: must be a number above 0"),
+    (["train", "mlp", "--lr", "nan"], "--lr: must be a finite number, got nan"),
     (["train", "mlp", "--batch-size", "0"], "--batch-size: must be 1 or more"),
 ])
 def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path, cli):
@@ -255,6 +255,7 @@ def test_evaluate_a_regression_checkpoint_rounds_its_output(digits_dir, tmp_path
     (["train", "mlp", "--val-split", "-2"], "--val-split: must be 0 or more"),
     (["serve", "nowhere", "--port", "70000"], "--port: must be 65,535 or less, got 70000"),
     (["serve", "nowhere", "--threshold", "1.5"], "--threshold: must be 1 or less"),
+    (["serve", "nowhere", "--threshold", "inf"], "--threshold: must be a finite number, got inf"),
 ])
 def test_more_bad_arguments(args, fragment, cli):
     one_error_line(cli(*args), fragment)

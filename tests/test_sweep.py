@@ -107,7 +107,7 @@ def test_two_commands_join_one_sqlite_study(digits_dir, tmp_path, cli):
     ('[search]\nmodle = ["mlp"]', "[search] unknown option 'modle'"),
     ('[search]\nlr = { low = 0.1, high = 0.01 }', "[search] lr: low must be below high"),
     ('[search]\nlr = { low = 0, high = 0.1, log = true }', "lr: must be a number above 0"),
-    ('[search]\nlr = { low = nan, high = 0.1 }', "[search] lr: must be a number above 0, got nan"),
+    ('[search]\nlr = { low = nan, high = 0.1 }', "[search] lr: must be a finite number, got nan"),
     ('[search]\nlr = { low = 0.001, high = inf }', "[search] lr: must be"),
     ('[search]\nseed = { low = 0, high = 5_000_000_000 }', "[search] seed: must be 4,294,967,295 or less"),
     ('[search]\nweight_decay = { low = -1.0, high = 0.1 }', "[search] weight_decay: must be 0 or more, got -1"),

@@ -188,14 +188,14 @@ def problem(name: str, value: Any, of: type = TrainConfig) -> str | None:
         number = "a number " if kind is float else ""
         finite = isinstance(value, int) or math.isfinite(value)  # isfinite() overflows on a huge int
         shown = value if len(str(value)) <= 40 else f"{str(value)[:20]}... ({len(str(value))} digits)"
-        if meta["above"] is not None and not (finite and value > meta["above"]):
+        if not finite:  # first: no bound tells what is wrong with nan, and inf passes a lower one
+            return f"must be a finite number, got {value}"
+        if meta["above"] is not None and not value > meta["above"]:
             return f"must be {number}above {meta['above']:g}, got {shown}"
-        if meta["minimum"] is not None and not (finite and value >= meta["minimum"]):
+        if meta["minimum"] is not None and not value >= meta["minimum"]:
             return f"must be {meta['minimum']:g} or more, got {shown}"
         if meta["maximum"] is not None and not value <= meta["maximum"]:
             return f"must be {meta['maximum']:,} or less, got {shown}"
-        if not finite:
-            return f"must be a finite number, got {value}"
         if kind is int and meta["maximum"] is None and value > 2**63 - 1:
             return f"must be {2**63 - 1:,} or less, got {shown}"
     return None
