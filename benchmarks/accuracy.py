@@ -16,7 +16,6 @@ import os
 import statistics
 import tempfile
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from common import cpu_name
@@ -76,8 +75,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(args.out, f"{name}-{seed}") if args.out else tmp
                 result = run(config, data, out, reporter=Reporter())
-                last = evaluate(load_checkpoint(Path(out) / WEIGHTS_FILE)[0], data.test_images, data.test_labels,
-                                task=config.task).accuracy
+                last = result.test_accuracy if result.checkpoint.name == WEIGHTS_FILE else evaluate(
+                    load_checkpoint(result.checkpoint.with_name(WEIGHTS_FILE))[0], data.test_images,
+                    data.test_labels, task=config.task).accuracy  # the run scored its best epoch's weights
             figures.append((last, result.test_accuracy, result.history.seconds))
             print(f"| {name} | {config.model} | {config.task} | {describe(config)} | {config.epochs} | {seed} | "
                   f"{last:.2%} | {result.test_accuracy:.2%} | {result.history.seconds:.0f} |", flush=True)

@@ -260,13 +260,13 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
             device: torch.device, world: World) -> RunResult:
     """Score the test set once, on the checkpoint that `evaluate` and `predict` use (the best one
     when the run validated), and write the run's final files."""
-    scored, test_model = out_dir / WEIGHTS_FILE, model
+    scored, test_model, task = out_dir / WEIGHTS_FILE, model, get_task(cfg.task)
     if state.best_epoch is not None and (out_dir / BEST_FILE).is_file():
         scored = out_dir / BEST_FILE
-        test_model = place(create_model(cfg.model, num_outputs=get_task(cfg.task).outputs), device)
+        test_model = place(create_model(cfg.model, num_outputs=task.outputs), device)
         test_model.load_state_dict(read_checkpoint(scored)[0])
     final = evaluate(test_model, data.test_images, data.test_labels, task=cfg.task)
-    calibration = _calibrate(test_model, split, final) if get_task(cfg.task).confident else {}
+    calibration = _calibrate(test_model, split, final) if task.confident else {}
     params = sum(p.numel() for p in model.parameters())
     history = state.history
     results = {
@@ -298,7 +298,7 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
         # the last epoch's weights are calibrated too, on the same validation split (label smoothing, for
         # one, leaves them far from calibrated): the best ones' temperature when they are the same weights
         own = calibration.get("temperature") if state.best_epoch == len(history.epochs) - 1 else (
-            _temperature(model, split) if get_task(cfg.task).confident else None)
+            _temperature(model, split) if task.confident else None)
         files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, replace(last, temperature=own)))
     else:
         files.append(save_checkpoint(out_dir / WEIGHTS_FILE, model, scored_meta))
