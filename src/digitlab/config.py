@@ -270,13 +270,19 @@ THRESHOLD = 0.8  # `predict` and `serve` call an answer below this calibrated co
 
 
 @dataclass
-class ServeOptions:
-    """How `digitlab serve` listens, and whom it answers."""
+class ReadOptions:
+    """How `digitlab predict` and `serve` put a model's reading into words."""
+
+    threshold: float = option(THRESHOLD, "a digit read with a (calibrated) confidence below P is 'not sure'",
+                              minimum=0, maximum=1, metavar="P")
+
+
+@dataclass
+class ServeOptions(ReadOptions):
+    """How `digitlab serve` reads (as predict does), listens, and whom it answers."""
 
     host: str = option("127.0.0.1", "address to listen on (default: 127.0.0.1, this machine only)")
     port: int = option(8000, "port to listen on", minimum=1, maximum=65_535)
-    threshold: float = option(THRESHOLD, "an answer with a (calibrated) confidence below P is 'not sure'",
-                              minimum=0, maximum=1, metavar="P")
     allow_hosts: list[str] = option([], "also answer requests addressed to NAME (the Host header; repeatable): the "
                                         "server answers only to its --host, localhost and 127.0.0.1, so that no "
                                         "other site's page can reach it", flag="--allow-host", metavar="NAME")

@@ -10,7 +10,6 @@ from pathlib import Path
 from digitlab.config import (
     FIELDS,
     PRESETS,
-    THRESHOLD,
     TrainConfig,
     flag,
     preset_config,
@@ -127,11 +126,6 @@ def add_training_options(p: argparse.ArgumentParser, default_out: str, resume: b
                         "run keeps its own)")
 
 
-def add_threshold(p: argparse.ArgumentParser, help_text: str) -> None:
-    p.add_argument("--threshold", type=threshold, default=THRESHOLD, metavar="P",
-                   help=f"{help_text} (default: %(default)s)")
-
-
 def add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=None,
                    help="folder with the four MNIST IDX files, gzipped or not (default: $DIGITLAB_DATA_DIR, "
@@ -143,10 +137,6 @@ def thread_count(text: str) -> int:
     from digitlab.training.threads import MAX_THREADS
 
     return _number(text, int, lambda v: 1 <= v <= MAX_THREADS, f"from 1 to {MAX_THREADS}")
-
-
-def threshold(text: str) -> float:
-    return _number(text, float, lambda v: 0 <= v <= 1, "a probability from 0 to 1")
 
 
 def opset(text: str) -> int:

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 
 from digitlab.cli.options import (
     add_data_dir,
-    add_threshold,
+    add_options,
     load_data,
     non_negative_int,
     report_files,
     rich_console,
 )
+from digitlab.config import ReadOptions
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
 
@@ -56,7 +57,7 @@ def add_predict_parser(commands) -> None:
     p.add_argument("--single", action="store_true",
                    help="read each picture as one digit, however many blobs of ink it has (default: read every "
                         "digit in a row, left to right)")
-    add_threshold(p, "a digit read with a (calibrated) confidence below P is 'not sure'")
+    add_options(p, ReadOptions)
     p.add_argument("--save-preprocessed", type=Path, default=None, metavar="DIR",
                    help="write the 28x28 pictures the network saw for each input into DIR, side by side when "
                         "there are several (default: don't)")
