@@ -99,6 +99,11 @@ def _train(args: argparse.Namespace, stop: StopRequest, speaks: bool) -> int:
             return ExitCode.LOST
         raise UserError(f"lost contact with the other training processes ({one_line(str(e))[:120]}); the last "
                         f"saved state in '{out}' is resumable with --resume") from None
+    except KeyboardInterrupt as e:  # a signal outside a step: from the user, or from `--nproc` after a death
+        if world.distributed and os.environ.get(launch.LAUNCHER) and stopped_by(e) == "SIGTERM" \
+                and distributed.sibling_gone():
+            return ExitCode.LOST  # the launcher stopped us because another process died: it says which, once
+        raise
     finally:
         distributed.stop()
     if world.main and not result.state.interrupted:

@@ -21,6 +21,7 @@ import datetime
 import os
 import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -192,3 +193,20 @@ def lost(error: BaseException) -> bool:
     return isinstance(error, (RuntimeError, pickle.UnpicklingError)) and any(
         word in text for word in ("Connection closed", "Connection reset", "Broken pipe", "Timed out", "timed out",
                                   "DistBackendError", "NCCL", "Gloo", "gloo"))
+
+
+def sibling_gone() -> bool:
+    """Whether one of the processes that the same launcher started on this machine (torchrun, `--nproc`)
+    has ended: fewer than LOCAL_WORLD_SIZE of its children are running. A launcher that sees a process
+    die stops the others with SIGTERM; this tells that SIGTERM from one a user sent. False where it
+    cannot be told (no /proc)."""
+    parent = Path(f"/proc/{os.getppid()}")
+    try:
+        children = [pid for task in (parent / "task").iterdir() for pid in (task / "children").read_text().split()]
+    except OSError:
+        return False
+    running = 0
+    for pid in children:
+        with contextlib.suppress(OSError):  # gone already
+            running += (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) not in ("Z", "X")
+    return running < int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
