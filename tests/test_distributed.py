@@ -214,6 +214,24 @@ def test_a_rank_that_dies_stops_the_others_and_the_run_resumes(digits_dir, tmp_p
     assert len(history["epochs"]) == done + 1 and len(history["batch_loss"]) == (done + 1) * 40
 
 
+def test_a_process_tells_a_dead_sibling_from_a_user_signal():
+    """What the previous test relies on when the launcher's SIGTERM outruns the broken collective (a busy
+    machine): this process stands in for the launcher, with two children as its two training processes."""
+    ask = ("import os; os.environ['LOCAL_WORLD_SIZE'] = '2'; "
+           "from digitlab.training.distributed import sibling_gone; print(sibling_gone())")
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True).stdout == "False\n"
+        sibling.kill()
+        time.sleep(0.2)  # dead and not yet reaped (a zombie), then reaped
+        assert subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True).stdout == "True\n"
+        sibling.wait()
+        assert subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True).stdout == "True\n"
+    finally:
+        sibling.kill()
+        sibling.wait()
+
+
 def test_ctrl_c_stops_every_process_after_the_same_step(digits_dir, tmp_path, cli):
     out = tmp_path / "run"  # far more epochs than the test waits for: the signal lands mid-run on any machine
     launcher = popen_cli(*_train(digits_dir, out, "mlp", "--epochs", "100", "--batches", "40", "--nproc", "2"),
