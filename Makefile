@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 compare: setup
 	$(BIN)/digitlab compare mlp cnn
 
+# Two workers (one where there is one core): the suite is mostly single-threaded processes.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 2
 
 # Needs the four MNIST .gz files: make bench DIGITLAB_DATA_DIR=../shared/data/mnist
 bench: setup

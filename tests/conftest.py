@@ -14,7 +14,9 @@ Fast by design (docs: STYLE.md, "Fast tests by design"):
   descriptors), and in a real process through `run_cli` only where the process is the
   point: a signal, an exit code set by the interpreter, memory, several processes;
 - the randomised tests run a few cases by default and thousands under
-  `HYPOTHESIS_PROFILE=long` (the `LONG` flag here, for the loops that are not Hypothesis's).
+  `HYPOTHESIS_PROFILE=long` (the `LONG` flag here, for the loops that are not Hypothesis's);
+- `make test` runs two workers (pytest-xdist, `-n`): each computes on one thread, and the shared
+  models are trained once for both.
 """
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ LONG = PROFILE == "long"  # the hand-made random loops (kill -9, Ctrl-C at any m
 # The threads a fresh `digitlab` process computes with. A run is bit-for-bit the same in this process
 # and in a real one only on as many threads (the sums are split differently), so `cli` runs with these.
 FRESH_THREADS = torch.get_num_threads()
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: the workers share the cores, a thread each
+    FRESH_THREADS = 1
+    torch.set_num_threads(1)
 # ... and a `digitlab` process started by a test computes on as many, however busy the machine is (a run
 # chooses its threads from the load otherwise: training/threads.py)
 os.environ.setdefault("DIGITLAB_THREADS", str(FRESH_THREADS))
@@ -96,12 +101,21 @@ def _files(folder: Path) -> dict[str, tuple[int, int]]:
 
 def _shared_run(tmp_path_factory, name: str, config, data):
     """Train `config` on `data` once for the session into a folder of its own; yields the folder,
-    and fails at the end of the session if any test wrote into it (copy_run it first)."""
+    and fails at the end of the session if any test wrote into it (copy_run it first).
+
+    Under `pytest -n N` the workers share it too: the first to need it trains it, under a lock, in the
+    folder the workers' own temporary folders are in, and the others wait for it and read it."""
+    from filelock import FileLock
+
     from digitlab.training.reporters import Reporter
     from digitlab.training.run import run
 
-    out = tmp_path_factory.mktemp(name)
-    run(config, data, out, reporter=Reporter())
+    base = tmp_path_factory.getbasetemp()
+    out = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"shared-{name}"
+    with FileLock(f"{out}.lock"):
+        if not (out / "history.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a worker that died halfway through training it
+            run(config, data, out, reporter=Reporter())
     before = _files(out)
     yield out
     assert _files(out) == before, f"a test wrote into the shared run {out}: copy_run it into tmp_path first"

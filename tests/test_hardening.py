@@ -404,6 +404,7 @@ def test_toml_files_of_any_shape_are_read_or_get_one_short_line(digits_dir, tmp_
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
         line = one_error_line(cli("train", "--config", str(tmp_path / name), "--out", str(tmp_path / "never")))
-        assert len(line) < 400 and not (tmp_path / "never").exists(), line
+        # short, whatever the file held; the file's own path (long under pytest -n) is not the file's doing
+        assert len(line.replace(str(tmp_path), "")) < 350 and not (tmp_path / "never").exists(), line
     # a sweep spec is read the same way
     one_error_line(cli("sweep", str(tmp_path / "deep-lists.toml"), "--out", str(tmp_path / "never")), "too deeply")
