@@ -219,14 +219,17 @@ def test_a_process_tells_a_dead_sibling_from_a_user_signal():
     machine): this process stands in for the launcher, with two children as its two training processes."""
     ask = ("import os; os.environ['LOCAL_WORLD_SIZE'] = '2'; "
            "from digitlab.training.distributed import sibling_gone; print(sibling_gone())")
+    def said() -> str:
+        return subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True).stdout
+
     sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        assert subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True).stdout == "False\n"
+        assert said() == "False\n"
         sibling.kill()
         time.sleep(0.2)  # dead and not yet reaped (a zombie), then reaped
-        assert subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True).stdout == "True\n"
+        assert said() == "True\n"
         sibling.wait()
-        assert subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True).stdout == "True\n"
+        assert said() == "True\n"
     finally:
         sibling.kill()
         sibling.wait()

@@ -38,13 +38,18 @@ class ModelNames:
 
 def _number(text: str, kind: type, ok, requirement: str):
     """Parse an option's value; an argparse error names what was wrong with it."""
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a {'whole number' if kind is int else 'number'}") from None
+    value = _converted(text, kind)
     if not ((kind is int or math.isfinite(value)) and ok(value)):
         raise argparse.ArgumentTypeError(f"must be {requirement}, got {text[:40]}")
     return value
+
+
+def _converted(text: str, kind: type):
+    """`kind(text)`, or the argparse error saying the text is not a number."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a {'whole number' if kind is int else 'number'}") from None
 
 
 def non_negative_int(text: str) -> int:
@@ -56,10 +61,7 @@ def _option_value(of: type, name: str):
     kind = value_type(name, of)
 
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a {'whole number' if kind is int else 'number'}") from None
+        value = _converted(text, kind)
         wrong = problem(name, value, of)
         if wrong:
             raise argparse.ArgumentTypeError(wrong)
