@@ -11,6 +11,15 @@ from digitlab.stop import StopRequest, stopped_by
 
 
 def main() -> int:
+    code = _command()
+    # a training process of several (torchrun, --nproc) ends without the interpreter's clean-up
+    distributed = sys.modules.get("digitlab.training.distributed")
+    if distributed is not None and distributed.joined():
+        distributed.leave(code)
+    return code
+
+
+def _command() -> int:
     stop = StopRequest().install()
     sys.stdout = Output(sys.stdout)  # a closed pipe stops the writing, not the command
     try:

@@ -20,8 +20,10 @@ import contextlib
 import datetime
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -50,6 +52,7 @@ class World:
 
 
 SINGLE = World()
+_joined = False  # whether this process joined a process group (start)
 
 
 def launched() -> bool:
@@ -82,8 +85,26 @@ def start(device: str) -> World:
     if cuda:
         check_gpus(local_size, f"{local_size} processes on this machine")
         torch.cuda.set_device(local_rank)
+    global _joined
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT))
+    _joined = True
     return current()
+
+
+def joined() -> bool:
+    """Whether this process joined a process group: it ends through `leave`."""
+    return _joined
+
+
+def leave(code: int) -> NoReturn:
+    """End a process that joined a process group, with `code` and without the interpreter's clean-up,
+    as multiprocessing's children end. The group's C++ threads outlive destroy_process_group, and one
+    that wants the GIL while the interpreter shuts down aborts the process ("terminate called without
+    an active exception", SIGABRT), which the launcher reports as a death. The files are closed by now."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(code)
 
 
 def check_gpus(processes: int, how: str) -> None:

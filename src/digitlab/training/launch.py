@@ -156,7 +156,7 @@ def _first_failure(failures: dict) -> tuple[int, int]:
         code = failures[rank].exitcode
         said = code in (ExitCode.USAGE, ExitCode.SIGINT, ExitCode.SIGTERM)
         stopped = code in (-signal.SIGTERM, -signal.SIGKILL) and not said
-        return failures[rank].timestamp, (0 if said else 2 if code == ExitCode.LOST else 3 if stopped else 1), rank
+        return failures[rank].timestamp, (0 if said else 3 if code == ExitCode.LOST else 2 if stopped else 1), rank
 
     rank = min(failures, key=order)
     return rank, failures[rank].exitcode
