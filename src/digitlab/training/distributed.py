@@ -77,6 +77,7 @@ def current() -> World:
 
 def start(device: str) -> World:
     """Join the process group torchrun set up: nccl when training on CUDA, gloo otherwise."""
+    global _joined
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -85,7 +86,6 @@ def start(device: str) -> World:
     if cuda:
         check_gpus(local_size, f"{local_size} processes on this machine")
         torch.cuda.set_device(local_rank)
-    global _joined
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT))
     _joined = True
     return current()
