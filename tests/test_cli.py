@@ -99,6 +99,15 @@ def test_compare_is_the_chapter_experiment(digits_dir, tmp_path, cli):
     assert Image.open(out / "compare.png").size[0] > 500
 
 
+def test_compare_refuses_a_training_runs_folder(chapter_model, digits_dir, tmp_path, cli):
+    run = copy_run(chapter_model, tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    for extra in ((), ("--overwrite",)):
+        one_error_line(cli("compare", "mlp", "cnn", "--epochs", "1", "--batches", "2", "--data-dir", str(digits_dir),
+                           "--out", str(run), *extra), "holds a training run", "choose another --out")
+    assert sorted(p.name for p in run.iterdir()) == before  # no mlp/, cnn/ or compare.png inside it
+
+
 def test_plot_commands(digits_dir, tmp_path, cli):
     runs = []
     for model in ("mlp", "cnn"):

@@ -7,13 +7,15 @@ from pathlib import Path
 
 from digitlab.config import TrainConfig
 from digitlab.data import MNIST
-from digitlab.files import prepare_out_dir, write_text
+from digitlab.errors import UserError
+from digitlab.files import one_line, prepare_out_dir, write_text
 from digitlab.models import create_model
 from digitlab.plots import plot_two_losses, save_figure
 from digitlab.reading.evaluate import SAMPLE_WORDS
 from digitlab.stop import StopRequest
 from digitlab.studies.model_summary import summary
 from digitlab.tasks import get_task
+from digitlab.training.folder import RUN_FILES
 from digitlab.training.run import RunResult, run
 
 COLUMNS = ("model", "params", "final loss", "last-epoch mean loss", "test accuracy", "wall time (s)", "images/s")
@@ -65,6 +67,10 @@ def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, consol
     from rich.table import Table
 
     console = console or Console()
+    out_dir = Path(out_dir)
+    if any((out_dir / name).exists() for name in RUN_FILES):  # a run's own folder, not a comparison's
+        raise UserError(f"'{one_line(str(out_dir))}' holds a training run; a comparison writes a folder per model "
+                        "and its plot beside them: choose another --out")
     out_dir = prepare_out_dir(out_dir)
     runs: list[RunResult] = []
     for cfg in configs:
