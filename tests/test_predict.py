@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_error_line
 from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.reading.image import ImageError, load_grey
 from helpers.photos import naive_resize, synthetic_photo
@@ -128,7 +129,14 @@ def test_corrupt_checkpoint_is_refused(tmp_path, cli):
     Image.new("L", (50, 50), 255).save(tmp_path / "x.png")
     result = cli("predict", str(bad), str(tmp_path / "x.png"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "not a readable checkpoint" in result.stderr
+    assert "not a readable checkpoint" in result.stderr and "damaged" in result.stderr
+    onnx, text = tmp_path / "model.onnx", tmp_path / "notes.txt"
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch")  # an ONNX protobuf's first bytes
+    text.write_text("not a model\n")
+    one_error_line(cli("predict", str(onnx), str(tmp_path / "x.png")), "an exported ONNX model", "digitlab serve")
+    one_error_line(cli("evaluate", str(text)), "notes.txt: not a checkpoint", "give a run folder")
+    (tmp_path / "empty").mkdir()
+    one_error_line(cli("evaluate", str(tmp_path / "empty")), "the folder holds no model.safetensors")
 
 
 def _a_seven(size: int = 200) -> np.ndarray:

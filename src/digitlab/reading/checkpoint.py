@@ -18,6 +18,7 @@ from typing import Any
 from digitlab.config import FIELDS, TrainConfig, problem
 from digitlab.data import PIXEL_CENTER, PIXEL_SCALE
 from digitlab.errors import UserError
+from digitlab.files import one_line
 from digitlab.files import one_line, write_safetensors
 from digitlab.models import create_model, list_models, place
 from digitlab.tasks import TASKS, Task, get_task
@@ -135,9 +136,12 @@ def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint file, or a run folder's: its best checkpoint where it has one, else its last."""
     path = Path(path)
     if path.is_dir():
+        if not (path / WEIGHTS_FILE).is_file() and not (path / BEST_FILE).is_file():
+            raise UserError(f"no checkpoint at '{one_line(str(path))}': the folder holds no {WEIGHTS_FILE}; pass a run "
+                            "folder (runs/NAME) or its checkpoint file")
         path = path / BEST_FILE if (path / BEST_FILE).is_file() else path / WEIGHTS_FILE
     if not path.is_file():
-        raise UserError(f"no checkpoint at '{path}'; pass a run folder or its {WEIGHTS_FILE}")
+        raise UserError(f"no checkpoint at '{one_line(str(path))}'; pass a run folder or its {WEIGHTS_FILE}")
     return path
 
 
@@ -158,7 +162,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, CheckpointMeta]:
             raw = (f.metadata() or {}).get(META_KEY)
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable checkpoint ({e}); train again to rebuild it") from None
+        if path.suffix == ".onnx":
+            raise UserError(f"{path}: an exported ONNX model, which digitlab serve runs; give this command a run "
+                            f"folder or its {WEIGHTS_FILE}") from None
+        if path.suffix != ".safetensors":
+            raise UserError(f"{path}: not a checkpoint; give a run folder (runs/NAME) or its {WEIGHTS_FILE}") from None
+        raise UserError(f"{path}: not a readable checkpoint ({one_line(str(e))}); it is damaged: train again to "
+                        "rebuild it") from None
     if raw is None:
         raise UserError(f"{path}: a safetensors file without digitlab metadata; it was not written by digitlab")
     try:
