@@ -129,7 +129,7 @@ def test_what_cannot_be_resumed_says_so_and_leaves_the_folder_alone(small, tmp_p
             run(changed, small, run_dir, resume=True, reporter=Reporter())
     stopped = run(replace(config, epochs=3, schedule="none"), small, tmp_path / "part", reporter=SignalAt(60))
     assert (stopped.state.epoch, stopped.state.batch) == (1, 10)
-    with pytest.raises(UserError, match="already trained 1 epochs and part of another"):
+    with pytest.raises(UserError, match="already trained 1 epoch and part of another; give --epochs 2 or more"):
         run(replace(config, epochs=1, schedule="none"), small, tmp_path / "part", resume=True)
     with pytest.raises(UserError, match="other data"):
         run(config, replace(small, train_labels=small.train_labels.roll(1)), run_dir, resume=True)

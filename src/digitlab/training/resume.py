@@ -63,8 +63,10 @@ def check_resumable(run_dir: Path, config: TrainConfig, record: dict, tensors: d
     position = record["position"]
     done, stopped = position["epoch"], position["stopped"]
     if config.epochs < done or (config.epochs == done and position["batch"] > 0):
-        trained = f"{done} epochs and part of another" if position["batch"] else f"{done} epochs"
-        raise UserError(f"cannot resume '{run_dir}' with {config.epochs} epochs: it has already trained {trained}")
+        trained = f"{done} epoch{'s' * (done != 1)}" + (" and part of another" if position["batch"] else "")
+        least = done + (position["batch"] > 0)
+        raise UserError(f"cannot resume '{run_dir}' with --epochs {config.epochs}: it has already trained {trained}; "
+                        f"give --epochs {least} or more")
     if config.epochs != saved.epochs and saved.schedule != "none":
         raise UserError(f"cannot extend '{run_dir}' from {saved.epochs} to {config.epochs} epochs: its "
                         f"{saved.schedule} schedule was planned over {saved.epochs} and would change the steps "

@@ -118,8 +118,8 @@ def split_data(data: MNIST, config: TrainConfig, reporter: Reporter | None = Non
     val = config.val_split
     if val > n // MAX_VAL_FRACTION:
         val = n // MAX_VAL_FRACTION
-        (reporter or ConsoleReporter()).notice(f"validating on {val:,} images, a tenth of the {n:,} training images "
-                                               f"(--val-split {config.val_split:,} asks for more)")
+        (reporter or ConsoleReporter()).notice(f"validating on {val:,} images, the most --val-split may hold out: a "
+                                               f"tenth of the {n:,} training images ({config.val_split:,} were asked)")
         config = replace(config, val_split=val)
     if val:
         kept, held_out = stratified_split(data.train_labels, val, config.seed)
