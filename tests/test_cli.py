@@ -163,7 +163,8 @@ def test_missing_and_malformed_data_dirs(tmp_path, cli):
         write_idx(bad / f"{stem}.gz", IMAGE_MAGIC, (2, 28, 28), bytes(100))  # truncated on purpose
     one_error_line(cli("train", "mlp", "--data-dir", str(bad), "--out", str(out)),
                    "train-images-idx3-ubyte.gz: truncated")
-    one_error_line(cli("train", "mlp", "--out", str(out), env={"DIGITLAB_DATA_DIR": str(bad)}), "truncated")
+    one_error_line(cli("train", "mlp", "--out", str(out), env={"DIGITLAB_DATA_DIR": str(bad)}), "truncated",
+                   "the folder is DIGITLAB_DATA_DIR's")
     assert not out.exists()
 
 

@@ -236,9 +236,13 @@ def load_mnist(
     quiet: bool = False,
 ) -> MNIST:
     """Find MNIST (see the module docstring for the order) and read it into memory."""
-    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
     if data_dir:
         return read_folder(data_dir)  # an explicit folder must work: no silent fallback
+    if os.environ.get(DATA_DIR_ENV):
+        try:
+            return read_folder(os.environ[DATA_DIR_ENV])
+        except DataError as e:  # say where the folder came from: no --data-dir was given
+            raise DataError(f"{e} (the folder is {DATA_DIR_ENV}'s: set it to another, or unset it)") from None
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if all((cache / name).is_file() for name in md5s):
         return read_folder(cache)
