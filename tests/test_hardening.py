@@ -406,5 +406,6 @@ def test_toml_files_of_any_shape_are_read_or_get_one_short_line(digits_dir, tmp_
         line = one_error_line(cli("train", "--config", str(tmp_path / name), "--out", str(tmp_path / "never")))
         # short, whatever the file held; the file's own path (long under pytest -n) is not the file's doing
         assert len(line.replace(str(tmp_path), "")) < 350 and not (tmp_path / "never").exists(), line
+    one_error_line(cli("train", "--config", str(tmp_path), "--out", str(tmp_path / "never")), "is a folder; give a file")
     # a sweep spec is read the same way
     one_error_line(cli("sweep", str(tmp_path / "deep-lists.toml"), "--out", str(tmp_path / "never")), "too deeply")

@@ -89,7 +89,8 @@ def regular_file(path: str | os.PathLike, what: str) -> Path:
     """`path`, if it is a regular file: a pipe or a device would hang the reader. Else one UserError."""
     path = Path(path)
     if not path.is_file():
-        problem = "is not a regular file (a pipe or a device?)" if path.exists() else "does not exist"
+        problem = ("is a folder; give a file" if path.is_dir() else
+                   "is not a regular file (a pipe or a device?)" if path.exists() else "does not exist")
         raise UserError(f"{what} '{one_line(str(path))}' {problem}")
     return path
 
