@@ -262,6 +262,7 @@ def test_evaluate_a_regression_checkpoint_rounds_its_output(digits_dir, tmp_path
     (["train", "mlp", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["train", "mlp", "--weight-decay", "-1"], "--weight-decay: must be 0 or more"),
     (["train", "--preset", "turbo"], "invalid choice: 'turbo'"),
+    (["train", "--model", "convnet"], "unrecognized arguments: --model (see digitlab train --help)"),
     (["train", "mlp", "--val-split", "-2"], "--val-split: must be 0 or more"),
     (["serve", "nowhere", "--port", "70000"], "--port: must be 65,535 or less, got 70000"),
     (["serve", "nowhere", "--threshold", "1.5"], "--threshold: must be 1 or less"),

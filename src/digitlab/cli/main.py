@@ -28,8 +28,19 @@ class _Version(argparse.Action):
 
 
 class _Parser(argparse.ArgumentParser):
+    commands: argparse._SubParsersAction | None = None  # the top-level parser's, set by build_parser
+
     def error(self, message: str):  # one line instead of usage + message
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an option the command does not know is that command's error, pointing at
+        its own --help (argparse leaves them to the top-level parser)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.choices.get(getattr(parsed, "command", None), self) if self.commands else self
+            command.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,13 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Learn and compare neural-network structures on handwritten digits (MNIST).",
     )
     parser.add_argument("--version", action=_Version)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (show.add_summary_parser, train.add_train_parser, train.add_compare_parser, read.add_evaluate_parser,
                 read.add_predict_parser, sweep.add_sweep_parser, serve.add_serve_parser, serve.add_export_parser,
                 show.add_plot_parser):  # in the order --help lists them
         add(commands)
     return parser
-
 
 
 def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
