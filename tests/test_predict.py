@@ -213,3 +213,8 @@ def test_a_pipe_and_a_newline_in_a_name_get_one_line(digits_model, tmp_path, cli
     errors = [line for line in result.stderr.splitlines() if line.startswith("digitlab: error")]
     assert len(errors) == 1 and "two\\nlines.png: not an image" in errors[0]
     assert result.stderr.strip().splitlines() == errors
+
+
+def test_a_missing_picture_says_what_to_give(chapter_model, tmp_path, cli):
+    one_error_line(cli("predict", str(chapter_model), str(tmp_path / "my-digit.jpg")),
+                   "no such file or folder", "give pictures of digits")

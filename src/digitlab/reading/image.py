@@ -205,5 +205,6 @@ def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
         elif p.exists():
             raise UserError(f"'{one_line(str(p))}' is not a regular file or a folder (a pipe or a device?)")
         else:
-            raise UserError(f"no such file or folder: '{one_line(str(p))}'")
+            raise UserError(f"no such file or folder: '{one_line(str(p))}'; give pictures of digits (a photo, a scan "
+                            "or a drawing: PNG, JPEG, ...) or folders of them")
     return files
