@@ -302,8 +302,9 @@ def test_kill_9_at_any_moment_leaves_a_complete_or_resumable_folder(digits_dir, 
         time.sleep(rng.uniform(0.0, 2 * epoch_seconds))
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=60)
-        if (out / "history.json").exists():
+        if (out / "history.json").exists():  # the last file written: all the others are there
             states["complete"] += 1
+            assert all((out / name).is_file() for name in ("model.safetensors", "metrics.csv", "loss.png", "loss.svg"))
             continue
         if not (out / "state.safetensors").exists():
             states["none"] += 1  # killed before its first save: nothing to resume, nothing mixed

@@ -27,11 +27,22 @@ SIGNALS = tuple(s.name for s in HANDLED)  # the stops a signal asks for: 'SIGINT
 
 
 class Interrupted(KeyboardInterrupt):
-    """Raised by a signal outside a graceful section; `name` is 'SIGINT' or 'SIGTERM'."""
+    """Raised by a signal outside a graceful section; `name` is 'SIGINT' or 'SIGTERM', and `after` what
+    the user should know of the state the stop left (the rest of the command's one line)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, after: str = ""):
         super().__init__(name)
-        self.name = name
+        self.name, self.after = name, after
+
+
+def interrupted_line(error: BaseException) -> str | None:
+    """The one line that says a command was stopped by a signal (`error` is, or wraps, the stop); None
+    for any other error."""
+    name = stopped_by(error)
+    if name is None:
+        return None
+    after = getattr(cause(error), "after", "")
+    return f"digitlab: interrupted ({name})" + (f": {after}" if after else "")
 
 
 def cause(error: BaseException) -> Interrupted | None:

@@ -12,7 +12,7 @@ import digitlab
 from digitlab.cli import read, serve, show, sweep, train
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
-from digitlab.stop import StopRequest, stopped_by
+from digitlab.stop import StopRequest, interrupted_line, stopped_by
 
 
 class _Version(argparse.Action):
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
               "in digitlab's folder (or make setup)", file=sys.stderr)
         return ExitCode.USAGE
     except (KeyboardInterrupt, Exception) as e:  # a signal, or a library's error wrapped around one
-        name = stopped_by(e)
-        if name is None:
+        line = interrupted_line(e)
+        if line is None:
             raise
-        print(f"digitlab: interrupted ({name})", file=sys.stderr)
-        return ExitCode[name]
+        print(line, file=sys.stderr)
+        return ExitCode[stopped_by(e)]

@@ -45,7 +45,7 @@ from digitlab.reading.checkpoint import (
     save_checkpoint,
 )
 from digitlab.reading.evaluate import evaluate, model_outputs
-from digitlab.stop import StopRequest
+from digitlab.stop import Interrupted, StopRequest, stopped_by
 from digitlab.tasks import get_task, probabilities
 from digitlab.training import distributed
 from digitlab.training.distributed import SINGLE, World
@@ -253,7 +253,11 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
         files = [out_dir / STATE_FILE] if out_dir is not None and (out_dir / STATE_FILE).exists() else []
         return RunResult(cfg, state, sum(p.numel() for p in model.parameters()), float("nan"), Path(),
                          out_dir or Path(), files)
-    return _finish(cfg, data, split, out_dir, state, model, device, world)
+    try:
+        return _finish(cfg, data, split, out_dir, state, model, device, world)
+    except KeyboardInterrupt as e:  # Ctrl-C while it scores and writes its results: the training is saved
+        raise Interrupted(stopped_by(e) or "SIGINT", f"the training had finished and is saved; digitlab train "
+                          f"--resume {one_line(str(out_dir))} writes its results") from None
 
 
 def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: TrainState, model,
@@ -305,9 +309,11 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
     files.append(out_dir / STATE_FILE)
     record = {"model": cfg.model, "task": cfg.task, **scored_meta.as_json(), "epochs": len(history.epochs),
               "final_loss": history.final_loss, **history_record(history)}
-    files.append(write_text(out_dir / HISTORY_FILE, json.dumps(record, indent=1, allow_nan=False)))
     files.append(write_metrics(out_dir / METRICS_FILE, history))
     files += save_figure(plot_run_loss(history, title=f"{cfg.model} ({cfg.task})"), out_dir / "loss")
+    # the last file: it says the run finished (resume.py), so whatever stops the finish before it, the
+    # folder is resumable, and --resume writes the final files again
+    files.append(write_text(out_dir / HISTORY_FILE, json.dumps(record, indent=1, allow_nan=False)))
     return RunResult(cfg, state, params, final.accuracy, scored, out_dir, files, calibration)
 
 
