@@ -108,6 +108,15 @@ def test_compare_refuses_a_training_runs_folder(chapter_model, digits_dir, tmp_p
     assert sorted(p.name for p in run.iterdir()) == before  # no mlp/, cnn/ or compare.png inside it
 
 
+def test_the_comparison_plot_says_what_its_x_axis_counts():
+    from digitlab.plots import plot_two_losses
+
+    ax = plot_two_losses([3.0, 2.0], [2.5, 1.0], every=200, title="training loss: mlp and cnn").axes[0]
+    assert ax.get_xlabel() == "freq (the loss of batch 0, 200, 400, ... of each epoch)" and ax.get_title() == "training loss: mlp and cnn"
+    assert all(float(t).is_integer() for t in ax.get_xticks())  # two points: 0 and 1, not 0.2, 0.4, ...
+    assert plot_two_losses([3.0], [2.0]).axes[0].get_xlabel() == "freq"  # the chapter's own label
+
+
 def test_plot_commands(digits_dir, tmp_path, cli):
     runs = []
     for model in ("mlp", "cnn"):

@@ -44,10 +44,15 @@ def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
     return paths
 
 
-def _label_axes(fig: Figure, title: str | None) -> Figure:
-    """The chapter's axes: "freq" (one point per logged batch) against "loss"."""
+def _label_axes(fig: Figure, title: str | None, every: int | None = None) -> Figure:
+    """The chapter's axes: "freq" (one point per logged batch, every `every` batches) against "loss",
+    whole numbers on the x axis."""
+    from matplotlib.ticker import MaxNLocator
+
     ax = fig.axes[0]
-    ax.set_xlabel("freq", fontsize="large")
+    ax.set_xlabel("freq" + (f" (the loss of batch 0, {every:,}, {2 * every:,}, ... of each epoch)"
+                            if isinstance(every, int) else ""), fontsize="large")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss", fontsize="large")
     if title:
         ax.set_title(title)
@@ -103,13 +108,15 @@ def plot_two_losses(
     loss_list_2: Sequence[float],
     labels: tuple[str, str] = ("Train loss1", "Train loss2"),
     title: str | None = None,
+    every: int | None = None,
 ) -> Figure:
-    """The chapter's side-by-side: solid #e4007f for the first run, dashed #f19ec2 for the second."""
+    """The chapter's side-by-side: solid #e4007f for the first run, dashed #f19ec2 for the second; a point
+    every `every` batches (the runs' --log-every), where known."""
     fig = Figure(figsize=(10, 5))
     ax = fig.add_subplot()
     ax.plot(range(len(loss_list_1)), loss_list_1, color=COLOR_1, label=labels[0])
     ax.plot(range(len(loss_list_2)), loss_list_2, color=COLOR_2, linestyle="--", label=labels[1])
-    return _label_axes(fig, title)
+    return _label_axes(fig, title, every)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

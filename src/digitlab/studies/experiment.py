@@ -84,7 +84,9 @@ def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, consol
     if len(runs) == 2 and not runs[-1].state.interrupted:
         first, second = runs
         labels = (f"Train loss1 ({first.config.model})", f"Train loss2 ({second.config.model})")
-        fig = plot_two_losses(first.history.loss_list, second.history.loss_list, labels=labels)
+        every = first.config.log_every if first.config.log_every == second.config.log_every else None
+        fig = plot_two_losses(first.history.loss_list, second.history.loss_list, labels=labels, every=every,
+                              title=f"training loss: {first.config.model} and {second.config.model}")
         files += save_figure(fig, out_dir / "compare")
     note = f"Figures from {SAMPLE_WORDS}, not comparable with full-MNIST figures.\n\n" if data.is_sample else ""
     files.append(write_text(out_dir / "results.md", note + markdown_table(rows)))
