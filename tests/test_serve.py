@@ -197,6 +197,19 @@ def test_allowed_hosts_and_origins_and_the_threshold(runs):
     assert preflight.status_code == 200 and "POST" in preflight.headers["access-control-allow-methods"]
 
 
+def test_ctrl_c_stops_a_server_that_a_client_sent_half_a_request(runs):
+    from digitlab.serving.server import SHUTDOWN_WAIT
+
+    with socket.socket() as half, _serving(runs[:1]) as url:  # the socket stays open until the server is gone
+        half.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        half.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                     b"boundary=x\r\nContent-Length: 100000\r\n\r\n--x\r\n")  # and never the rest
+        time.sleep(0.5)
+        stopping = time.monotonic()
+    # _serving sent Ctrl-C and saw one line and exit 130 (uvicorn waited for the request forever before)
+    assert time.monotonic() - stopping < SHUTDOWN_WAIT + 15
+
+
 def test_a_plain_client_reads_the_413_of_a_30_mb_upload(server):
     import urllib.error
     import urllib.request

@@ -18,8 +18,10 @@ server reads no file a request names.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 from importlib import resources
 
 from fastapi import (  # module level: FastAPI reads the annotations
@@ -42,6 +44,7 @@ from digitlab.serving.reader import Reader
 MAX_BODY = 10 * 1024 * 1024  # bytes; a phone photo is 2-5 MB
 DRAIN = 64 * 1024 * 1024  # a refused body up to this size is read and dropped, so that the client reads the 413
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+SHUTDOWN_WAIT = 3  # seconds that Ctrl-C (or SIGTERM) leaves the requests in flight to finish
 
 
 def create_app(models: list[ServedModel], options: ServeOptions | None = None) -> FastAPI:
@@ -211,6 +214,13 @@ async def _answer(send, status: int, error: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _cancelled_at_shutdown(record: logging.LogRecord) -> bool:
+    """A logging filter: False for uvicorn's records of the requests it cancels when its shutdown's wait
+    is over (SHUTDOWN_WAIT)."""
+    cancelled = record.exc_info is not None and isinstance(record.exc_info[1], asyncio.CancelledError)
+    return not (cancelled or "timeout graceful shutdown exceeded" in record.getMessage())
+
+
 def serve(paths: list, options: ServeOptions) -> None:
     """Load the runs (or .onnx files) and serve the page until Ctrl-C."""
     import socket
@@ -231,4 +241,8 @@ def serve(paths: list, options: ServeOptions) -> None:
     shown = f"[{host}]" if ":" in host else host
     print(f"digitlab: serving {len(models)} model{'s' * (len(models) > 1)} at http://{shown}:{port}/ (Ctrl-C stops)",
           flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # After Ctrl-C, uvicorn waits for the requests in flight, and without a bound it waits forever for a
+    # client that sent half a request (measured: still running 15 s after the signal). Those it then
+    # cancels are the stop's doing, not errors: no traceback for them.
+    logging.getLogger("uvicorn.error").addFilter(_cancelled_at_shutdown)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_WAIT)
