@@ -51,7 +51,7 @@ def _label_axes(fig: Figure, title: str | None, every: int | None = None) -> Fig
 
     ax = fig.axes[0]
     ax.set_xlabel("freq" + (f" (the loss of batch 0, {every:,}, {2 * every:,}, ... of each epoch)"
-                            if isinstance(every, int) else ""), fontsize="large")
+                            if type(every) is int and every > 0 else ""), fontsize="large")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss", fontsize="large")
     if title:

@@ -27,12 +27,13 @@ SIGNALS = tuple(s.name for s in HANDLED)  # the stops a signal asks for: 'SIGINT
 
 
 class Interrupted(KeyboardInterrupt):
-    """Raised by a signal outside a graceful section; `name` is 'SIGINT' or 'SIGTERM', and `after` what
-    the user should know of the state the stop left (the rest of the command's one line)."""
+    """Raised by a signal outside a graceful section; `name` is 'SIGINT' or 'SIGTERM', `after` what the
+    user should know of the state the stop left (the rest of the command's one line), and `finished_in`
+    the run folder whose training had finished when the stop came (its results not yet written)."""
 
-    def __init__(self, name: str, after: str = ""):
+    def __init__(self, name: str, after: str = "", finished_in=None):
         super().__init__(name)
-        self.name, self.after = name, after
+        self.name, self.after, self.finished_in = name, after, finished_in
 
 
 def interrupted_line(error: BaseException) -> str | None:

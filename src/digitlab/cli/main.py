@@ -38,8 +38,12 @@ class _Parser(argparse.ArgumentParser):
         its own --help (argparse leaves them to the top-level parser)."""
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            command = self.commands.choices.get(getattr(parsed, "command", None), self) if self.commands else self
-            command.error(f"unrecognized arguments: {' '.join(extras)}")
+            argv = list(sys.argv[1:] if args is None else args)
+            name = getattr(parsed, "command", None)
+            if self.commands and name in argv and all(e in argv[argv.index(name) + 1:] for e in extras):
+                self.commands.choices[name].error(f"unrecognized arguments: {' '.join(extras)}")
+            self.error(f"unrecognized arguments: {' '.join(extras)}" +
+                       (f"; options go after the command: digitlab {name} ..." if name else ""))
         return parsed
 
 

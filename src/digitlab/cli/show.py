@@ -71,8 +71,9 @@ def cmd_plot_compare(args: argparse.Namespace, stop: StopRequest) -> int:
     first, second = (read_history(run) for run in args.runs)
     losses = [history_from(h, run).loss_list for h, run in zip((first, second), args.runs)]
     labels = (f"Train loss1 ({first.get('model')})", f"Train loss2 ({second.get('model')})")
-    every = {(h.get("config") or {}).get("log_every") for h in (first, second)}
-    save_plot(plot_two_losses(*losses, labels=labels, every=every.pop() if len(every) == 1 else None,
+    every = [h["config"].get("log_every") if isinstance(h.get("config"), dict) else None
+             for h in (first, second)]
+    save_plot(plot_two_losses(*losses, labels=labels, every=every[0] if every[0] == every[1] else None,
                               title=f"training loss: {first.get('model')} and {second.get('model')}"), args.out)
     return 0
 

@@ -26,7 +26,7 @@ from digitlab.cli.options import (
 from digitlab.config import LaunchOptions
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
-from digitlab.stop import SIGNALS, stopped_by
+from digitlab.stop import SIGNALS, Interrupted, cause, stopped_by
 
 if TYPE_CHECKING:
     from digitlab.stop import StopRequest
@@ -103,6 +103,10 @@ def _train(args: argparse.Namespace, stop: StopRequest, speaks: bool) -> int:
         if world.distributed and os.environ.get(launch.LAUNCHER) and stopped_by(e) == "SIGTERM" \
                 and distributed.sibling_gone():
             return ExitCode.LOST  # the launcher stopped us because another process died: it says which, once
+        finished = getattr(cause(e), "finished_in", None)
+        if finished is not None:
+            raise Interrupted(stopped_by(e), f"the training had finished and is saved; digitlab train --resume "
+                                             f"{one_line(str(finished))} writes its results") from None
         raise
     finally:
         distributed.stop()

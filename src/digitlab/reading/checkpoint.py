@@ -18,7 +18,6 @@ from typing import Any
 from digitlab.config import FIELDS, TrainConfig, problem
 from digitlab.data import PIXEL_CENTER, PIXEL_SCALE
 from digitlab.errors import UserError
-from digitlab.files import one_line
 from digitlab.files import one_line, write_safetensors
 from digitlab.models import create_model, list_models, place
 from digitlab.tasks import TASKS, Task, get_task
@@ -161,11 +160,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, CheckpointMeta]:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
         state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        if path.suffix == ".onnx":
+    except OSError as e:  # the file is there but cannot be read (permissions, a failing disk)
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    except (SafetensorError, ValueError) as e:
+        if path.suffix.lower() == ".onnx":
             raise UserError(f"{path}: an exported ONNX model, which digitlab serve runs; give this command a run "
                             f"folder or its {WEIGHTS_FILE}") from None
-        if path.suffix != ".safetensors":
+        if path.suffix.lower() != ".safetensors":
             raise UserError(f"{path}: not a checkpoint; give a run folder (runs/NAME) or its {WEIGHTS_FILE}") from None
         raise UserError(f"{path}: not a readable checkpoint ({one_line(str(e))}); it is damaged: train again to "
                         "rebuild it") from None

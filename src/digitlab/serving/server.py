@@ -245,4 +245,7 @@ def serve(paths: list, options: ServeOptions) -> None:
     # client that sent half a request (measured: still running 15 s after the signal). Those it then
     # cancels are the stop's doing, not errors: no traceback for them.
     logging.getLogger("uvicorn.error").addFilter(_cancelled_at_shutdown)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_WAIT)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_WAIT)
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(_cancelled_at_shutdown)

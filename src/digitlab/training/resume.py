@@ -64,9 +64,12 @@ def check_resumable(run_dir: Path, config: TrainConfig, record: dict, tensors: d
     done, stopped = position["epoch"], position["stopped"]
     if config.epochs < done or (config.epochs == done and position["batch"] > 0):
         trained = f"{done} epoch{'s' * (done != 1)}" + (" and part of another" if position["batch"] else "")
-        least = done + (position["batch"] > 0)
+        if saved.schedule != "none":  # its schedule was planned over its epochs: only those go
+            accepted = f"--epochs {saved.epochs}"
+        else:
+            accepted = f"--epochs {done + (position['batch'] > 0 or _finished(run_dir, done))} or more"
         raise UserError(f"cannot resume '{run_dir}' with --epochs {config.epochs}: it has already trained {trained}; "
-                        f"give --epochs {least} or more")
+                        f"give {accepted}")
     if config.epochs != saved.epochs and saved.schedule != "none":
         raise UserError(f"cannot extend '{run_dir}' from {saved.epochs} to {config.epochs} epochs: its "
                         f"{saved.schedule} schedule was planned over {saved.epochs} and would change the steps "

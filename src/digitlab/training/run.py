@@ -256,8 +256,7 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
     try:
         return _finish(cfg, data, split, out_dir, state, model, device, world)
     except KeyboardInterrupt as e:  # Ctrl-C while it scores and writes its results: the training is saved
-        raise Interrupted(stopped_by(e) or "SIGINT", f"the training had finished and is saved; digitlab train "
-                          f"--resume {one_line(str(out_dir))} writes its results") from None
+        raise Interrupted(stopped_by(e) or "SIGINT", finished_in=out_dir) from None
 
 
 def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: TrainState, model,
