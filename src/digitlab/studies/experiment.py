@@ -15,8 +15,7 @@ from digitlab.reading.evaluate import SAMPLE_WORDS
 from digitlab.stop import StopRequest
 from digitlab.studies.model_summary import summary
 from digitlab.tasks import get_task
-from digitlab.reading.checkpoint import WEIGHTS_FILE
-from digitlab.training.folder import HISTORY_FILE, STATE_FILE
+from digitlab.training.folder import holds_training
 from digitlab.training.run import RunResult, run
 
 COLUMNS = ("model", "params", "final loss", "last-epoch mean loss", "test accuracy", "wall time (s)", "images/s")
@@ -69,7 +68,7 @@ def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, consol
 
     console = console or Console()
     out_dir = Path(out_dir)
-    if any((out_dir / name).exists() for name in (STATE_FILE, WEIGHTS_FILE, HISTORY_FILE)):  # a run's, not a comparison's
+    if holds_training(out_dir):
         raise UserError(f"'{one_line(str(out_dir))}' holds a training run; a comparison writes a folder per model "
                         "and its plot beside them: choose another --out")
     out_dir = prepare_out_dir(out_dir)

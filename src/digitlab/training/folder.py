@@ -28,6 +28,11 @@ def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in (*RUN_FILES, "results.json"))
 
 
+def holds_training(folder: Path) -> bool:
+    """Whether `folder` is a training run's own (its state, weights or history), not a comparison's."""
+    return any((folder / name).exists() for name in (STATE_FILE, WEIGHTS_FILE, HISTORY_FILE))
+
+
 def fresh_run_dir(base: str | os.PathLike) -> Path:
     """`base` if it holds no run yet, else the first of base-2, base-3, ... that holds none."""
     base = Path(base)

@@ -16,6 +16,7 @@ safetensors plus JSON, as a checkpoint is: loading it runs no pickled code.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -253,9 +254,16 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
         files = [out_dir / STATE_FILE] if out_dir is not None and (out_dir / STATE_FILE).exists() else []
         return RunResult(cfg, state, sum(p.numel() for p in model.parameters()), float("nan"), Path(),
                          out_dir or Path(), files)
-    try:
+    with _finishing(out_dir):
         return _finish(cfg, data, split, out_dir, state, model, device, world)
-    except KeyboardInterrupt as e:  # Ctrl-C while it scores and writes its results: the training is saved
+
+
+@contextlib.contextmanager
+def _finishing(out_dir: Path):
+    """A stop while the run scores and writes its results says that its training is saved (in `out_dir`)."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
         raise Interrupted(stopped_by(e) or "SIGINT", finished_in=out_dir) from None
 
 
@@ -310,8 +318,7 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
               "final_loss": history.final_loss, **history_record(history)}
     files.append(write_metrics(out_dir / METRICS_FILE, history))
     files += save_figure(plot_run_loss(history, title=f"{cfg.model} ({cfg.task})"), out_dir / "loss")
-    # the last file: it says the run finished (resume.py), so whatever stops the finish before it, the
-    # folder is resumable, and --resume writes the final files again
+    # last: it marks the run finished (resume._finished); a stop before it leaves the folder resumable
     files.append(write_text(out_dir / HISTORY_FILE, json.dumps(record, indent=1, allow_nan=False)))
     return RunResult(cfg, state, params, final.accuracy, scored, out_dir, files, calibration)
 
