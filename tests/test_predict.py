@@ -7,6 +7,7 @@ WebP, grey, RGB or RGBA.
 """
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -16,7 +17,8 @@ from PIL import Image
 
 from conftest import one_error_line
 from digitlab.reading.checkpoint import load_checkpoint
-from digitlab.reading.image import ImageError, load_grey
+from digitlab.reading import image
+from digitlab.reading.image import ImageError, load_grey, open_grey
 from helpers.photos import naive_resize, synthetic_photo
 from digitlab.reading.segment import preprocess
 
@@ -110,6 +112,41 @@ def test_huge_images_are_refused_before_decoding(tmp_path):
     Image.new("1", (20000, 10000)).save(path)  # 200 MP: Pillow's own guard fires first
     with pytest.raises(ImageError, match="huge.png: the image is over 40 megapixels"):
         load_grey(path)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "I;16", "1"])
+@pytest.mark.parametrize("kind", ["plain", "transparent", "exif", "cut"])
+def test_an_uploaded_png_reads_as_pillow_decodes_it(mode, kind, tmp_path):
+    """Uploads (bytes) of plain PNGs are decoded by libspng, files by Pillow: the same grey pixels,
+    and the same one-line error for a cut file."""
+    pytest.importorskip("pyspng")
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (61, 83, len(Image.new(mode, (1, 1)).getbands())), dtype=np.uint8)
+    if kind != "transparent" and mode in ("LA", "RGBA"):
+        pixels[..., -1] = rng.choice([0, 128, 255], pixels.shape[:2])  # partly see-through ink
+    picture = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).convert(mode)
+    options = {"exif": {"exif": Image.Exif()}}.get(kind, {})
+    if kind == "exif":
+        options["exif"][0x0112] = 6  # turned a quarter: only Pillow applies it
+    if kind == "transparent":
+        options["transparency"] = 0 if mode in ("L", "P") else (0, 0, 0) if mode == "RGB" else None
+        options = {k: v for k, v in options.items() if v is not None}
+    path = tmp_path / "p.png"
+    picture.save(path, **options)
+    data = path.read_bytes()
+    if kind == "cut":
+        data = data[:len(data) * 2 // 3]
+        path.write_bytes(data)
+        with pytest.raises(ImageError) as from_file:
+            open_grey(path, name="p.png")
+        with pytest.raises(ImageError) as from_upload:
+            open_grey(data, name="p.png")
+        assert str(from_upload.value) == str(from_file.value)
+        return
+    upload, file = open_grey(data), open_grey(path)
+    assert upload.mode == file.mode and np.array_equal(np.asarray(upload), np.asarray(file))
+    plain = kind in ("plain", "transparent") and "transparency" not in options and mode in ("L", "RGB", "RGBA")
+    assert (image._plain_png(data, Image.open(io.BytesIO(data))) is not None) == plain, "libspng decodes plain PNGs only"
 
 
 def test_light_ink_and_transparency(tmp_path):
