@@ -115,6 +115,12 @@ def test_the_comparison_plot_says_what_its_x_axis_counts():
     assert ax.get_xlabel() == "freq (the loss of batch 0, 200, 400, ... of each epoch)" and ax.get_title() == "training loss: mlp and cnn"
     assert all(float(t).is_integer() for t in ax.get_xticks())  # two points: 0 and 1, not 0.2, 0.4, ...
     assert plot_two_losses([3.0], [2.0]).axes[0].get_xlabel() == "freq"  # the chapter's own label
+    from digitlab.plots import plot_compare
+
+    same = plot_compare(("mlp", "cnn"), ([3.0, 2.0], [2.5, 1.0]), (100, 100)).axes[0]
+    assert same.get_xlabel() == "freq (the loss of batch 0, 100, 200, ... of each epoch)"
+    assert [t.get_text() for t in same.get_legend().get_texts()] == ["Train loss1 (mlp)", "Train loss2 (cnn)"]
+    assert plot_compare(("mlp", "cnn"), ([3.0], [2.0]), (100, 200)).axes[0].get_xlabel() == "freq"  # no one step
 
 
 def test_plot_commands(digits_dir, tmp_path, cli):

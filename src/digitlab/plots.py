@@ -119,6 +119,15 @@ def plot_two_losses(
     return _label_axes(fig, title, every)
 
 
+def plot_compare(models: tuple[str, str], losses: tuple[Sequence[float], Sequence[float]],
+                 every: tuple[int | None, int | None] = (None, None)) -> Figure:
+    """Two runs' loss curves side by side, labelled by their models (`digitlab compare`, `plot compare`);
+    the batches are named where both runs logged at the same --log-every."""
+    return plot_two_losses(*losses, labels=(f"Train loss1 ({models[0]})", f"Train loss2 ({models[1]})"),
+                           title=f"training loss: {models[0]} and {models[1]}",
+                           every=every[0] if every[0] == every[1] else None)
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 

@@ -65,16 +65,13 @@ def cmd_plot_loss(args: argparse.Namespace, stop: StopRequest) -> int:
 
 
 def cmd_plot_compare(args: argparse.Namespace, stop: StopRequest) -> int:
-    from digitlab.plots import plot_two_losses
+    from digitlab.plots import plot_compare
     from digitlab.training.state import history_from, read_history
 
-    first, second = (read_history(run) for run in args.runs)
-    losses = [history_from(h, run).loss_list for h, run in zip((first, second), args.runs)]
-    labels = (f"Train loss1 ({first.get('model')})", f"Train loss2 ({second.get('model')})")
-    every = [h["config"].get("log_every") if isinstance(h.get("config"), dict) else None
-             for h in (first, second)]
-    save_plot(plot_two_losses(*losses, labels=labels, every=every[0] if every[0] == every[1] else None,
-                              title=f"training loss: {first.get('model')} and {second.get('model')}"), args.out)
+    histories = [read_history(run) for run in args.runs]
+    losses = tuple(history_from(h, run).loss_list for h, run in zip(histories, args.runs))
+    every = tuple(h["config"].get("log_every") if isinstance(h.get("config"), dict) else None for h in histories)
+    save_plot(plot_compare(tuple(str(h.get("model")) for h in histories), losses, every), args.out)
     return 0
 
 

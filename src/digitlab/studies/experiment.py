@@ -10,7 +10,7 @@ from digitlab.data import MNIST
 from digitlab.errors import UserError
 from digitlab.files import one_line, prepare_out_dir, write_text
 from digitlab.models import create_model
-from digitlab.plots import plot_two_losses, save_figure
+from digitlab.plots import plot_compare, save_figure
 from digitlab.reading.evaluate import SAMPLE_WORDS
 from digitlab.stop import StopRequest
 from digitlab.studies.model_summary import summary
@@ -83,10 +83,9 @@ def compare(configs: list[TrainConfig], data: MNIST, out_dir: str | Path, consol
     rows = [results_row(r) for r in runs if not r.state.interrupted]  # a stopped run keeps its state, no row
     if len(runs) == 2 and not runs[-1].state.interrupted:
         first, second = runs
-        labels = (f"Train loss1 ({first.config.model})", f"Train loss2 ({second.config.model})")
-        every = first.config.log_every if first.config.log_every == second.config.log_every else None
-        fig = plot_two_losses(first.history.loss_list, second.history.loss_list, labels=labels, every=every,
-                              title=f"training loss: {first.config.model} and {second.config.model}")
+        fig = plot_compare((first.config.model, second.config.model),
+                           (first.history.loss_list, second.history.loss_list),
+                           (first.config.log_every, second.config.log_every))
         files += save_figure(fig, out_dir / "compare")
     note = f"Figures from {SAMPLE_WORDS}, not comparable with full-MNIST figures.\n\n" if data.is_sample else ""
     files.append(write_text(out_dir / "results.md", note + markdown_table(rows)))
