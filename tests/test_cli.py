@@ -179,7 +179,10 @@ def test_missing_and_malformed_data_dirs(tmp_path, cli):
     one_error_line(cli("train", "mlp", "--data-dir", str(bad), "--out", str(out)),
                    "train-images-idx3-ubyte.gz: truncated")
     one_error_line(cli("train", "mlp", "--out", str(out), env={"DIGITLAB_DATA_DIR": str(bad)}), "truncated",
-                   "the folder is DIGITLAB_DATA_DIR's")
+                   "the folder is DIGITLAB_DATA_DIR's: set DIGITLAB_DATA_DIR to a folder with the four MNIST")
+    line = one_error_line(cli("train", "mlp", "--out", str(out), env={"DIGITLAB_DATA_DIR": str(tmp_path / "gone")}),
+                          "gone' does not exist; set DIGITLAB_DATA_DIR to a folder with the four MNIST IDX files, or unset it")
+    assert "--data-dir" not in line  # the user named no --data-dir
     assert not out.exists()
 
 

@@ -96,24 +96,30 @@ def fingerprint(data: MNIST) -> str:
     return digest.hexdigest()[:16]
 
 
-def _find(folder: Path, stem: str) -> Path:
+def _find(folder: Path, stem: str, advice: str) -> Path:
     for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
         if (folder / name).is_file():
             return folder / name
-    raise DataError(
-        f"{folder}: no {stem}.gz (or unzipped {stem}); point --data-dir at a folder with the four MNIST IDX files"
-    )
+    raise DataError(f"{folder}: no {stem}.gz (or unzipped {stem}); {advice}")
 
 
-def read_folder(folder: str | os.PathLike) -> MNIST:
-    """Read the four MNIST files from `folder`, with the structural check."""
+def read_folder(folder: str | os.PathLike, named_by: str | None = None) -> MNIST:
+    """Read the four MNIST files from `folder`, with the structural check. `named_by` is the environment
+    variable that named the folder, if one did (not --data-dir): its errors say so."""
     folder = Path(folder).expanduser()
+    advice = (f"set {named_by} to a folder with the four MNIST IDX files, or unset it" if named_by
+              else "pass --data-dir DIR with the four MNIST IDX files")
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
-        raise DataError(f"data folder '{folder}' {what}; pass --data-dir DIR with the four MNIST IDX files")
-    paths = {key: _find(folder, stem) for key, stem in FILES.items()}
-    train = read_split(paths["train_images"], paths["train_labels"])
-    test = read_split(paths["test_images"], paths["test_labels"])
+        raise DataError(f"data folder '{folder}' {what}; {advice}")
+    paths = {key: _find(folder, stem, advice) for key, stem in FILES.items()}
+    try:
+        train = read_split(paths["train_images"], paths["train_labels"])
+        test = read_split(paths["test_images"], paths["test_labels"])
+    except DataError as e:
+        if named_by is None:
+            raise
+        raise DataError(f"{e} (the folder is {named_by}'s: {advice})") from None
     return MNIST(*train, *test, source=str(folder))
 
 
@@ -238,11 +244,8 @@ def load_mnist(
     """Find MNIST (see the module docstring for the order) and read it into memory."""
     if data_dir:
         return read_folder(data_dir)  # an explicit folder must work: no silent fallback
-    if os.environ.get(DATA_DIR_ENV):
-        try:
-            return read_folder(os.environ[DATA_DIR_ENV])
-        except DataError as e:  # say where the folder came from: no --data-dir was given
-            raise DataError(f"{e} (the folder is {DATA_DIR_ENV}'s: set it to another, or unset it)") from None
+    if os.environ.get(DATA_DIR_ENV):  # its errors say where the folder came from: no --data-dir was given
+        return read_folder(os.environ[DATA_DIR_ENV], named_by=DATA_DIR_ENV)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if all((cache / name).is_file() for name in md5s):
         return read_folder(cache)
