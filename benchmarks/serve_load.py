@@ -9,7 +9,8 @@ RGBA PNG (40 megapixels in 170 kB): every one answered, the server's peak memory
 still answers. Run it on a quiet machine: the clients share the 2 cores. Each row takes --rounds
 turns of the floor and ours (the order alternating) and shows their medians, and the median of the
 rounds' ratios (so a ratio need not be the ratio of the medians beside it): one turn alone moved by
-1.5x on these shared VMs.
+1.5x on these shared VMs. The last column is where the time goes: the CPU per request of the server
+with its picture workers, and of the clients, which share the cores with it.
 
     python benchmarks/serve_load.py --data-dir ../shared/data/mnist [--rounds 3]
     python benchmarks/serve_load.py --bare PORT      (the floor's server, started by the above)
@@ -18,6 +19,7 @@ rounds' ratios (so a ratio need not be the ratio of the medians beside it): one 
 import argparse
 import concurrent.futures
 import io
+import resource
 import signal
 import socket
 import statistics
@@ -36,7 +38,7 @@ from digitlab.config import TrainConfig, preset_config
 from digitlab.data import read_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/helpers: not shipped in the wheel
-from helpers.processes import tree_peak_mb  # noqa: E402
+from helpers.processes import tree_cpu_seconds, tree_peak_mb  # noqa: E402
 
 REQUESTS = 300
 
@@ -85,7 +87,9 @@ def stop(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-def load(url: str, pictures: list[bytes], clients: int, path: str = "/api/predict") -> dict:
+def load(url: str, pictures: list[bytes], clients: int, path: str = "/api/predict", server: int | None = None) -> dict:
+    """Requests/s, p50 and p95 under `clients`; with the `server`'s pid, the CPU per request (ms) of the
+    server with its workers and of the clients (this process), which share the cores."""
     def client(k: int) -> list[float]:
         times = []
         with httpx.Client(base_url=url, timeout=300) as http:
@@ -95,11 +99,18 @@ def load(url: str, pictures: list[bytes], clients: int, path: str = "/api/predic
                 times.append(time.perf_counter() - start)
         return times
 
-    start = time.perf_counter()
+    def cpu() -> tuple[float, float]:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return (tree_cpu_seconds(server) if server else 0.0), own.ru_utime + own.ru_stime
+
+    before, start = cpu(), time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         latencies = sorted(t for times in pool.map(client, range(clients)) for t in times)
-    return {"rps": len(latencies) / (time.perf_counter() - start), "p50": statistics.median(latencies),
-            "p95": latencies[int(0.95 * len(latencies)) - 1]}
+    elapsed, after = time.perf_counter() - start, cpu()
+    return {"rps": len(latencies) / elapsed, "p50": statistics.median(latencies),
+            "p95": latencies[int(0.95 * len(latencies)) - 1],
+            "server_cpu": (after[0] - before[0]) / len(latencies) * 1000,
+            "client_cpu": (after[1] - before[1]) / len(latencies) * 1000}
 
 
 def row(commands: dict, pictures: list[bytes], clients: int, rounds: int) -> tuple[dict, dict, dict]:
@@ -112,10 +123,10 @@ def row(commands: dict, pictures: list[bytes], clients: int, rounds: int) -> tup
             process, url = start(command)
             try:
                 load(url, pictures[:4], clients, path)  # warm-up
-                runs[name].append(load(url, pictures, clients, path))
+                runs[name].append(load(url, pictures, clients, path, server=process.pid))
             finally:
                 stop(process)
-    medians = {name: {k: statistics.median(r[k] for r in results) for k in ("rps", "p50", "p95")}
+    medians = {name: {k: statistics.median(r[k] for r in results) for k in results[0]}
                for name, results in runs.items()}
     ratios = {k: statistics.median(o[k] / b[k] for o, b in zip(runs["ours"], runs["bare"])) for k in ("rps", "p95")}
     return medians["ours"], medians["bare"], ratios
@@ -188,7 +199,8 @@ def main() -> None:
         print(f"{cpu_name()}; {REQUESTS} requests per turn, 280x280 canvas PNGs; each row the median of "
               f"{args.rounds} turns of ours and the bare endpoint, alternating\n")
         print("| server | clients | requests/s | p50 (ms) | p95 (ms) | bare endpoint: req/s, p50, p95 | "
-              "req/s vs bare | p95 vs bare |\n|---|---:|---:|---:|---:|---|---:|---:|")
+              "req/s vs bare | p95 vs bare | CPU ms a request (server, clients): ours; bare |\n"
+              "|---|---:|---:|---:|---:|---|---:|---:|---|")
         for label, chosen, clients, path in (("1 model", "1 model", 1, "/api/predict"),
                                              ("1 model", "1 model", 16, "/api/predict"),
                                              ("1 model, ONNX", "1 model, ONNX", 1, "/api/predict"),
@@ -200,7 +212,9 @@ def main() -> None:
             o, b, ratios = row(commands, pictures, clients, args.rounds)
             print(f"| {label} | {clients} | {o['rps']:.0f} | {o['p50'] * 1000:.1f} | {o['p95'] * 1000:.0f} | "
                   f"{b['rps']:.0f}, {b['p50'] * 1000:.1f}, {b['p95'] * 1000:.0f} | {ratios['rps']:.2f}x | "
-                  f"{ratios['p95']:.2f}x |", flush=True)
+                  f"{ratios['p95']:.2f}x | {o['server_cpu']:.1f}, {o['client_cpu']:.1f}; {b['server_cpu']:.1f}, "
+                  f"{b['client_cpu']:.1f} |",
+                  flush=True)
         huge_uploads([sys.executable, "-m", "digitlab", "serve", str(runs["fast"]), "--port"])
 
 
