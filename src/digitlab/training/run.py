@@ -207,17 +207,7 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
            world: World = SINGLE, stop: StopRequest | None = None) -> RunResult:
     """The body of `run`, in a folder it has claimed (or, on ranks other than 0, none): build,
     restore, train."""
-    torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
-    model = place(create_model(cfg.model, num_outputs=get_task(cfg.task).outputs, init=cfg.init), device)
-    loader = InMemoryLoader(split.train_images, split.train_labels, cfg.batch_size, seed=cfg.seed, device=device)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
-    # one generator draws the distortions and the non-digits, in the order the loop asks for them
-    augment = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment or cfg.reject else None
-    state = TrainState()
-    if record is not None:
-        state = restore(record, tensors, model, optimizer, augment, device)
-        if state.stopped != "patience" or cfg.patience != record["config"]["patience"]:
-            state.stopped = None  # a signal's stop is over; a patience stop stands unless patience changed
+    model, loader, optimizer, augment, state = _build(cfg, split, device, record, tensors)
     if out_dir is not None:
         write_text(out_dir / CONFIG_FILE, config_toml(cfg))
 
@@ -258,6 +248,23 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
         return _finish(cfg, data, split, out_dir, state, model, device, world)
 
 
+def _build(cfg: TrainConfig, split: Split, device: torch.device, record: dict | None, tensors: dict | None):
+    """The model, its loader, optimizer and augmentation generator, and the training state: new, or
+    restored from a saved `record` and its `tensors`."""
+    torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
+    model = place(create_model(cfg.model, num_outputs=get_task(cfg.task).outputs, init=cfg.init), device)
+    loader = InMemoryLoader(split.train_images, split.train_labels, cfg.batch_size, seed=cfg.seed, device=device)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    # one generator draws the distortions and the non-digits, in the order the loop asks for them
+    augment = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment or cfg.reject else None
+    state = TrainState()
+    if record is not None:
+        state = restore(record, tensors, model, optimizer, augment, device)
+        if state.stopped != "patience" or cfg.patience != record["config"]["patience"]:
+            state.stopped = None  # a signal's stop is over; a patience stop stands unless patience changed
+    return model, loader, optimizer, augment, state
+
+
 @contextlib.contextmanager
 def _finishing(out_dir: Path):
     """A stop while the run scores and writes its results says that its training is saved (in `out_dir`)."""
@@ -280,23 +287,7 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
     calibration = _calibrate(test_model, split, final) if task.confident else {}
     params = sum(p.numel() for p in model.parameters())
     history = state.history
-    results = {
-        "test_accuracy": final.accuracy,
-        "test_loss": final.mean_loss,
-        "test_checkpoint": scored.name,
-        "best_epoch": state.best_epoch,
-        "val_accuracy": state.best_accuracy,
-        "epochs_completed": len(history.epochs),
-        "stopped": state.stopped,
-        "interrupted": state.interrupted,
-        "final_loss": history.final_loss,
-        "last_epoch_mean_loss": history.epoch_mean_loss[-1] if history.epochs else None,
-        "seconds": history.seconds,
-        "images_per_second": history.images_per_second,
-        "params": params,
-        "data": split.info,
-        **{k: v for k, v in calibration.items() if k.startswith("test_")},
-    }
+    results = _results(state, split, final, scored, params, calibration)
     last = _checkpoint_meta(cfg, state, split.info, {k: v for k, v in results.items() if not k.startswith("test_")},
                             world)
     files = [out_dir / CONFIG_FILE]
@@ -321,6 +312,29 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
     # last: it marks the run finished (resume._finished); a stop before it leaves the folder resumable
     files.append(write_text(out_dir / HISTORY_FILE, json.dumps(record, indent=1, allow_nan=False)))
     return RunResult(cfg, state, params, final.accuracy, scored, out_dir, files, calibration)
+
+
+def _results(state: TrainState, split: Split, final, scored: Path, params: int, calibration: dict) -> dict:
+    """What a finished run reports: the test set's figures (of the `scored` checkpoint), training's and
+    the data's."""
+    history = state.history
+    return {
+        "test_accuracy": final.accuracy,
+        "test_loss": final.mean_loss,
+        "test_checkpoint": scored.name,
+        "best_epoch": state.best_epoch,
+        "val_accuracy": state.best_accuracy,
+        "epochs_completed": len(history.epochs),
+        "stopped": state.stopped,
+        "interrupted": state.interrupted,
+        "final_loss": history.final_loss,
+        "last_epoch_mean_loss": history.epoch_mean_loss[-1] if history.epochs else None,
+        "seconds": history.seconds,
+        "images_per_second": history.images_per_second,
+        "params": params,
+        "data": split.info,
+        **{k: v for k, v in calibration.items() if k.startswith("test_")},
+    }
 
 
 def _calibrate(model, split: Split, test) -> dict:
