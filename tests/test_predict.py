@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import one_error_line
 from helpers.photos import naive_resize, synthetic_photo
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from digitlab.reading import image
 from digitlab.reading.checkpoint import load_checkpoint
@@ -115,22 +115,33 @@ def test_huge_images_are_refused_before_decoding(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "I;16", "1"])
-@pytest.mark.parametrize("kind", ["plain", "transparent", "exif", "cut"])
-def test_an_uploaded_png_reads_as_pillow_decodes_it(mode, kind, tmp_path):
-    """Uploads (bytes) of plain PNGs are decoded by libspng, files by Pillow: the same grey pixels,
-    and the same one-line error for a cut file."""
+@pytest.mark.parametrize("kind", ["plain", "transparent", "exif", "xmp", "raw exif", "large", "no pyspng", "cut"])
+def test_an_uploaded_png_reads_as_pillow_decodes_it(mode, kind, tmp_path, monkeypatch):
+    """Uploads (bytes) of small plain PNGs are decoded by libspng, files by Pillow: the same grey pixels
+    (an orientation in EXIF, XMP or a raw profile turns both), and the same one-line error for a cut file."""
     pytest.importorskip("pyspng")
     rng = np.random.default_rng(7)
-    pixels = rng.integers(0, 256, (61, 83, len(Image.new(mode, (1, 1)).getbands())), dtype=np.uint8)
+    size = (600, 500) if kind == "large" else (83, 61)  # not square: a turn shows in the shape
+    pixels = rng.integers(0, 256, (size[1], size[0], len(Image.new(mode, (1, 1)).getbands())), dtype=np.uint8)
     if kind != "transparent" and mode in ("LA", "RGBA"):
         pixels[..., -1] = rng.choice([0, 128, 255], pixels.shape[:2])  # partly see-through ink
     picture = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).convert(mode)
-    options = {"exif": {"exif": Image.Exif()}}.get(kind, {})
+    turned = Image.Exif()
+    turned[0x0112] = 6  # a quarter turn
+    info = PngImagePlugin.PngInfo()
+    if kind == "xmp":
+        info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description '
+                      'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>', zip=True)
+    if kind == "raw exif":
+        raw = turned.tobytes()
+        info.add_text("Raw profile type exif", f"\nexif\n{len(raw)}\n{raw.hex()}", zip=True)
+    options = {"pnginfo": info}
     if kind == "exif":
-        options["exif"][0x0112] = 6  # turned a quarter: only Pillow applies it
-    if kind == "transparent":
-        options["transparency"] = 0 if mode in ("L", "P") else (0, 0, 0) if mode == "RGB" else None
-        options = {k: v for k, v in options.items() if v is not None}
+        options["exif"] = turned
+    if kind == "transparent" and mode in ("L", "P", "RGB"):
+        options["transparency"] = (0, 0, 0) if mode == "RGB" else 0
+    if kind == "no pyspng":
+        monkeypatch.setattr(image, "pyspng", None)
     path = tmp_path / "p.png"
     picture.save(path, **options)
     data = path.read_bytes()
@@ -145,8 +156,10 @@ def test_an_uploaded_png_reads_as_pillow_decodes_it(mode, kind, tmp_path):
         return
     upload, file = open_grey(data), open_grey(path)
     assert upload.mode == file.mode and np.array_equal(np.asarray(upload), np.asarray(file))
-    plain = kind in ("plain", "transparent") and "transparency" not in options and mode in ("L", "RGB", "RGBA")
-    assert (image._plain_png(data, Image.open(io.BytesIO(data))) is not None) == plain, "libspng decodes plain PNGs only"
+    if kind in ("exif", "xmp", "raw exif"):
+        assert file.size == (size[1], size[0])  # Pillow turned it, and so the upload was turned too
+    fast = kind in ("plain", "transparent") and "transparency" not in options and mode in ("L", "RGB", "RGBA")
+    assert (image._spng(data, Image.open(io.BytesIO(data))) is not None) == fast, "libspng takes plain PNGs only"
 
 
 def test_light_ink_and_transparency(tmp_path):

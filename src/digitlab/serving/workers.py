@@ -18,17 +18,15 @@ import asyncio
 import multiprocessing
 import os
 import signal
-import struct
 import traceback
 
 from digitlab.errors import UserError
-from digitlab.reading.image import ImageError, open_grey
+from digitlab.reading.image import ImageError, open_grey, png_header
 from digitlab.reading.segment import Found, find_digits
 
 PICTURE = "the picture"  # how errors name an upload
 LOOP_PIXELS = 512 * 512  # a PNG of at most this many pixels ...
 LOOP_BYTES = 256 * 1024  # ... and this many bytes, when it is the only request, is read on the event loop
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class PictureWorkers:
@@ -116,10 +114,8 @@ def read(data: bytes) -> list[Found]:
 def _small_png(data: bytes) -> bool:
     """Whether `data` is a PNG of at most LOOP_BYTES whose header (its IHDR chunk: width and height,
     the first thing after the signature) says at most LOOP_PIXELS. Nothing is decoded."""
-    if len(data) > LOOP_BYTES or len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
-        return False
-    width, height = struct.unpack(">II", data[16:24])
-    return width * height <= LOOP_PIXELS
+    header = png_header(data) if len(data) <= LOOP_BYTES else None
+    return header is not None and header[0] * header[1] <= LOOP_PIXELS
 
 
 def _work(pipe) -> None:
