@@ -107,8 +107,8 @@ def read_folder(folder: str | os.PathLike, named_by: str | None = None) -> MNIST
     """Read the four MNIST files from `folder`, with the structural check. `named_by` is the environment
     variable that named the folder, if one did (not --data-dir): its errors say so."""
     folder = Path(folder).expanduser()
-    advice = (f"set {named_by} to a folder with the four MNIST IDX files, or unset it" if named_by
-              else "pass --data-dir DIR with the four MNIST IDX files")
+    advice = ("pass --data-dir DIR with the four MNIST IDX files" if named_by is None
+              else f"set {named_by} to a folder with the four MNIST IDX files, or unset it")
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise DataError(f"data folder '{folder}' {what}; {advice}")

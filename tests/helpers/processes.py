@@ -23,13 +23,17 @@ def _tree_sum(pid: int, of: Callable[[int], float]) -> float:
 
 
 def tree_peak_mb(pid: int) -> float:
-    """The peak memory (VmHWM) of a process tree, added up."""
-    return _tree_sum(pid, lambda p: int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{p}/status").read_text()).group(1))
-                     / 1024)
+    """The peak memory (VmHWM) of a process tree, added up (a zombie has none: 0)."""
+    def peak(p: int) -> float:
+        found = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{p}/status").read_text())
+        return int(found.group(1)) / 1024 if found else 0.0
+
+    return _tree_sum(pid, peak)
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """The CPU time (user and system) that a process tree has taken so far, added up."""
+    """The CPU time (user and system) that a process tree has taken so far, added up: of the processes
+    alive now (one that ended meanwhile is not counted)."""
     def cpu(p: int) -> float:
         fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
