@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,11 +67,26 @@ def cmd_train(args: argparse.Namespace, stop: StopRequest) -> int:
         try:
             return _train(args, stop, speaks=False)
         except UserError:
+            _let_rank_0_speak()
             return ExitCode.USAGE
         except (KeyboardInterrupt, Exception) as e:
             if stopped_by(e) is None:
                 raise
             return ExitCode[stopped_by(e)]
+
+
+SPEAK_WAIT = 5.0  # seconds that a silent process waits, after an error every process meets, for rank 0 to say it
+
+
+def _let_rank_0_speak(most: float = SPEAK_WAIT) -> None:
+    """A process other than rank 0 met an error that rank 0 meets too and says (a --batch-size that does
+    not split, data that `everywhere` found missing): it waits until the launcher stops it, once rank 0
+    has exited, or `most` seconds. Exiting at once, on a busy machine, had the launcher stop rank 0
+    before rank 0 reached the error: the user read "interrupted (SIGTERM)" instead of what was wrong."""
+    try:
+        time.sleep(most)
+    except KeyboardInterrupt:  # the launcher's stop (SIGTERM): rank 0 has had its say
+        pass
 
 
 def _train(args: argparse.Namespace, stop: StopRequest, speaks: bool) -> int:
