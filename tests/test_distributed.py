@@ -214,6 +214,26 @@ def test_a_rank_that_dies_stops_the_others_and_the_run_resumes(digits_dir, tmp_p
     assert len(history["epochs"]) == done + 1 and len(history["batch_loss"]) == (done + 1) * 40
 
 
+def test_the_launcher_names_the_failure_that_caused_the_others():
+    """Exits recorded in one second: a killed process before the survivor that the agent's SIGTERM stopped
+    (143), whatever their ranks; an error a process said before a crash; a lost peer last."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from digitlab.training.launch import _first_failure
+
+    def exits(*codes: int, seconds=(0, 0)) -> dict:
+        failures = {rank: ProcessFailure(rank, 1000 + rank, code, "/nonexistent") for rank, code in enumerate(codes)}
+        for rank, failure in failures.items():
+            failure.timestamp = 1_800_000_000 + seconds[rank]
+        return failures
+
+    assert _first_failure(exits(143, -signal.SIGKILL)) == (1, -signal.SIGKILL)
+    assert _first_failure(exits(-signal.SIGKILL, 143)) == (0, -signal.SIGKILL)
+    assert _first_failure(exits(143, 2)) == (1, 2)  # rank 1 said the error rank 0 was stopped before reaching
+    assert _first_failure(exits(1, 2)) == (1, 2) and _first_failure(exits(3, 1)) == (1, 1)
+    assert _first_failure(exits(3, 1, seconds=(0, 1))) == (0, 3)  # the earlier second first
+
+
 def test_a_process_tells_a_dead_sibling_from_a_user_signal():
     """What the previous test relies on when the launcher's SIGTERM outruns the broken collective (a busy
     machine): this process stands in for the launcher, with two children as its two training processes."""

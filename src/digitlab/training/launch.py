@@ -150,13 +150,15 @@ def _how(exitcode: int) -> str:
 def _first_failure(failures: dict) -> tuple[int, int]:
     """The failure that ended the run, as (rank, exit code): the earliest one. Once a process fails, the
     agent stops the others (SIGTERM, then SIGKILL), and their exits are recorded too, in the same second
-    as often as not: a process that said why, or died of something else, comes before one the agent
-    stopped, and a process that only lost the others comes last."""
+    as often as not. So within a second: a process that said why (a usage error, Ctrl-C) comes first,
+    then one that died of something else, then one killed by a signal, then one that exited on a SIGTERM
+    (which the agent sends the survivors: the user's SIGTERM reaches the launcher itself), and a
+    process that only lost the others comes last."""
     def order(rank: int) -> tuple:
         code = failures[rank].exitcode
-        said = code in (ExitCode.USAGE, ExitCode.SIGINT, ExitCode.SIGTERM)
-        stopped = code in (-signal.SIGTERM, -signal.SIGKILL) and not said
-        return failures[rank].timestamp, (0 if said else 3 if code == ExitCode.LOST else 2 if stopped else 1), rank
+        kind = (0 if code in (ExitCode.USAGE, ExitCode.SIGINT) else 3 if code == ExitCode.SIGTERM
+                else 4 if code == ExitCode.LOST else 2 if code in (-signal.SIGTERM, -signal.SIGKILL) else 1)
+        return failures[rank].timestamp, kind, rank
 
     rank = min(failures, key=order)
     return rank, failures[rank].exitcode
