@@ -29,7 +29,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16-bit and floating-point greys
 ICO_MAGIC = b"\x00\x00\x01\x00"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-FAST_PNG_PIXELS = 512 * 512  # uploaded PNGs up to this size (a drawing, not a photo) may go to libspng ...
+DRAWING_PIXELS = 512 * 512  # a picture up to this size is a drawing, not a photo: an uploaded PNG may go to libspng
 PLAIN_CHUNKS = {b"IHDR", b"IDAT", b"IEND", b"sRGB", b"gAMA", b"cHRM", b"iCCP", b"sBIT", b"pHYs", b"bKGD", b"tIME"}
 
 
@@ -104,7 +104,7 @@ def png_header(data: bytes) -> tuple[int, int, int, int] | None:
 
 def _plain_png(data: bytes) -> str | None:
     """The mode ("L", "RGB" or "RGBA") in which libspng decodes `data` exactly as Pillow does, or None:
-    a PNG of at most FAST_PNG_PIXELS (libspng's RGB is copied once more into Pillow's), 8-bit grey, RGB
+    a PNG of at most DRAWING_PIXELS (libspng's RGB is copied once more into Pillow's), 8-bit grey, RGB
     or RGBA, whose chunks are all PLAIN_CHUNKS: no transparent colour, no animation, and no text or
     EXIF (Pillow turns a picture by an orientation found in either)."""
     header = png_header(data)
@@ -112,7 +112,7 @@ def _plain_png(data: bytes) -> str | None:
         return None
     width, height, bits, colour = header
     mode = {0: "L", 2: "RGB", 6: "RGBA"}.get(colour)
-    if bits != 8 or mode is None or width * height > FAST_PNG_PIXELS:
+    if bits != 8 or mode is None or width * height > DRAWING_PIXELS:
         return None
     at = len(PNG_SIGNATURE)
     while at + 8 <= len(data):

@@ -21,11 +21,11 @@ import signal
 import traceback
 
 from digitlab.errors import UserError
-from digitlab.reading.image import ImageError, open_grey, png_header
+from digitlab.reading.image import DRAWING_PIXELS, ImageError, open_grey, png_header
 from digitlab.reading.segment import Found, find_digits
 
 PICTURE = "the picture"  # how errors name an upload
-LOOP_PIXELS = 512 * 512  # a PNG of at most this many pixels ...
+LOOP_PIXELS = DRAWING_PIXELS  # a PNG of at most this many pixels (a drawing) ...
 LOOP_BYTES = 256 * 1024  # ... and this many bytes, when it is the only request, is read on the event loop
 
 
