@@ -275,8 +275,11 @@ def test_micro_batched_answers_are_one_at_a_times(runs, digits):
             assert a["text"] == b["text"] and a["sure"] == b["sure"]
             for x, y in zip(a["digits"], b["digits"]):
                 assert x["digit"] == y["digit"] and x["box"] == y["box"]
+                # float noise between a batch and a single pass can tip the shown rounding (5 decimals for a
+                # probability, 4 for a value) by one unit, and no more
+                unit = 1e-5 if "probabilities" in x else 1e-4
                 assert np.allclose(x.get("probabilities", x.get("value")), y.get("probabilities", y.get("value")),
-                                   atol=1e-6)
+                                   rtol=0, atol=unit * 1.01)
 
 
 def test_bad_uploads_get_a_json_error_and_the_server_goes_on(server, tmp_path):
