@@ -48,7 +48,7 @@ def test_version_is_the_installed_packages(cli):
 def test_train_help_lists_registered_models(cli):
     result = cli("train", "--help")
     assert result.returncode == 0
-    assert "one of: cnn, convnet, convnet_small, convnet_tiny, lenet5, mlp" in " ".join(result.stdout.split())
+    assert "one of: cnn, convnet, convnet_small, convnet_tiny, layers, lenet5, mlp" in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize("model, total, size", [("mlp", "7,971", "0.03"), ("cnn", "11,521", "0.23")])
@@ -94,7 +94,8 @@ def test_compare_is_the_chapter_experiment(digits_dir, tmp_path, cli):
     assert [r["params"] for r in rows] == [7971, 11521]
     assert all(r["images/s"] > 0 and r["wall time (s)"] > 0 and r["final loss"] > 0 for r in rows)
     table = (out / "results.md").read_text()
-    assert table.startswith("| model | params | final loss | last-epoch mean loss | test accuracy | wall time (s) |")
+    assert table.startswith("| model | params | training FLOPs | final loss | last-epoch mean loss | test accuracy | "
+                            "wall time (s) |")
     assert all(0 < float(r["test accuracy"].rstrip("%")) <= 100 for r in rows)
     assert Image.open(out / "compare.png").size[0] > 500
 
@@ -150,7 +151,7 @@ def test_plot_commands(digits_dir, tmp_path, cli):
 @pytest.mark.parametrize("args, fragment", [
     (["train", "lenet9"], "invalid choice: 'lenet9'"),
     (["summary", "vgg"], "invalid choice: 'vgg'"),
-    (["compare", "mlp", "mlp"], "two different models"),
+    (["compare", "mlp", "mlp"], "compare got 'mlp' twice"),
     (["train", "mlp", "--epochs", "0"], "--epochs: must be 1 or more, got 0"),
     (["train", "mlp", "--epochs", "-3"], "--epochs: must be 1 or more"),
     (["train", "mlp", "--epochs", "ten"], "--epochs: 'ten' is not a whole number"),

@@ -41,12 +41,13 @@ def option(default: Any, help: str, *, choices: tuple | Callable[[], list] | Non
     kind: the value's type when the annotation allows None (an int, a float or a str).
     flag: the command-line flag, when it is not the field name with dashes.
     hidden: set by digitlab itself (a worker's command line), not shown in --help.
-    A list default makes a repeatable flag (each use adds a value); every instance gets its own copy.
+    A list default makes a repeatable flag (each use adds a value); a dict default a repeatable
+    KEY=VALUE flag (each use sets a key); every instance gets its own copy.
     """
     meta = dict(help=help, choices=choices, minimum=minimum, above=above, maximum=maximum, kind=kind, flag=flag,
                 metavar=metavar, hidden=hidden)
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={**meta, "kind": list})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={**meta, "kind": type(default)})
     return field(default=default, metadata=meta)
 
 
@@ -59,6 +60,11 @@ class TrainConfig:
     """
 
     model: str = option("cnn", "the network structure", choices=_model_names)
+    structure: dict = option(
+        {}, "change the model's structure: KEY=VALUE, repeatable, a list written with commas, e.g. --structure "
+            "hidden=100,100 --structure activation=relu (a config file's [structure] table; `digitlab summary "
+            "MODEL` lists a model's keys and defaults; default: the model's own, the chapter's for mlp and cnn)",
+        flag="--structure", metavar="KEY=VALUE")
     task: str | None = option(
         None, "regress: one output, squared error against the digit value, as in the chapter; classify: 10 "
               "logits and cross-entropy (default: regress for mlp and cnn, classify for the others)",
@@ -118,18 +124,27 @@ class TrainConfig:
         if self.patience and not self.val_split:
             raise UserError("patience: early stopping needs validation; give --val-split N as well")
         # imported here, not at the top: both bring torch, and `digitlab --help` reads this module
-        from digitlab.models import default_init, default_lr, default_task
+        from digitlab.models import checked_structure, default_init, default_lr, default_task
         from digitlab.tasks import get_task
 
         task = self.task or default_task(self.model)
+        structure = checked_structure(self.model, self.structure, get_task(task).outputs)
         if self.reject and not get_task(task).confident:
             raise UserError("reject: a regression model has no answer to flatten; use it with --task classify")
         if self.label_smoothing and not get_task(task).confident:
             raise UserError("label smoothing: a regression model has no labels to smooth; use it with --task "
                             "classify")
-        return replace(self, task=task,
+        return replace(self, task=task, structure=structure,
                        lr=default_lr(self.model) if self.lr is None else self.lr,
                        init=self.init or default_init(self.model))
+
+    @property
+    def label(self) -> str:
+        """The model and what its structure changes, in a few words: 'mlp', 'mlp hidden=100 activation=relu'."""
+        from digitlab.models import knobs
+        from digitlab.structures import structure_label
+
+        return structure_label(self.model, self.structure, knobs(self.model))
 
     def recipe(self) -> str:
         """The recipe in one line, as a run announces it: 'lenet5 (classify): 3 epochs, adam lr 0.01, ...'."""
@@ -141,7 +156,7 @@ class TrainConfig:
         parts += ["bf16 autocast"] * (self.precision == "bf16")
         parts += [f"validating on {self.val_split:,}"] * bool(self.val_split)
         parts += [f"{self.max_batches} batches an epoch"] * bool(self.max_batches)
-        return f"{self.model} ({self.task}): {', '.join(parts)}, seed {self.seed}"
+        return f"{self.label} ({self.task}): {', '.join(parts)}, seed {self.seed}"
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -210,7 +225,8 @@ def check_value(name: str, value: Any) -> Any:
 
 
 def _kind_name(kind: type) -> str:
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[kind]
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string", dict: "a table",
+            list: "a list"}[kind]
 
 
 # ---------------------------------------------------------------------------- sweeps, many processes, serving

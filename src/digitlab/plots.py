@@ -112,20 +112,30 @@ def plot_two_losses(
 ) -> Figure:
     """The chapter's side-by-side: solid #e4007f for the first run, dashed #f19ec2 for the second; a point
     every `every` batches (the runs' --log-every), where known."""
+    return _plot_losses((loss_list_1, loss_list_2), labels, title, every)
+
+
+def _plot_losses(losses: Sequence[Sequence[float]], labels: Sequence[str], title: str | None,
+                 every: int | None) -> Figure:
+    """Loss curves in one axes: the chapter's two styles first, then matplotlib's colours, dash-dotted."""
     fig = Figure(figsize=(10, 5))
     ax = fig.add_subplot()
-    ax.plot(range(len(loss_list_1)), loss_list_1, color=COLOR_1, label=labels[0])
-    ax.plot(range(len(loss_list_2)), loss_list_2, color=COLOR_2, linestyle="--", label=labels[1])
-    return _label_axes(fig, title, every)
+    styles = [(COLOR_1, "-"), (COLOR_2, "--")] + [(f"C{k}", "-.") for k in range(len(losses))]
+    for loss, label, (color, style) in zip(losses, labels, styles):
+        ax.plot(range(len(loss)), loss, color=color, linestyle=style, label=label)
+    fig = _label_axes(fig, title, every)
+    if len(losses) > 2:  # the chapter's large legend would hide the curves
+        ax.legend(loc="upper right", fontsize="medium")
+    return fig
 
 
-def plot_compare(models: tuple[str, str], losses: tuple[Sequence[float], Sequence[float]],
-                 every: tuple[int | None, int | None] = (None, None)) -> Figure:
-    """Two runs' loss curves side by side, labelled by their models (`digitlab compare`, `plot compare`);
-    the batches are named where both runs logged at the same --log-every."""
-    return plot_two_losses(*losses, labels=(f"Train loss1 ({models[0]})", f"Train loss2 ({models[1]})"),
-                           title=f"training loss: {models[0]} and {models[1]}",
-                           every=every[0] if every[0] == every[1] else None)
+def plot_compare(models: Sequence[str], losses: Sequence[Sequence[float]],
+                 every: Sequence[int | None] = ()) -> Figure:
+    """Runs' loss curves side by side, labelled by their models (`digitlab compare`, `plot compare`), the
+    first two in the chapter's styles; the batches are named where every run logged at the same --log-every."""
+    labels = [f"Train loss{k} ({name})" for k, name in enumerate(models, 1)]
+    title = f"training loss: {', '.join(models[:-1])} and {models[-1]}"
+    return _plot_losses(losses, labels, title, every[0] if every and len(set(every)) == 1 else None)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from digitlab.config import (
     FIELDS,
@@ -17,12 +19,14 @@ from digitlab.config import (
     read_config_file,
     value_type,
 )
-from digitlab.files import prepare_out_dir
+from digitlab.errors import UserError
+from digitlab.files import one_line, prepare_out_dir
 
 
 class ModelNames:
     """The registry's names, looked up only when a model argument is checked or shown in
-    help, so that building the parser does not import torch."""
+    help, so that building the parser does not import torch. A MODEL may also carry its
+    structure (mlp:hidden=100:activation=relu) or be a TOML file that names one (read_model)."""
 
     def _names(self) -> list[str]:
         from digitlab.models import list_models
@@ -30,7 +34,7 @@ class ModelNames:
         return list_models()
 
     def __contains__(self, name) -> bool:
-        return name in self._names()
+        return name.lower().endswith(".toml") or name.split(":")[0] in self._names()
 
     def __iter__(self):
         return iter(self._names())
@@ -50,6 +54,16 @@ def _converted(text: str, kind: type):
         return kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a {'whole number' if kind is int else 'number'}") from None
+
+
+def structure_assignment(text: str) -> tuple[str, Any]:
+    """argparse type of --structure: KEY=VALUE as (key, value)."""
+    from digitlab.structures import parse_assignment
+
+    try:
+        return parse_assignment(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
 
 
 def non_negative_int(text: str) -> int:
@@ -80,7 +94,7 @@ def add_options(p: argparse.ArgumentParser, of: type, *, unset: bool = False, sk
             continue
         meta = f.metadata
         kind = value_type(f.name, of)
-        shown = None if kind is list else f.default  # a list starts empty
+        shown = None if kind in (list, dict) else f.default  # a list or a table starts empty
         help_text = meta["help"] if shown is None or "(default" in meta["help"] else (
             f"{meta['help']} (default: {str(shown).lower() if isinstance(shown, bool) else shown})")
         if meta["hidden"]:
@@ -88,6 +102,9 @@ def add_options(p: argparse.ArgumentParser, of: type, *, unset: bool = False, sk
         default = None if unset else f.default
         if kind is bool:
             p.add_argument(flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif kind is dict:  # KEY=VALUE, each use sets one key (given_options makes the table)
+            p.add_argument(flag(f), dest=f.name, action="append", type=structure_assignment, default=None if unset else [],
+                           metavar=meta["metavar"], help=help_text)
         elif kind is list:  # argparse copies the default before it appends
             p.add_argument(flag(f), dest=f.name, action="append", default=None if unset else [],
                            metavar=meta["metavar"], help=help_text)
@@ -163,15 +180,47 @@ def load_data(data_dir: Path | None, say=print, quiet: bool = False):
 
 
 def given_options(args: argparse.Namespace, model: str | None) -> dict:
-    """The training options typed on the command line (and the model, if one was named)."""
+    """The training options typed on the command line (and the model, if one was named): --structure's
+    KEY=VALUE pairs as one table."""
     given = {name: getattr(args, name) for name in FIELDS if name != "model" and getattr(args, name) is not None}
+    if "structure" in given:
+        given["structure"] = dict(given["structure"])
     return {**({"model": model} if model else {}), **given}
 
 
+def read_model(text: str) -> tuple[str, dict, str | None]:
+    """A MODEL argument as (name, structure, label): a registered name ('mlp'), one with its structure's
+    variant ('mlp:hidden=100,100:activation=relu'), or a TOML file that holds `model` and a [structure]
+    table (labelled by its name: net.toml is 'net'; its other options are --config's to read)."""
+    from digitlab.structures import parse_model
+
+    if not text.lower().endswith(".toml"):
+        name, structure = parse_model(text)
+        return name, structure, None
+    table = read_config_file(Path(text))
+    if "model" not in table:
+        raise UserError(f"{one_line(text)}: names no model; a structure file holds model = \"NAME\" and its "
+                        "[structure] table (docs/structures.md)")
+    others = sorted(set(table) - {"model", "structure"})
+    if others:
+        print(f"note: {one_line(text)}: only its model and [structure] are read as a MODEL (its {', '.join(others)}: "
+              f"give it with --config FILE to read those)", file=sys.stderr)
+    return table["model"], table.get("structure", {}), Path(text).stem
+
+
 def train_config(model: str | None, args: argparse.Namespace):
+    """(config, label) a command line asks for: the preset, then --config FILE, then MODEL and the options
+    typed; a structure's keys add up: the file's, MODEL's (mlp:hidden=100), then each --structure. The label
+    names the run (a structure file's name; else the config's own)."""
+    name, structure, label = read_model(model) if model else (None, {}, None)
     from_file = read_config_file(args.config) if args.config else {}
-    given = {**from_file, **given_options(args, model)}
-    return preset_config(args.preset or "chapter", given.pop("model", None), **given)
+    typed = given_options(args, name)
+    given = {**from_file, **typed}
+    merged = {**from_file.get("structure", {}), **structure, **typed.get("structure", {})}
+    if merged:
+        given["structure"] = merged
+    config = preset_config(args.preset or "chapter", given.pop("model", None), **given)
+    return config, label or config.label
 
 
 def report_files(files, say=print) -> None:

@@ -9,18 +9,24 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from digitlab.cli.options import ModelNames, rich_console, save_plot
-from digitlab.config import TASKS
+from digitlab.cli.options import ModelNames, read_model, rich_console, save_plot, structure_assignment
+from digitlab.config import FIELDS, TASKS, TrainConfig
+from digitlab.errors import UserError
 
 if TYPE_CHECKING:
     from digitlab.stop import StopRequest
 
 
 def add_summary_parser(commands) -> None:
-    p = commands.add_parser("summary", help="print a model's layer table, as the chapter's paddle.summary")
-    p.add_argument("model", choices=ModelNames(), metavar="MODEL", help="one of: %(choices)s")
+    p = commands.add_parser("summary", help="print a model's layer table, as the chapter's paddle.summary, and "
+                                            "its structure's keys")
+    p.add_argument("model", choices=ModelNames(), metavar="MODEL",
+                   help="one of: %(choices)s; with a structure, mlp:hidden=100:activation=relu; or a TOML file with "
+                        "model and [structure]")
     p.add_argument("--task", choices=TASKS, default=None,
                    help="regress: 1 output; classify: 10 outputs (default: the model's, regress for mlp and cnn)")
+    p.add_argument("--structure", action="append", type=structure_assignment, default=None, metavar="KEY=VALUE",
+                   help=FIELDS["structure"].metadata["help"])
     p.set_defaults(func=cmd_summary)
 
 
@@ -32,8 +38,8 @@ def add_plot_parser(commands) -> None:
     k.add_argument("--out", type=Path, default=None,
                    help="file name without extension; writes .png and .svg (default: RUN/loss)")
     k.set_defaults(func=cmd_plot_loss)
-    k = kinds.add_parser("compare", help="two runs' losses in the chapter's style")
-    k.add_argument("runs", type=Path, nargs=2, metavar="RUN", help="two run folders (or history.json files)")
+    k = kinds.add_parser("compare", help="two runs' losses (or more) in the chapter's style")
+    k.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="two run folders or more (or history.json files)")
     k.add_argument("--out", type=Path, default=Path("runs/plots/compare"),
                    help="file name without extension; writes .png and .svg (default: %(default)s)")
     k.set_defaults(func=cmd_plot_compare)
@@ -44,34 +50,50 @@ def add_plot_parser(commands) -> None:
 
 
 def cmd_summary(args: argparse.Namespace, stop: StopRequest) -> int:
-    from digitlab.models import create_model, default_task
-    from digitlab.studies.model_summary import summary
-    from digitlab.tasks import get_task
+    from digitlab.models import knobs, model_for
+    from digitlab.structures import KNOBS, format_value
+    from digitlab.studies.model_summary import summary, training_flops
 
-    task = get_task(args.task or default_task(args.model))
-    summary(create_model(args.model, num_outputs=task.outputs), console=rich_console())
+    name, structure, label = read_model(args.model)
+    config = TrainConfig(model=name, task=args.task, structure={**structure, **dict(args.structure or [])}).resolved()
+    model = model_for(config)
+    console = rich_console()
+    summary(model, console=console, title=f"{type(model).__name__}: {label or config.label}")
+    console.print(f"Training FLOPs per image (forward and backward): {training_flops(config) / config.batch_size:,.0f}")
+    defaults = knobs(name)
+    if defaults:
+        from rich.table import Table
+
+        table = Table("key", "value", "default", "what it is", title=f"{name}'s structure: change a key with "
+                      "--structure KEY=VALUE", title_justify="left")
+        for key, value in config.structure.items():
+            table.add_row(key, format_value(value), format_value(defaults[key]) if defaults[key] is not None else "-",
+                          KNOBS[key].help if key in KNOBS else "")
+        console.print(table)
     return 0
 
 
 def cmd_plot_loss(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.plots import plot_run_loss
-    from digitlab.training.state import history_from, read_history
+    from digitlab.training.state import history_from, history_label, read_history
 
     history = read_history(args.run)
     run_dir = args.run if args.run.is_dir() else args.run.parent
-    save_plot(plot_run_loss(history_from(history, args.run), title=str(history.get("model"))),
+    save_plot(plot_run_loss(history_from(history, args.run), title=history_label(history)),
           args.out or run_dir / "loss")
     return 0
 
 
 def cmd_plot_compare(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.plots import plot_compare
-    from digitlab.training.state import history_from, read_history
+    from digitlab.training.state import history_from, history_label, read_history
 
+    if len(args.runs) < 2:
+        raise UserError("plot compare needs two runs or more; plot loss RUN draws one")
     histories = [read_history(run) for run in args.runs]
     losses = tuple(history_from(h, run).loss_list for h, run in zip(histories, args.runs))
     every = tuple(h["config"].get("log_every") if isinstance(h.get("config"), dict) else None for h in histories)
-    save_plot(plot_compare(tuple(str(h.get("model")) for h in histories), losses, every), args.out)
+    save_plot(plot_compare([history_label(h) for h in histories], losses, every), args.out)
     return 0
 
 

@@ -20,6 +20,7 @@ from digitlab.cli.options import (
     given_options,
     load_data,
     options_from,
+    read_model,
     report_files,
     rich_console,
     train_config,
@@ -28,6 +29,7 @@ from digitlab.config import LaunchOptions
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
 from digitlab.stop import SIGNALS, Interrupted, cause, stopped_by
+from digitlab.structures import folder_name
 
 if TYPE_CHECKING:
     from digitlab.stop import StopRequest
@@ -36,15 +38,18 @@ if TYPE_CHECKING:
 def add_train_parser(commands) -> None:
     p = commands.add_parser("train", help="train one model with the chapter's loop and save it")
     p.add_argument("model", nargs="?", choices=ModelNames(), metavar="MODEL",
-                   help="one of: %(choices)s (default: the preset's, cnn for the chapter)")
+                   help="one of: %(choices)s; with a structure, mlp:hidden=100:activation=relu; or a TOML file "
+                        "with model and [structure] (default: the preset's, cnn for the chapter)")
     add_training_options(p, default_out="runs/MODEL", resume=True)
     add_options(p, LaunchOptions)
     p.set_defaults(func=cmd_train)
 
 
 def add_compare_parser(commands) -> None:
-    p = commands.add_parser("compare", help="the chapter's experiment: summarise, train and plot two models")
-    p.add_argument("models", nargs=2, choices=ModelNames(), metavar="MODEL", help="two of: %(choices)s")
+    p = commands.add_parser("compare", help="the chapter's experiment: summarise, train and plot two models or more")
+    p.add_argument("models", nargs="+", choices=ModelNames(), metavar="MODEL",
+                   help="two or more of: %(choices)s; a variant of one is NAME:KEY=VALUE[:KEY=VALUE...] (e.g. "
+                        "mlp:hidden=100 mlp:activation=relu), and a layer list a TOML file (net.toml)")
     add_training_options(p, default_out="runs/compare")
     p.set_defaults(func=cmd_compare)
 
@@ -153,13 +158,14 @@ def _config_and_folder(args: argparse.Namespace):
     from digitlab.training.resume import resume_config
 
     if args.resume is None:
-        config = train_config(args.model, args)
-        return config, args.out or fresh_run_dir(Path("runs") / config.model)
+        config, label = train_config(args.model, args)
+        return config, args.out or fresh_run_dir(Path("runs") / folder_name(label))
     if args.preset or args.config or args.out or args.overwrite:
         raise UserError("--resume continues a run as it was configured; drop --preset, --config, --out "
                         "and --overwrite")
     # the run folder is rank 0's (the other machines need no copy): it sends the others the config
-    config = resume_config(args.resume, given_options(args, args.model)) if distributed.launched_rank() == 0 else None
+    model = read_model(args.model)[0] if args.model else None
+    config = resume_config(args.resume, given_options(args, model)) if distributed.launched_rank() == 0 else None
     return config, args.resume
 
 
@@ -171,7 +177,7 @@ def _report(result, data, say) -> None:
     h, config = result.history, result.config
     if data.is_sample:
         say(f"note: figures from {SAMPLE_WORDS}, not comparable with full-MNIST figures")
-    say(f"{config.model}: {h.images:,} images in {h.seconds:.1f} s ({h.images_per_second:,.0f} images/s), "
+    say(f"{config.label}: {h.images:,} images in {h.seconds:.1f} s ({h.images_per_second:,.0f} images/s), "
         f"final loss {h.final_loss if h.final_loss is None else round(h.final_loss, 4)}, test accuracy "
         f"{result.test_accuracy:.2%} ({result.checkpoint.name})")
     c = result.calibration
@@ -204,16 +210,17 @@ def stopped_exit(stopped: str | None, say=print, state=None, out=None) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, stop: StopRequest) -> int:
-    from digitlab.studies.experiment import compare
+    from digitlab.studies.experiment import check_labels, compare
     from digitlab.training.folder import fresh_run_dir
 
-    if args.models[0] == args.models[1]:
-        raise UserError(f"compare needs two different models, got '{args.models[0]}' twice")
-    configs = [train_config(name, args) for name in args.models]
+    if len(args.models) < 2:
+        raise UserError(f"compare needs two models or more, got '{args.models[0]}' alone (digitlab train trains one)")
+    configs, labels = zip(*(train_config(name, args) for name in args.models))
+    check_labels(list(labels))  # before the data are read
     _threads(args, None, print)
     data = load_data(args.data_dir)
-    result = compare(configs, data, args.out or fresh_run_dir(Path("runs/compare")), console=rich_console(),
-                     overwrite=args.overwrite, stop=stop)
+    result = compare(list(configs), data, args.out or fresh_run_dir(Path("runs/compare")), console=rich_console(),
+                     overwrite=args.overwrite, stop=stop, labels=list(labels))
     report_files(result.files)
     stopped = [r for r in result.runs if r.state.interrupted]
     return stopped_exit(stopped[0].state.stopped, print, stopped[0].state, stopped[0].out_dir) if stopped else 0

@@ -19,7 +19,7 @@ from digitlab.config import FIELDS, TrainConfig, problem
 from digitlab.data import PIXEL_CENTER, PIXEL_SCALE
 from digitlab.errors import UserError
 from digitlab.files import one_line, write_safetensors
-from digitlab.models import create_model, list_models, place
+from digitlab.models import checked_structure, list_models, model_for, place
 from digitlab.tasks import TASKS, Task, get_task
 
 FORMAT_VERSION = 2  # 2: each fact once (model, task and seed in the config only); format 1 is read too
@@ -74,12 +74,12 @@ class CheckpointMeta:
         if unknown:
             raise bad(f"unknown field {one_line(repr(unknown[0]))[:60]}")
         values = {k: v for k, v in meta.items() if k != "format"}
-        values["config"] = _checked_config(meta.get("config"), bad)
+        values["config"] = _checked_config(meta.get("config"), bad, path)
         _check_values(values, bad)
         return cls(**values)
 
 
-def _checked_config(config: Any, bad) -> TrainConfig:
+def _checked_config(config: Any, bad, path: str | os.PathLike) -> TrainConfig:
     """The run's TrainConfig from its JSON table: known options, possible values, a registered model."""
     if not isinstance(config, dict):
         raise bad("config must be a table of training options")
@@ -90,12 +90,21 @@ def _checked_config(config: Any, bad) -> TrainConfig:
         wrong = key not in ("model", "task") and problem(key, value)
         if wrong:
             raise bad(f"{key} {wrong}")
-    if config.get("model") not in list_models():
-        raise bad(f"model {one_line(repr(config.get('model')))[:60]} is not one of {', '.join(list_models())}")
+    model = config.get("model")
+    if isinstance(model, str) and model not in list_models():
+        raise UserError(f"{path}: its model '{one_line(model)[:60]}' is not one of digitlab's "
+                        f"({', '.join(list_models())}): a model registered from Python (register_model) is read from "
+                        "Python once it is registered again (docs/python.md)")
+    if model not in list_models():
+        raise bad(f"model {one_line(repr(model))[:60]} is not one of {', '.join(list_models())}")
     task = config.get("task")
     if not isinstance(task, str) or task not in TASKS:
         raise bad(f"task {one_line(repr(task))[:60]} is not one of {', '.join(TASKS)}")
-    return TrainConfig(**config)
+    try:  # an older checkpoint has no structure: the model's defaults, which it was trained with
+        structure = checked_structure(model, config.get("structure", {}), TASKS[task].outputs)
+    except UserError as e:
+        raise bad(f"structure: {e}") from None
+    return TrainConfig(**{**config, "structure": structure})
 
 
 def _check_values(values: dict, bad) -> None:
@@ -188,7 +197,7 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
     import torch
 
     state, meta = read_checkpoint(path)
-    model = create_model(meta.model, num_outputs=meta.task.outputs)  # both checked by read_checkpoint
+    model = model_for(meta.config)  # the model, its structure and its task, checked by read_checkpoint
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

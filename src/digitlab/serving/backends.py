@@ -126,7 +126,9 @@ class OnnxModel(ServedModel):
         temperature = props.get("temperature")
         self.name, self.task = name, task
         self.temperature = float(temperature) if temperature and np.isfinite(float(temperature)) else None
+        structure = facts.get("structure")  # an older export has none; a file's text is shown cut, as text
         self.facts = {"model": facts.get("model", Path(path).stem), "params": facts.get("params"),
+                      "structure": structure[:200] if isinstance(structure, str) else None,
                       "test_accuracy": facts.get("test_accuracy"), "val_accuracy": facts.get("val_accuracy"),
                       "trained_on": facts.get("trained_on"), "checkpoint": f"{Path(path).resolve()} (ONNX)",
                       "conv_layers": []}
@@ -146,9 +148,10 @@ def _facts(text: str | None) -> dict:
 
 def model_facts(model, meta) -> dict:
     """What the page shows of a checkpoint's model (and `digitlab export` writes into an ONNX file):
-    its name, parameter count, test and validation accuracy, and what it was trained on."""
+    its name, its structure ('mlp hidden=100 activation=relu'; the layers of a layer list), parameter
+    count, test and validation accuracy, and what it was trained on."""
     results = meta.results or {}
-    return {"model": meta.model, "params": sum(p.numel() for p in model.parameters()),
+    return {"model": meta.model, "structure": meta.config.label, "params": sum(p.numel() for p in model.parameters()),
             "test_accuracy": results.get("test_accuracy"), "val_accuracy": meta.val_accuracy,
             "trained_on": trained_on(meta.data)}
 

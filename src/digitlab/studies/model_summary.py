@@ -106,13 +106,37 @@ def render(s: Summary, title: str | None = None):
     return Group(table, footer)
 
 
-def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 1, 28, 28), console=None) -> dict[str, int]:
+def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 1, 28, 28), console=None,
+            title: str | None = None) -> dict[str, int]:
     """Print the chapter's summary table and return {'total_params', 'trainable_params'}.
 
-    The same call as the chapter's `paddle.summary(model, (1, 1, 28, 28))`.
+    The same call as the chapter's `paddle.summary(model, (1, 1, 28, 28))`; the table's title is the
+    model's class unless `title` names it.
     """
     from rich.console import Console
 
     s = describe(model, tuple(input_size))
-    (console or Console()).print(render(s, title=type(model).__name__))
+    (console or Console()).print(render(s, title=title or type(model).__name__))
     return s.as_dict()
+
+
+def training_flops(config) -> int:
+    """FLOPs of one training step (forward and backward) at a TrainConfig's batch size, counted by
+    torch.utils.flop_counter on the model built on the meta device (shapes only: no memory, no data;
+    the data do not change the count)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from digitlab.models import model_for
+    from digitlab.tasks import get_task
+
+    task = get_task(config.task)
+    with torch.device("meta"):
+        model = model_for(config)
+        batch = config.batch_size + (max(1, config.batch_size // 4) if config.reject else 0)
+        images = torch.zeros(batch, 1, 28, 28)
+        labels = torch.zeros(config.batch_size, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        output = model(images)
+        task.loss(output[:config.batch_size], labels).backward()
+    return int(counter.get_total_flops())

@@ -1,5 +1,6 @@
 """A sweep's spec: the options every trial shares ([fixed]) and the ones the study chooses ([search]),
-read from TOML and checked option by option; the Optuna sampler that draws them; and the study's
+with a structure's keys under [fixed.structure] and [search.structure], read from TOML and checked
+option by option; the Optuna sampler that draws them; and the study's
 storage, opened with a connection timeout and shown with its password hidden."""
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,14 @@ class Range:
     log: bool = False
 
 
+STRUCTURE = "structure."  # a searched structure key's name in the study: structure.hidden
+
+
 @dataclass(frozen=True)
 class Spec:
     fixed: dict[str, Any]
-    search: dict[str, list | Range]
+    search: dict[str, list | Range]  # Optuna's names and choices: a list of sizes is searched as its text, "100,100"
+    texts: dict[str, dict[str, Any]] = field(default_factory=dict)  # per searched key: such a text -> its value
 
     @property
     def all_lists(self) -> bool:
@@ -56,10 +61,13 @@ def read_spec(path: str | os.PathLike) -> Spec:
     unknown = sorted(set(table) - {"fixed", "search"})
     if unknown:
         raise UserError(f"{name}: unknown table [{one_line(unknown[0])[:60]}]; a sweep spec has [fixed] and [search]")
-    fixed, search = table.get("fixed", {}), table.get("search", {})
+    fixed, search = table.get("fixed", {}), dict(table.get("search", {}))
     if not isinstance(fixed, dict) or not isinstance(search, dict):
         raise UserError(f"{name}: [fixed] and [search] must be tables")
-    if not search:
+    structure = search.pop("structure", {})
+    if not isinstance(structure, dict):
+        raise UserError(f"{name}: [search.structure] must be a table of structure keys, e.g. hidden = [[10], [100]]")
+    if not search and not structure:
         raise UserError(f"{name}: [search] is empty; name at least one option to search, e.g. model = [\"mlp\", \"cnn\"]")
     for key, value in fixed.items():
         _known(name, "fixed", key)
@@ -72,7 +80,57 @@ def read_spec(path: str | os.PathLike) -> Spec:
         if key in fixed:
             raise UserError(f"{name}: {key} is in both [fixed] and [search]; keep it in one")
         checked[key] = _choices(name, key, value)
-    return Spec(fixed, checked)
+    texts = {}
+    for key, value in structure.items():
+        if key in fixed.get("structure", {}):
+            raise UserError(f"{name}: structure {key} is in both [fixed.structure] and [search.structure]; keep it in one")
+        checked[STRUCTURE + key], texts[STRUCTURE + key] = _structure_choices(name, key, value)
+    _check_structures(name, fixed, checked, texts)
+    return Spec(fixed, checked, texts)
+
+
+def _structure_choices(name: str, key: str, value: Any) -> tuple[list | Range, dict[str, Any]]:
+    """A searched structure key's choices as Optuna takes them: numbers and words as they are, a list (of
+    sizes, or of layers) as its text ("100,100"); and each text's value."""
+    from digitlab.structures import format_value
+
+    where = f"{name}: [search.structure] {key}"
+    if isinstance(value, dict):
+        low, high = value.get("low"), value.get("high")
+        if set(value) - {"low", "high", "log"} or type(low) not in (int, float) or type(high) not in (int, float):
+            raise UserError(f"{where}: a range is {{ low = ..., high = ... }} of numbers")
+        if not low < high:
+            raise UserError(f"{where}: low must be below high, got {low} and {high}")
+        return Range(low, high, value.get("log", False) is True), {}
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: must be a non-empty list of choices, e.g. hidden = [[10, 10], [100]], or a range")
+    texts = {format_value(v): v for v in value if isinstance(v, (list, dict))}
+    choices = [format_value(v) if isinstance(v, (list, dict)) else v for v in value]
+    if len(set(map(repr, choices))) != len(choices):
+        raise UserError(f"{where}: a choice is listed twice")
+    return choices, texts
+
+
+def _check_structures(name: str, fixed: dict, search: dict, texts: dict) -> None:
+    """Each structure key and choice, against the model where one model is swept (a typo is one line now,
+    not a pruned trial each time); where the model is searched, each key must be one of some model's."""
+    from digitlab.models import checked_structure, knobs
+
+    searched = {k[len(STRUCTURE):]: v for k, v in search.items() if k.startswith(STRUCTURE)}
+    models = search.get("model") if isinstance(search.get("model"), list) else [fixed.get("model", "cnn")]
+    base = fixed.get("structure", {})
+    for key in [*base, *searched]:
+        if not any(key in knobs(m) for m in models):
+            raise UserError(f"{name}: structure {key}: not a key of {' or '.join(models)}")
+    if len(models) != 1:
+        return
+    try:
+        checked_structure(models[0], base)
+        for key, choices in searched.items():
+            for choice in choices if isinstance(choices, list) else [choices.low, choices.high]:
+                checked_structure(models[0], {**base, key: texts.get(STRUCTURE + key, {}).get(choice, choice)})
+    except UserError as e:
+        raise UserError(f"{name}: {e}") from None
 
 
 def _known(name: str, table: str, key: str) -> None:
@@ -161,16 +219,22 @@ def sampler_seed(seed: int, start: int, worker: int) -> int:
 
 
 def suggest(trial, spec: Spec) -> dict[str, Any]:
-    """The trial's values for the searched options."""
-    values = {}
+    """The trial's values for the searched options, its structure's as one table over [fixed.structure]."""
+    values, structure = {}, {}
     for key, choice in spec.search.items():
         if isinstance(choice, Range):
-            if value_type(key) is int:
-                values[key] = trial.suggest_int(key, int(choice.low), int(choice.high), log=choice.log)
-            else:
-                values[key] = trial.suggest_float(key, choice.low, choice.high, log=choice.log)
+            whole = type(choice.low) is int and type(choice.high) is int if key.startswith(STRUCTURE) else (
+                value_type(key) is int)
+            value = (trial.suggest_int(key, int(choice.low), int(choice.high), log=choice.log) if whole
+                     else trial.suggest_float(key, choice.low, choice.high, log=choice.log))
         else:
-            values[key] = trial.suggest_categorical(key, choice)
+            value = trial.suggest_categorical(key, choice)
+        if key.startswith(STRUCTURE):
+            structure[key[len(STRUCTURE):]] = spec.texts.get(key, {}).get(value, value)
+        else:
+            values[key] = value
+    if structure:
+        values["structure"] = {**spec.fixed.get("structure", {}), **structure}
     return values
 
 

@@ -40,7 +40,6 @@ from digitlab.config import (
 )
 from digitlab.errors import UserError
 from digitlab.files import one_line
-from digitlab.models import create_model
 from digitlab.stop import SIGNALS, Interrupted, StopRequest
 from digitlab.studies.spec import (
     Spec,
@@ -52,31 +51,14 @@ from digitlab.studies.spec import (
     sampler_seed,
     suggest,
 )
+from digitlab.studies.model_summary import training_flops
 from digitlab.studies.sweep_report import write_results
-from digitlab.tasks import get_task
 from digitlab.training.loop import Diverged
 from digitlab.training.reporters import Reporter
 from digitlab.training.run import run
 from digitlab.training.threads import usable_cores
 
 MAX_RETRY = 3  # copies of one stopped trial, at most
-
-
-def training_flops(config: TrainConfig) -> int:
-    """FLOPs of one training step (forward and backward) at the config's batch size, counted by
-    torch.utils.flop_counter on a fresh model; the data do not change the count."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    task = get_task(config.task)
-    model = create_model(config.model, num_outputs=task.outputs, init=config.init)
-    batch = config.batch_size + (max(1, config.batch_size // 4) if config.reject else 0)
-    images = torch.zeros(batch, 1, 28, 28)
-    labels = torch.zeros(config.batch_size, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        output = model(images)
-        task.loss(output[:config.batch_size], labels).backward()
-    return int(counter.get_total_flops())
 
 
 def run_sweep(spec: Spec, data, options: SweepOptions, *, bar: bool = True, stop: StopRequest | None = None):

@@ -14,7 +14,7 @@ from digitlab.config import (
 from digitlab.errors import UserError
 from digitlab.files import one_line, write_text
 from digitlab.plots import pareto_front, plot_pareto, save_figure
-from digitlab.studies.spec import Spec, masked, masked_url, rdb_storage, reach
+from digitlab.studies.spec import STRUCTURE, Spec, masked, masked_url, rdb_storage, reach
 
 # error: why a trial was pruned (its options refused, its loss diverged)
 RESULT_COLUMNS = ("val_accuracy", "test_accuracy", "train_seconds", "train_flops", "params", "run", "retry_of",
@@ -24,12 +24,19 @@ RESULT_COLUMNS = ("val_accuracy", "test_accuracy", "train_seconds", "train_flops
 def write_results(study, out: Path, spec: Spec) -> list[Path]:
     """OUT/trials.csv, and OUT/pareto.png and .svg once two trials have finished."""
     files = [write_trials_csv(study, out / "trials.csv", spec)]
-    done = [{"model": t.params.get("model", spec.fixed.get("model", "?")), **t.user_attrs}
+    done = [{"model": trial_label(t, spec), **t.user_attrs}
             for t in study.trials if t.value is not None and "train_flops" in t.user_attrs]
     if len(done) >= 2:
         files += save_figure(plot_pareto(done, title=f"study {study.study_name}: {len(done)} finished trials"),
                              out / "pareto")
     return files
+
+
+def trial_label(trial, spec: Spec) -> str:
+    """A trial's model and searched structure: 'mlp hidden=100,100 activation=relu'."""
+    model = trial.params.get("model", spec.fixed.get("model", "cnn"))
+    return " ".join([str(model)] + [f"{k[len(STRUCTURE):]}={v}" for k, v in trial.params.items()
+                                     if k.startswith(STRUCTURE)])
 
 
 def write_trials_csv(study, path: Path, spec: Spec) -> Path:

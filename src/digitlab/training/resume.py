@@ -34,7 +34,7 @@ RESUMABLE = ("epochs", "patience", "device", "tensorboard")
 def resume_config(run_dir: str | os.PathLike, given: dict[str, Any]) -> TrainConfig:
     """The saved run's config with the options a user gave on top; only RESUMABLE ones may differ."""
     record, _ = read_state(run_dir, tensors=False)
-    saved = TrainConfig(**record["config"])
+    saved = TrainConfig(**record["config"]).resolved()  # an older run's: its structure's defaults filled in
     for key, value in given.items():
         if key not in FIELDS:
             raise UserError(f"unknown option '{key}'")
@@ -48,7 +48,7 @@ def resume_config(run_dir: str | os.PathLike, given: dict[str, Any]) -> TrainCon
 def check_resumable(run_dir: Path, config: TrainConfig, record: dict, tensors: dict, data_info: dict) -> None:
     """Whether the run in `run_dir` (its state's `record` and `tensors`) can go on as `config` on this data: one
     line saying why not. Called before the folder is touched."""
-    saved = TrainConfig(**record["config"])
+    saved = TrainConfig(**record["config"]).resolved()
     different = [k for k in FIELDS if k not in RESUMABLE and getattr(config, k) != getattr(saved, k)]
     if different:
         k = different[0]
@@ -141,8 +141,7 @@ def check_record(run_dir: Path, record: dict, saved: TrainConfig, batches: int) 
 def check_tensors(run_dir: Path, record: dict, tensors: dict, saved: TrainConfig) -> None:
     """The state's weights and optimiser state fit its model (put back into a scratch copy of it), and its
     generators' states are generators' states."""
-    from digitlab.models import create_model
-    from digitlab.tasks import get_task
+    from digitlab.models import model_for
     from digitlab.training.optim import make_optimizer
 
     try:
@@ -157,7 +156,7 @@ def check_tensors(run_dir: Path, record: dict, tensors: dict, saved: TrainConfig
             continue
         raise _damaged(run_dir, f"the {key} generator's state is not one")
     with torch.random.fork_rng(devices=[]):  # the scratch model's weights are drawn, then forgotten
-        model = create_model(saved.model, num_outputs=get_task(saved.task).outputs, init="torch")
+        model = model_for(saved)
         optimizer = make_optimizer(saved.optimizer, model.parameters(), saved.lr, saved.weight_decay)
         try:
             restore(record, tensors, model, optimizer, None, torch.device("cpu"))
@@ -175,7 +174,8 @@ def _check_own_files(run_dir: Path, saved: TrainConfig) -> None:
         if not path.is_file():
             continue  # written again from the state
         try:
-            other = TrainConfig(**read_config_file(path)) if name == CONFIG_FILE else read_checkpoint(path)[1].config
+            other = (TrainConfig(**read_config_file(path)).resolved() if name == CONFIG_FILE
+                     else read_checkpoint(path)[1].config)
         except (UserError, TypeError):
             other = None
         differ = [k for k in FIELDS if k not in RESUMABLE and getattr(other, k, None) != getattr(saved, k)]

@@ -35,7 +35,7 @@ from digitlab.data import (
 )
 from digitlab.errors import UserError
 from digitlab.files import one_line, write_text
-from digitlab.models import create_model, place
+from digitlab.models import model_for, place
 from digitlab.plots import plot_run_loss, save_figure
 from digitlab.reading.calibrate import expected_calibration_error, fit_temperature
 from digitlab.reading.checkpoint import (
@@ -252,7 +252,7 @@ def _build(cfg: TrainConfig, split: Split, device: torch.device, record: dict | 
     """The model, its loader, optimizer and augmentation generator, and the training state: new, or
     restored from a saved `record` and its `tensors`."""
     torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
-    model = place(create_model(cfg.model, num_outputs=get_task(cfg.task).outputs, init=cfg.init), device)
+    model = place(model_for(cfg, init=cfg.init), device)
     loader = InMemoryLoader(split.train_images, split.train_labels, cfg.batch_size, seed=cfg.seed, device=device)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     # one generator draws the distortions and the non-digits, in the order the loop asks for them
@@ -281,7 +281,7 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
     scored, test_model, task = out_dir / WEIGHTS_FILE, model, get_task(cfg.task)
     if state.best_epoch is not None and (out_dir / BEST_FILE).is_file():
         scored = out_dir / BEST_FILE
-        test_model = place(create_model(cfg.model, num_outputs=task.outputs), device)
+        test_model = place(model_for(cfg), device)
         test_model.load_state_dict(read_checkpoint(scored)[0])
     final = evaluate(test_model, data.test_images, data.test_labels, task=cfg.task)
     calibration = _calibrate(test_model, split, final) if task.confident else {}
@@ -308,7 +308,7 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
     record = {"model": cfg.model, "task": cfg.task, **scored_meta.as_json(), "epochs": len(history.epochs),
               "final_loss": history.final_loss, **history_record(history)}
     files.append(write_metrics(out_dir / METRICS_FILE, history))
-    files += save_figure(plot_run_loss(history, title=f"{cfg.model} ({cfg.task})"), out_dir / "loss")
+    files += save_figure(plot_run_loss(history, title=f"{cfg.label} ({cfg.task})"), out_dir / "loss")
     # last: it marks the run finished (resume._finished); a stop before it leaves the folder resumable
     files.append(write_text(out_dir / HISTORY_FILE, json.dumps(record, indent=1, allow_nan=False)))
     return RunResult(cfg, state, params, final.accuracy, scored, out_dir, files, calibration)

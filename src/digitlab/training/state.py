@@ -69,6 +69,22 @@ def history_from(record: Any, source: str | os.PathLike = "history") -> History:
                    images=record.get("images", 0), seconds=record.get("seconds", 0.0))
 
 
+def history_label(record: Any) -> str:
+    """A history's model and what its structure changes ('mlp hidden=100'); its model's name alone where
+    its config says no more (a hand-made or older history)."""
+    model = str(record.get("model")) if isinstance(record, dict) else "?"
+    config = record.get("config") if isinstance(record, dict) else None
+    if isinstance(config, dict) and isinstance(config.get("structure"), dict):
+        from digitlab.models import knobs
+        from digitlab.structures import structure_label
+
+        try:
+            return structure_label(model, config["structure"], knobs(model))
+        except (UserError, TypeError, ValueError):  # a model this digitlab does not know
+            pass
+    return model
+
+
 def saved_history(record: dict) -> History:
     """The History a state file holds, field by field, exactly as it was."""
     history = History(**{f.name: record[f.name] for f in fields(History)})
