@@ -216,20 +216,6 @@ def tour() -> list[Step]:
     return steps
 
 
-def write_photo(path: Path, digits) -> None:
-    """A photo-like picture of a handwritten digit: an MNIST test digit, dark ink on light paper,
-    scaled up with a margin, in the format the name says."""
-    import numpy as np
-    from PIL import Image
-
-    index = int((digits.test_labels == 7).nonzero()[0])
-    ink = digits.test_images[index].numpy().astype(np.float32) / 255
-    digit = Image.fromarray((235 - 190 * ink).astype(np.uint8)).resize((168, 168), Image.BILINEAR)
-    paper = Image.new("L", (240, 240), 235)
-    paper.paste(digit, (36, 36))
-    paper.convert("RGB").save(path)
-
-
 @pytest.fixture
 def signal_handlers():
     """The CLI installs its own SIGINT and SIGTERM handlers; give pytest its own back."""
@@ -239,7 +225,7 @@ def signal_handlers():
         signal.signal(s, handler)
 
 
-def test_five_minute_tour(digits_dir, digits, tmp_path, monkeypatch, capsys, signal_handlers):
+def test_five_minute_tour(digits_dir, tmp_path, monkeypatch, capsys, signal_handlers):
     """The README's tour, as written, in order, in an empty folder, on the 5,000 digits every
     machine has. serve blocks until Ctrl-C: it is only parsed here (test_serve starts a real one)."""
     from digitlab.cli import build_parser, main
@@ -248,6 +234,9 @@ def test_five_minute_tour(digits_dir, digits, tmp_path, monkeypatch, capsys, sig
     names = [s.command.args[0] for s in steps]
     for expected in ("summary", "compare", "train", "evaluate", "predict", "export", "serve"):
         assert expected in names, f"the tour has no `digitlab {expected}`"
+    import shutil
+
+    shutil.copytree(ROOT / "docs" / "examples", tmp_path / "docs" / "examples")  # the pictures the tour reads
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DIGITLAB_DATA_DIR", str(digits_dir))
     left_out = []
@@ -259,10 +248,10 @@ def test_five_minute_tour(digits_dir, digits, tmp_path, monkeypatch, capsys, sig
         if args[0] == "export" and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
             left_out.append(f"`{step.command.text}` (the onnx extra is not installed: pip install -e '.[onnx]')")
             continue
-        if args[0] == "predict":  # "a digit you wrote": the test writes one under the README's name
+        if args[0] == "predict":  # the pictures it names ship with digitlab: the line runs as written
             for name in args[2:]:
-                if Path(name).suffix.lower() in IMAGE_SUFFIXES and not Path(name).exists():
-                    write_photo(Path(name), digits)
+                assert Path(name).suffix.lower() not in IMAGE_SUFFIXES or Path(name).is_file(), \
+                    f"{step.command}: {name} is not in the repository"
         code = main(list(args))
         out = capsys.readouterr()
         assert code == 0, (f"{step.command} exited with {code}\n--- stdout\n{out.out[-3000:]}\n"

@@ -63,7 +63,8 @@ def layer_lists(draw):
     for _ in range(draw(st.integers(0, 3))):
         kind = draw(st.sampled_from(["conv", "maxpool", "avgpool", "batchnorm", "relu", "gelu", "tanh"]))
         if kind == "conv":
-            layers.append({"type": "conv", "channels": draw(st.integers(1, 8)), "kernel": draw(st.sampled_from([1, 3, 5]))})
+            layers.append({"type": "conv", "channels": draw(st.integers(1, 8)),
+                           "kernel": draw(st.sampled_from([1, 3, 5]))})
         elif kind.endswith("pool") and side >= 4:
             layers.append({"type": kind})
             side //= 2
@@ -423,13 +424,13 @@ def few_digits_dir(digits, tmp_path_factory) -> Path:
     return folder
 
 
-def test_every_command_on_the_structures_page_runs(few_digits_dir, digits, tmp_path, monkeypatch, capsys):
+def test_every_command_on_the_structures_page_runs(few_digits_dir, tmp_path, monkeypatch, capsys):
     """docs/structures.md's commands, in order, as written, in an empty folder beside a copy of the docs'
     examples, on 1,780 real digits; serve blocks, so it is parsed only (test_serve runs one)."""
     import importlib.util
     import shutil
 
-    from test_docs import IMAGE_SUFFIXES, block_commands, blocks, write_photo
+    from test_docs import block_commands, blocks
 
     from digitlab.cli import build_parser, main
 
@@ -445,9 +446,6 @@ def test_every_command_on_the_structures_page_runs(few_digits_dir, digits, tmp_p
         if args[0] == "serve" or (args[0] == "export" and not importlib.util.find_spec("onnxruntime")):
             build_parser().parse_args(args)
             continue
-        for name in args[2:]:
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES and not Path(name).exists():
-                write_photo(Path(name), digits)
         code = main(list(args))
         out = capsys.readouterr()
         assert code == 0, f"{command} exited with {code}\n{out.out[-2000:]}\n{out.err[-2000:]}"
@@ -459,7 +457,8 @@ def test_every_command_on_the_structures_page_runs(few_digits_dir, digits, tmp_p
 
 SPEC_BAD = [
     ('[fixed]\nmodel = "mlp"\n[search.structure]\nhiden = [[10], [20]]\n', "structure hiden: not a key of mlp"),
-    ('[fixed]\nmodel = "mlp"\n[search.structure]\nhidden = [[10], [0]]\n', "mlp structure hidden: a size must be from 1"),
+    ('[fixed]\nmodel = "mlp"\n[search.structure]\nhidden = [[10], [0]]\n',
+     "mlp structure hidden: a size must be from 1"),
     ('[search]\nmodel = ["mlp", "cnn"]\n[search.structure]\nwidths = [[8], [16]]\n', "not a key of mlp or cnn"),
     ('[fixed]\nmodel = "cnn"\n[fixed.structure]\npool = "min"\n[search]\nlr = [0.1, 0.01]\n', "unknown pool 'min'"),
     ('[fixed.structure]\nkernel = 3\n[search.structure]\nkernel = [3, 5]\n', "in both [fixed.structure] and"),
