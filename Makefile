@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.digitlab-installed
 
-.PHONY: setup compare test bench clean
+.PHONY: setup compare test lint bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ compare: setup
 # Two workers (one where there is one core): the suite is mostly single-threaded processes.
 test: setup
 	$(BIN)/python -m pytest -n auto --maxprocesses 2
+
+# ruff (pyflakes, pycodestyle, isort, bugbear) on everything, mypy on the package; configured in pyproject.toml
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src
 
 # Needs the four MNIST .gz files: make bench DIGITLAB_DATA_DIR=../shared/data/mnist
 bench: setup

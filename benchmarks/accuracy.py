@@ -18,12 +18,12 @@ import tempfile
 from dataclasses import replace
 
 import torch
-from common import cpu_name
 
+from common import cpu_name
+from digitlab.config import TrainConfig, preset_config
 from digitlab.data import read_folder
 from digitlab.reading.checkpoint import WEIGHTS_FILE, load_checkpoint
 from digitlab.reading.evaluate import evaluate
-from digitlab.config import TrainConfig, preset_config
 from digitlab.training.reporters import Reporter
 from digitlab.training.run import run
 

@@ -101,7 +101,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None, help="MNIST folder (default: digitlab's usual search)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
-    parser.add_argument("--batches", type=int, default=160, help="training batches per measurement (default: %(default)s)")
+    parser.add_argument("--batches", type=int, default=160,
+                        help="training batches per measurement (default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (about 25 s to compile)")
     args = parser.parse_args()
 

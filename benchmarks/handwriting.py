@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.data import read_folder
+from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.reading.evaluate import model_outputs
 from digitlab.reading.predict import predict_files
 

@@ -8,22 +8,22 @@ ink), then reads each with the MNIST-style preprocessing and with a plain 28x28 
 """
 from __future__ import annotations
 
-import sys
-
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.data import read_folder
+from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.reading.evaluate import model_outputs
 from digitlab.reading.image import load_grey
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/helpers: not shipped in the wheel
-from helpers.photos import naive_resize, synthetic_photo
 from digitlab.reading.predict import predict_files
+from helpers.photos import naive_resize, synthetic_photo
 
 
 def main() -> None:

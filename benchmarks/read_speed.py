@@ -55,7 +55,8 @@ def photo_jpeg(width: int, height: int, rng: np.random.Generator) -> bytes:
     for k in range(int(rng.integers(1, 4))):  # a row of 1-3 digits: a 7, a 1, a 0
         left = x + k * size * 0.8
         if k % 3 == 0:
-            draw.line([(left, y), (left + size * 0.5, y), (left + size * 0.2, y + size)], fill=(40, 40, 50), width=stroke)
+            points = [(left, y), (left + size * 0.5, y), (left + size * 0.2, y + size)]
+            draw.line(points, fill=(40, 40, 50), width=stroke)
         elif k % 3 == 1:
             draw.line([(left + size * 0.25, y), (left + size * 0.25, y + size)], fill=(40, 40, 50), width=stroke)
         else:
@@ -121,7 +122,8 @@ def main() -> None:
     find_digits(READ(canvas))  # scipy's first call
     print(f"{cpu_name()}; digitlab from {Path(image_module.__file__).parents[2]}\n")
     print("| picture | decoded and prepared |\n|---|---:|")
-    print(f"| 280x280 canvas PNG (RGBA), median of 300 | {timed(lambda: find_digits(READ(canvas)), 300) * 1000:.2f} ms |")
+    canvas_ms = timed(lambda: find_digits(READ(canvas)), 300) * 1000
+    print(f"| 280x280 canvas PNG (RGBA), median of 300 | {canvas_ms:.2f} ms |")
     print(f"| 12 MP JPEG photo, median of 5 | {timed(lambda: find_digits(READ(photo)), 5) * 1000:.0f} ms |", flush=True)
     model, meta = load_checkpoint(args.run)
     with tempfile.TemporaryDirectory() as tmp:

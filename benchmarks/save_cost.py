@@ -20,8 +20,8 @@ import torch
 from common import cpu_name, quiet_run
 from digitlab.config import TrainConfig
 from digitlab.data import read_folder
-from digitlab.training.loop import History, TrainState
 from digitlab.models import create_model, place
+from digitlab.training.loop import History, TrainState
 from digitlab.training.optim import make_optimizer
 from digitlab.training.run import save_progress, split_data
 

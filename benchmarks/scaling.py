@@ -12,8 +12,8 @@ import argparse
 from dataclasses import replace
 
 from common import quiet_run
-from digitlab.data import read_folder
 from digitlab.config import TrainConfig
+from digitlab.data import read_folder
 
 SIZES = (5_000, 15_000, 30_000, 60_000)
 BATCH_SIZES = (32, 64, 128, 256, 512, 1024)

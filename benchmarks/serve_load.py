@@ -31,9 +31,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from common import cpu_name, quiet_run
 from PIL import Image
 
+from common import cpu_name, quiet_run
 from digitlab.config import TrainConfig, preset_config
 from digitlab.data import read_folder
 
@@ -153,20 +153,23 @@ def huge_uploads(command: list[str]) -> None:
     huge = buffer.getvalue()
     del pixels
     print(f"\n{len(huge) // 1024} kB PNG of 6300x6300 RGBA (40 MP, 160 MB decoded), uploaded at once:\n")
-    print("| uploads at once | answered (200 or 400) | server peak memory (with its workers) | alive after |\n|---:|---:|---:|---|")
+    print("| uploads at once | answered (200 or 400) | server peak memory (with its workers) | alive after |\n"
+          "|---:|---:|---:|---|")
     for count in (8, 32):
         process, url = start(command)
         try:
-            def upload(_) -> int:
+            def upload(_, url=url) -> int:
                 try:
-                    return httpx.post(url + "/api/predict", files={"image": ("huge.png", huge)}, timeout=600).status_code
+                    return httpx.post(url + "/api/predict", files={"image": ("huge.png", huge)},
+                                      timeout=600).status_code
                 except httpx.HTTPError:
                     return 0
 
             with concurrent.futures.ThreadPoolExecutor(count) as pool:
                 codes = list(pool.map(upload, range(count)))
             alive = process.poll() is None and httpx.get(url + "/api/models", timeout=10).status_code == 200
-            print(f"| {count} | {sum(c in (200, 400) for c in codes)} of {count} | {tree_peak_mb(process.pid):,.0f} MB | "
+            answered = sum(c in (200, 400) for c in codes)
+            print(f"| {count} | {answered} of {count} | {tree_peak_mb(process.pid):,.0f} MB | "
                   f"{'yes' if alive else 'no'} |", flush=True)
         finally:
             if process.poll() is None:

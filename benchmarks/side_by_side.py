@@ -89,8 +89,10 @@ def _timed(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="folder with the four MNIST .gz files")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each contender and model (default: %(default)s)")
-    parser.add_argument("--batches", type=int, default=None, help="training batches per run (default: a full epoch, 937)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each contender and model (default: %(default)s)")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="training batches per run (default: a full epoch, 937)")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS),
                         help="which to run (default: all; paddle is skipped if not installed)")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
@@ -141,7 +143,8 @@ def main() -> None:
     if "cnn" in models and args.device == "cpu":
         flops, peak = training_flops_per_image("cnn"), machine_gflops()
         used = med("digitlab", "cnn", "train_ips") * flops / 1e9
-        print(f"\nthe chapter's cnn: {flops / 1e6:.1f} MFLOP per training image; digitlab trains it at {used:.1f} GFLOP/s, "
+        print(f"\nthe chapter's cnn: {flops / 1e6:.1f} MFLOP per training image; digitlab trains it at "
+              f"{used:.1f} GFLOP/s, "
               f"{used / peak:.0%} of the {peak:.0f} GFLOP/s this machine's float32 matrix product reaches")
     print(f"\n`digitlab --help`: {help_seconds():.3f} s (median of 7)")
 

@@ -18,8 +18,8 @@ import argparse
 import os
 
 import torch
-from common import cpu_name, quiet_run
 
+from common import cpu_name, quiet_run
 from digitlab.config import TrainConfig
 from digitlab.data import read_folder
 from digitlab.models import model_for

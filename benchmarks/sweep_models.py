@@ -62,7 +62,8 @@ def speed(data_dir: str, repeats: int) -> None:
                              "--data-dir", data_dir)
                 seconds[workers].append(took)
                 print(f"  workers {workers}, repeat {r}: {took:.1f} s", flush=True)
-    print("\n| workers | torch threads each | wall time per sweep (s), median | trials per hour |\n|---:|---:|---:|---:|")
+    print("\n| workers | torch threads each | wall time per sweep (s), median | trials per hour |\n"
+          "|---:|---:|---:|---:|")
     for workers, times in seconds.items():
         median = statistics.median(times)
         print(f"| {workers} | {max(1, (os.cpu_count() or 1) // workers)} | {median:.1f} | "

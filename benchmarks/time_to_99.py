@@ -44,7 +44,8 @@ def misread(run: Path, hwset: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="folder with the four MNIST files")
-    parser.add_argument("--presets", nargs="+", default=["sprint", "fast"], choices=[p for p in PRESETS if p != "chapter"])
+    parser.add_argument("--presets", nargs="+", default=["sprint", "fast"],
+                        choices=[p for p in PRESETS if p != "chapter"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds for each preset")
     parser.add_argument("--hwset", type=Path, help="the handwriting measuring set (benchmarks/handwriting_set.py)")
     parser.add_argument("--anchor-epochs", type=int, default=3, help="epochs of the chapter's cnn classifier")

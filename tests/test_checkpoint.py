@@ -55,7 +55,8 @@ def test_a_format_1_checkpoint_is_still_read(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"format": 1, "model": "cnn", "task": "classify", "num_outputs": 10**8}, "num_outputs 100000000; a classify model has 10"),
+    ({"format": 1, "model": "cnn", "task": "classify", "num_outputs": 10**8},
+     "num_outputs 100000000; a classify model has 10"),
     ({"format": 3}, "checkpoint format 3, this digitlab reads formats 1 and 2"),
     ({"extra": 1}, "unknown field 'extra'"),
     ({"config": {"model": "vgg", "task": "classify"}}, "model 'vgg' is not one of"),

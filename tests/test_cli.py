@@ -15,9 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import copy_run, one_error_line, popen_cli, run_cli, wait_for, write_idx
-from digitlab.reading.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from digitlab.data import IMAGE_MAGIC, MIRRORS
-
+from digitlab.reading.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 
 
 def test_help_lists_commands_without_importing_torch():
@@ -113,7 +112,8 @@ def test_the_comparison_plot_says_what_its_x_axis_counts():
     from digitlab.plots import plot_two_losses
 
     ax = plot_two_losses([3.0, 2.0], [2.5, 1.0], every=200, title="training loss: mlp and cnn").axes[0]
-    assert ax.get_xlabel() == "freq (the loss of batch 0, 200, 400, ... of each epoch)" and ax.get_title() == "training loss: mlp and cnn"
+    assert ax.get_xlabel() == "freq (the loss of batch 0, 200, 400, ... of each epoch)"
+    assert ax.get_title() == "training loss: mlp and cnn"
     assert all(float(t).is_integer() for t in ax.get_xticks())  # two points: 0 and 1, not 0.2, 0.4, ...
     assert plot_two_losses([3.0], [2.0]).axes[0].get_xlabel() == "freq"  # the chapter's own label
     from digitlab.plots import plot_compare
@@ -182,7 +182,8 @@ def test_missing_and_malformed_data_dirs(tmp_path, cli):
     one_error_line(cli("train", "mlp", "--out", str(out), env={"DIGITLAB_DATA_DIR": str(bad)}), "truncated",
                    "the folder is DIGITLAB_DATA_DIR's: set DIGITLAB_DATA_DIR to a folder with the four MNIST")
     line = one_error_line(cli("train", "mlp", "--out", str(out), env={"DIGITLAB_DATA_DIR": str(tmp_path / "gone")}),
-                          "gone' does not exist; set DIGITLAB_DATA_DIR to a folder with the four MNIST IDX files, or unset it")
+                          "gone' does not exist; set DIGITLAB_DATA_DIR to a folder with the four MNIST IDX files, "
+                          "or unset it")
     assert "--data-dir" not in line  # the user named no --data-dir
     assert not out.exists()
 
@@ -322,12 +323,14 @@ def test_threads_are_chosen_from_the_load_recorded_and_kept_on_resume(digits_dir
         for burner in burners:
             burner.kill()
     assert busy.returncode == 0, busy.stderr
-    assert "digitlab: the machine is busy (" in busy.stderr and "training on 1 thread; --threads N chooses" in busy.stderr
+    assert "digitlab: the machine is busy (" in busy.stderr
+    assert "training on 1 thread; --threads N chooses" in busy.stderr
     assert read_state(tmp_path / "busy", tensors=False)[0]["threads"] == 1
     out = tmp_path / "two"
     assert cli("train", "mlp", "--epochs", "1", "--batches", "3", "--threads", "2", "--data-dir", str(digits_dir),
                "--out", str(out)).returncode == 0
     assert read_state(out, tensors=False)[0]["threads"] == 2
-    resumed = cli("train", "--resume", str(out), "--epochs", "2", "--data-dir", str(digits_dir), env={"DIGITLAB_THREADS": "1"})
+    resumed = cli("train", "--resume", str(out), "--epochs", "2", "--data-dir", str(digits_dir),
+                  env={"DIGITLAB_THREADS": "1"})
     assert resumed.returncode == 0 and read_state(out, tensors=False)[0]["threads"] == 2  # its own, not this process's
     one_error_line(cli("train", "mlp", "--threads", "0"), "--threads: must be from 1 to 256")

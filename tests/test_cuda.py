@@ -54,8 +54,8 @@ def test_bf16_trains_and_its_checkpoint_loads_on_the_cpu(digits_dir, tmp_path):
 def test_torchrun_on_one_gpu_uses_nccl(digits_dir, tmp_path):
     out = tmp_path / "nccl"
     result = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "1",
-                             "-m", "digitlab", "train", "lenet5", "--device", "cuda", "--epochs", "1", "--batches", "50",
-                             "--data-dir", str(digits_dir), "--out", str(out)],
+                             "-m", "digitlab", "train", "lenet5", "--device", "cuda", "--epochs", "1",
+                             "--batches", "50", "--data-dir", str(digits_dir), "--out", str(out)],
                             capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=300)
     assert result.returncode == 0, result.stderr
     history = json.loads((out / "history.json").read_text())

@@ -3,16 +3,29 @@ from __future__ import annotations
 
 import functools
 import gzip
-import struct
 import hashlib
 import http.server
+import struct
 import threading
 
 import pytest
 import torch
 
 from conftest import write_idx
-from digitlab.data import IMAGE_MAGIC, LABEL_MAGIC, MD5, SAMPLE_NOTICE, DataError, InMemoryLoader, download, get_mnist_dataloader, load_mnist, read_folder, read_idx, read_split
+from digitlab.data import (
+    IMAGE_MAGIC,
+    LABEL_MAGIC,
+    MD5,
+    SAMPLE_NOTICE,
+    DataError,
+    InMemoryLoader,
+    download,
+    get_mnist_dataloader,
+    load_mnist,
+    read_folder,
+    read_idx,
+    read_split,
+)
 
 # From ../shared/data/mnist/README.md
 TRAIN_CLASS_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

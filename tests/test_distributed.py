@@ -184,10 +184,12 @@ def test_the_launcher_leaves_the_process_as_it_found_it(tmp_path):
     from digitlab.training.launch import launch
 
     def handlers() -> dict:
-        return {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+        numbers = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+        return {number: signal.getsignal(number) for number in numbers}
 
     environment, before = dict(os.environ), handlers()
-    code = launch(["train", "mlp", "--data-dir", "/nowhere/mnist", "--out", str(tmp_path / "never")], LaunchOptions(nproc=2))
+    code = launch(["train", "mlp", "--data-dir", "/nowhere/mnist", "--out", str(tmp_path / "never")],
+                  LaunchOptions(nproc=2))
     assert code == 2  # both workers said why, in a line each: the data is not there
     assert dict(os.environ) == environment and handlers() == before
 
@@ -264,7 +266,8 @@ def test_ctrl_c_stops_every_process_after_the_same_step(digits_dir, tmp_path, cl
     _, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode == 130 and "Traceback" not in stderr, stderr
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("digitlab: interrupted (SIGINT): stopped after the last complete batch")
+    assert len(lines) == 1
+    assert lines[0].startswith("digitlab: interrupted (SIGINT): stopped after the last complete batch")
     assert lines[0].endswith(f"nothing scored; continue with --resume {out}") and not (out / "history.json").exists()
     from digitlab.training.state import read_state
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, one_error_line, run_cli
 from PIL import Image
 
+from conftest import ROOT, one_error_line, run_cli
 from digitlab.errors import UserError
 
 

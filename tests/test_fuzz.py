@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 
-from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.data import IMAGE_MAGIC, LABEL_MAGIC, read_idx
 from digitlab.errors import UserError
 from digitlab.models import create_model
+from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.reading.image import load_grey
 from digitlab.reading.segment import preprocess
 
@@ -238,7 +238,8 @@ def near_valid_state(draw, record: dict) -> dict:
             pairs[i][1] = draw(st.one_of(BAD_VALUES, st.sampled_from(
                 [{"$tensor": "model.conv1.weight"}, {"$tensor": "rng.torch"}, {"$tensor": "nowhere"}])))
         elif part == "whole":
-            record[draw(st.sampled_from(["position", "history", "rng", "model", "optimizer", "data"]))] = draw(BAD_VALUES)
+            part = draw(st.sampled_from(["position", "history", "rng", "model", "optimizer", "data"]))
+            record[part] = draw(BAD_VALUES)
     return record
 
 

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import LONG, one_error_line, popen_cli, wait_for, write_idx
-from digitlab.reading.checkpoint import load_checkpoint, save_checkpoint
 from digitlab.data import FILES, IMAGE_MAGIC, LABEL_MAGIC
 from digitlab.models import create_model
+from digitlab.reading.checkpoint import load_checkpoint, save_checkpoint
 from digitlab.training.state import read_state
 
 
@@ -286,7 +286,8 @@ def test_kill_9_at_any_moment_leaves_a_complete_or_resumable_folder(digits_dir, 
     Each kill lands at a random moment of the run (a few a test run; HYPOTHESIS_PROFILE=long: many): in
     a random epoch, at a random point of it; the run left alone, in this process, says how long one takes."""
     epochs = 16
-    args = ["train", "mlp", "--epochs", str(epochs), "--batches", "2", "--log-every", "1", "--data-dir", str(digits_dir)]
+    args = ["train", "mlp", "--epochs", str(epochs), "--batches", "2", "--log-every", "1",
+            "--data-dir", str(digits_dir)]
     reference = tmp_path / "alone"
     started = time.monotonic()
     assert cli(*args, "--out", str(reference)).returncode == 0
@@ -396,7 +397,8 @@ def test_a_full_disk_for_the_output_is_one_line(tmp_path):
 def test_toml_files_of_any_shape_are_read_or_get_one_short_line(digits_dir, tmp_path, cli):
     bom = tmp_path / "bom.toml"  # a byte-order mark, as some editors write
     bom.write_bytes(b"\xef\xbb\xbf" + b'model = "mlp"\nepochs = 1\n')
-    result = cli("train", "--config", str(bom), "--batches", "5", "--data-dir", str(digits_dir), "--out", str(tmp_path / "r"))
+    result = cli("train", "--config", str(bom), "--batches", "5", "--data-dir", str(digits_dir),
+                 "--out", str(tmp_path / "r"))
     assert result.returncode == 0, result.stderr
     cases = {"deep-lists.toml": "a = " + "[" * 5000 + "]" * 5000,
              "deep-tables.toml": "a = " + "{b = " * 3000 + "1" + "}" * 3000,
@@ -407,6 +409,7 @@ def test_toml_files_of_any_shape_are_read_or_get_one_short_line(digits_dir, tmp_
         line = one_error_line(cli("train", "--config", str(tmp_path / name), "--out", str(tmp_path / "never")))
         # short, whatever the file held; the file's own path (long under pytest -n) is not the file's doing
         assert len(line.replace(str(tmp_path), "")) < 350 and not (tmp_path / "never").exists(), line
-    one_error_line(cli("train", "--config", str(tmp_path), "--out", str(tmp_path / "never")), "is a folder; give a file")
+    one_error_line(cli("train", "--config", str(tmp_path), "--out", str(tmp_path / "never")),
+                   "is a folder; give a file")
     # a sweep spec is read the same way
     one_error_line(cli("sweep", str(tmp_path / "deep-lists.toml"), "--out", str(tmp_path / "never")), "too deeply")

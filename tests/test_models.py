@@ -90,7 +90,8 @@ def test_package_names_are_the_notebook_functions():
 
     code = ("import digitlab; digitlab.compare; from digitlab.config import TrainConfig; "
             "from digitlab import summary, train; "
-            "import digitlab.studies.model_summary, digitlab.training.loop, digitlab.training.run, digitlab.studies.experiment; "
+            "import digitlab.studies.model_summary, digitlab.training.loop, digitlab.training.run, "
+            "digitlab.studies.experiment; "
             "print(callable(digitlab.summary), callable(digitlab.train), callable(digitlab.compare), "
             "summary is digitlab.summary, digitlab.summary(digitlab.MLP(), (1, 1, 28, 28))['total_params'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -14,11 +14,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from digitlab.reading.calibrate import expected_calibration_error, fit_temperature
-from digitlab.tasks import probabilities
 from digitlab.reading.checkpoint import read_checkpoint
-from helpers.handwriting import non_digit, number, on_paper
 from digitlab.reading.image import ImageError, load_grey
 from digitlab.reading.segment import find_digits
+from digitlab.tasks import probabilities
+from helpers.handwriting import non_digit, number, on_paper
 
 N_NUMBERS = 40
 

@@ -13,14 +13,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import one_error_line
-from helpers.photos import naive_resize, synthetic_photo
 from PIL import Image, PngImagePlugin
 
+from conftest import one_error_line
 from digitlab.reading import image
 from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.reading.image import ImageError, load_grey, open_grey
 from digitlab.reading.segment import preprocess
+from helpers.photos import naive_resize, synthetic_photo
 
 N_PHOTOS = 120
 

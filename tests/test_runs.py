@@ -15,11 +15,11 @@ import torch
 from safetensors import safe_open
 
 from conftest import one_error_line, popen_cli, wait_for
-from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.config import TrainConfig, read_config_file
 from digitlab.errors import UserError
-from digitlab.training.reporters import Reporter
+from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.training.folder import STATE_FILE
+from digitlab.training.reporters import Reporter
 from digitlab.training.run import run
 
 
@@ -363,7 +363,8 @@ def stopped_run(tiny, tmp_path_factory) -> tuple[TrainConfig, Path]:
     (lambda r, t: r["history"]["epochs"].append(r["history"]["epochs"][0]), "its 2 epoch rows do not match epoch 1"),
     (_set_rng("shuffle", {"$tensor": "model.conv1.weight"}), "the shuffle generator's state is not one"),
     (_set_rng("shuffle", 5), "the shuffle generator's state is not one"),
-    (lambda r, t: t.__setitem__("model.conv1.weight", torch.zeros(2, 2)), "its weights or optimiser state do not fit a lenet5"),
+    (lambda r, t: t.__setitem__("model.conv1.weight", torch.zeros(2, 2)),
+     "its weights or optimiser state do not fit a lenet5"),
 ])
 def test_an_edited_state_is_refused_before_the_folder_is_touched(change, message, stopped_run, tiny, tmp_path):
     config, folder = stopped_run

@@ -96,8 +96,10 @@ def _drawn(strokes: list[list[tuple[int, int]]], size: int = 280, width: int = 1
 SEVEN = [[(70, 60), (210, 60), (120, 230)]]
 # 2026 in pen strokes, in a 560x200 box: each digit 100 px wide
 NUMBER = {"2": [[(30, 60), (70, 30), (110, 60), (100, 100), (30, 170), (120, 170)]],
-          "0": [[(190, 30), (230, 50), (240, 100), (225, 160), (190, 175), (155, 160), (140, 100), (150, 50), (190, 30)]],
-          "6": [[(460, 30), (420, 60), (400, 120), (410, 165), (450, 175), (485, 150), (480, 115), (445, 105), (410, 130)]]}
+          "0": [[(190, 30), (230, 50), (240, 100), (225, 160), (190, 175), (155, 160), (140, 100), (150, 50),
+                 (190, 30)]],
+          "6": [[(460, 30), (420, 60), (400, 120), (410, 165), (450, 175), (485, 150), (480, 115), (445, 105),
+                 (410, 130)]]}
 
 
 def _number_png() -> bytes:
@@ -130,7 +132,8 @@ def test_the_api_reads_a_drawing_with_every_model(server):
     assert seven["confidence"] == first["confidence"] == max(seven["probabilities"]) or \
         abs(seven["confidence"] - max(seven["probabilities"])) < 1e-5
     assert [t["digit"] for t in seven["top3"]][0] == 7 and len(seven["box"]) == 4
-    assert "value" in chapter["digits"][0] and 0 <= chapter["digit"] <= 9 and "probabilities" not in chapter["digits"][0]
+    assert "value" in chapter["digits"][0] and 0 <= chapter["digit"] <= 9
+    assert "probabilities" not in chapter["digits"][0]
     assert _seen(answer).size == (28, 28) and _seen(answer).mode == "L"
     assert "feature_maps" not in seven  # only when asked
     schema = httpx.get(server + "/openapi.json").json()
@@ -528,7 +531,8 @@ def test_export_writes_only_a_file_of_its_own(runs, tmp_path, cli):
     import stat
 
     for out, fragment in ((".", "names a folder"), ("", "names a folder"), ("/", "names a folder"),
-                          ("/dev/null", "not a regular file"), (str(tmp_path / "missing" / "m.onnx"), "folder does not exist")):
+                          ("/dev/null", "not a regular file"),
+                          (str(tmp_path / "missing" / "m.onnx"), "folder does not exist")):
         result = cli("export", str(runs[1]), "--out", out)
         assert result.returncode == 2 and fragment in result.stderr, (out, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -540,4 +544,5 @@ def test_export_writes_only_a_file_of_its_own(runs, tmp_path, cli):
     refused = cli("export", str(runs[1]), "--out", str(taken))
     assert refused.returncode == 2 and "--overwrite" in refused.stderr and taken.read_text() == "my notes"
     assert cli("export", str(runs[1]), "--out", str(taken), "--overwrite").returncode == 0
-    assert taken.read_bytes()[:2] != b"my" and sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, taken.name])
+    assert taken.read_bytes()[:2] != b"my"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, taken.name])

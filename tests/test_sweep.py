@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import one_error_line, popen_cli, wait_for
 
+from conftest import one_error_line, popen_cli, wait_for
 from digitlab.config import TrainConfig
 from digitlab.studies.sweep import training_flops
 
@@ -174,7 +174,8 @@ def test_a_killed_sweep_is_taken_for_dead_after_its_grace_and_retried(digits_dir
     spec.write_text('[fixed]\ntask = "classify"\nepochs = 10\nmax_batches = 25\n[search]\n'
                     'model = ["lenet5"]\nlr = { low = 0.0005, high = 0.05, log = true }\n')
     out = tmp_path / "sweep"
-    command = ["sweep", str(spec), "--sampler", "random", "--grace", "2", "--out", str(out), "--data-dir", str(digits_dir)]
+    command = ["sweep", str(spec), "--sampler", "random", "--grace", "2", "--out", str(out),
+               "--data-dir", str(digits_dir)]
     process = popen_cli(*command, "--trials", "1")
     _wait_for_running(out, 1, process)
     # killed in its first epochs, once the study holds a heartbeat of it (the run has 9 epochs to go)

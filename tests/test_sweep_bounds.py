@@ -11,6 +11,7 @@ import time
 import tracemalloc
 
 import pytest
+
 from conftest import one_error_line, popen_cli
 
 pytest.importorskip("optuna")

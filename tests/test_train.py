@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from digitlab.reading.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from digitlab.config import TrainConfig
 from digitlab.data import InMemoryLoader, normalize
 from digitlab.errors import UserError
 from digitlab.files import atomic_path
 from digitlab.models import create_model
-from digitlab.config import TrainConfig
-from digitlab.training.reporters import Reporter
+from digitlab.reading.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from digitlab.training.loop import fit, train
+from digitlab.training.reporters import Reporter
 from digitlab.training.run import run
 
 
@@ -169,8 +169,8 @@ def test_schedule_reaches_the_optimizer(digits):
 
 
 def test_distort_is_seeded_keeps_the_background_and_varies_the_pen(digits):
-    from digitlab.training.augment import Distortion, distort
     from digitlab.data import normalize
+    from digitlab.training.augment import Distortion, distort
 
     images = normalize(digits.train_images[:256])
     moved = distort(images, torch.Generator().manual_seed(0))
@@ -199,12 +199,13 @@ def test_distort_is_seeded_keeps_the_background_and_varies_the_pen(digits):
 
 
 def test_non_digits_are_seeded_and_never_a_digit_left_as_it_was(digits):
-    from digitlab.training.augment import non_digits
     from digitlab.data import normalize
+    from digitlab.training.augment import non_digits
 
     images, labels = normalize(digits.train_images[:256]), digits.train_labels[:256]
     made = non_digits(images, labels, torch.Generator().manual_seed(0))
-    assert made.shape == images.shape and torch.equal(made, non_digits(images, labels, torch.Generator().manual_seed(0)))
+    assert made.shape == images.shape
+    assert torch.equal(made, non_digits(images, labels, torch.Generator().manual_seed(0)))
     assert made.min() >= -1 and made.max() <= 1
     assert ((made - images).abs().amax((1, 2, 3)) > 0.5).all()  # every one differs from its digit
     symmetric = (labels == 0) | (labels == 1) | (labels == 8)  # these mirrored or turned would still be digits
@@ -215,11 +216,11 @@ def test_non_digits_are_seeded_and_never_a_digit_left_as_it_was(digits):
 def test_reject_makes_non_digits_unsure_and_keeps_digits_sure(digits, tmp_path):
     import numpy as np
 
-    from digitlab.tasks import probabilities
     from digitlab.reading.checkpoint import load_checkpoint
     from digitlab.reading.evaluate import model_outputs
-    from helpers.handwriting import non_digit, on_paper
     from digitlab.reading.segment import preprocess
+    from digitlab.tasks import probabilities
+    from helpers.handwriting import non_digit, on_paper
 
     rng = np.random.default_rng(0)
     others = []

@@ -5,14 +5,13 @@ The chapter's maths (batch 64, plain SGD, squared error, fp32). Prints one JSON 
 from __future__ import annotations
 
 import torch
+from contender import parse_args, report
 
 from digitlab.data import InMemoryLoader, read_folder
-from digitlab.reading.evaluate import evaluate
 from digitlab.models import create_model, default_lr, place
-from digitlab.training.steps import choose_step
+from digitlab.reading.evaluate import evaluate
 from digitlab.training.loop import fit
-
-from contender import parse_args, report
+from digitlab.training.steps import choose_step
 
 
 def main():

@@ -12,9 +12,8 @@ import time
 import numpy as np
 import paddle
 import paddle.nn.functional as F
-from paddle.nn import Conv2D, Linear, MaxPool2D
-
 from contender import parse_args, report
+from paddle.nn import Conv2D, Linear, MaxPool2D
 
 
 class MLPChapter(paddle.nn.Layer):  # the chapter's first MNIST class

@@ -12,10 +12,9 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from contender import parse_args, report
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-
-from contender import parse_args, report
 
 
 def read_idx(path: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -199,7 +200,7 @@ def problem(name: str, value: Any, of: type = TrainConfig) -> str | None:
         allowed = choices() if callable(choices) else choices
         if value not in allowed:
             return f"invalid choice: {short_repr(value)} (choose from {', '.join(allowed)})"
-    if kind in (int, float):
+    if isinstance(value, (int, float)):  # kind is int or float (a bool was refused above)
         number = "a number " if kind is float else ""
         finite = isinstance(value, int) or math.isfinite(value)  # isfinite() overflows on a huge int
         shown = value if len(str(value)) <= 40 else f"{str(value)[:20]}... ({len(str(value))} digits)"
@@ -355,9 +356,9 @@ MAX_TOML = 1_000_000  # bytes: the largest config file or sweep spec read
 
 def read_toml(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
     """A TOML file's table; a missing, unreadable or malformed file is one UserError."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    else:  # Python 3.10
         import tomli as tomllib
 
     path = Path(path)

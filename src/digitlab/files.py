@@ -46,7 +46,7 @@ def sweep_parts(path: str | os.PathLike) -> list[Path]:
     A live writer's file, this process's own and any other file stay. Returns what was removed."""
     path = Path(path)
     prefix = _part_prefix(path)
-    removed = []
+    removed: list[Path] = []
     try:
         names = os.listdir(path.parent)
     except OSError:  # no folder yet, or one that cannot be read: nothing to sweep, and the write will say why

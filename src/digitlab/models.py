@@ -94,7 +94,7 @@ class MLP(nn.Module):
 
     @property
     def layers(self) -> list[nn.Linear]:
-        return list(self.children())  # fc1, fc2, ..., the head last
+        return [m for m in self.children() if isinstance(m, nn.Linear)]  # fc1, fc2, ..., the head last
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)  # (B, 1, 28, 28) -> (B, 784)
@@ -366,7 +366,7 @@ def place(model: nn.Module, device: torch.device) -> nn.Module:
     """
     model = model.to(device)
     if device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
     return model
 
 

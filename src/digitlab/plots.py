@@ -25,7 +25,7 @@ class _NoTemporaryFolderWarning(logging.Filter):
 
 logging.getLogger("matplotlib").addFilter(_NoTemporaryFolderWarning())  # before matplotlib looks for its folder
 
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure  # noqa: E402 -- after the filter above, which must come first
 
 # The chapter's colours: a magenta solid line and a light-pink dashed one.
 COLOR_1, COLOR_2 = "#e4007f", "#f19ec2"
@@ -40,7 +40,10 @@ def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
     paths = []
     for fmt in FORMATS:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        paths.append(write_atomic(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=100, bbox_inches="tight")))
+        def draw(tmp, fmt=fmt):
+            fig.savefig(tmp, format=fmt, dpi=100, bbox_inches="tight")
+
+        paths.append(write_atomic(path, draw))
     return paths
 
 
@@ -69,11 +72,11 @@ def plot_loss(loss_list: Sequence[float], title: str | None = None) -> Figure:
 
 def smooth(values: Sequence[float], window: int) -> np.ndarray:
     """A centred moving average over `window` values (shorter at the ends), as long as `values`."""
-    values = np.asarray(values, dtype=np.float64)
-    if window <= 1 or len(values) < 3:
-        return values
+    array = np.asarray(values, dtype=np.float64)
+    if window <= 1 or len(array) < 3:
+        return array
     kernel = np.ones(window)
-    return np.convolve(values, kernel, "same") / np.convolve(np.ones_like(values), kernel, "same")
+    return np.convolve(array, kernel, "same") / np.convolve(np.ones_like(array), kernel, "same")
 
 
 def plot_run_loss(history, title: str | None = None) -> Figure:

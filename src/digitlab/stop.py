@@ -50,11 +50,12 @@ def cause(error: BaseException) -> Interrupted | None:
     """The Interrupted behind `error`, if a signal caused it. Some code wraps what it catches: a
     signal during `import torch` can surface as the RuntimeError of a dataclass's __set_name__."""
     seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, Interrupted):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
+    found: BaseException | None = error
+    while found is not None and id(found) not in seen:
+        if isinstance(found, Interrupted):
+            return found
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
     return None
 
 
@@ -70,7 +71,7 @@ def stopped_by(error: BaseException) -> str | None:
 class StopRequest:
     """The signals one command has received, and how it answers them."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.requested: str | None = None  # the first signal not yet acted on: 'SIGINT' or 'SIGTERM'
         self._graceful = 0  # how deep inside graceful() sections the main thread is
         self._escalate = True  # whether a second signal inside one unwinds at once

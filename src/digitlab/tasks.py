@@ -98,7 +98,8 @@ class Regression(Task):
         answers = []
         for value in np.asarray(outputs, dtype=np.float64)[:, 0].tolist():
             near = sorted(range(NUM_CLASSES), key=lambda d: abs(d - value))[:3]  # the nearest digits to the value
-            answers.append(Answer(near[0], None, None, [{"digit": d, "distance": round(abs(d - value), 4)} for d in near],
+            distances = [{"digit": d, "distance": round(abs(d - value), 4)} for d in near]
+            answers.append(Answer(near[0], None, None, distances,
                                   {"value": round(value, 4)}))
         return answers
 

@@ -87,4 +87,4 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         if line is None:
             raise
         print(line, file=sys.stderr)
-        return ExitCode[stopped_by(e)]
+        return ExitCode[stopped_by(e) or "SIGINT"]  # a line means a signal stopped it

@@ -53,7 +53,8 @@ def _converted(text: str, kind: type):
     try:
         return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a {'whole number' if kind is int else 'number'}") from None
+        what = "whole number" if kind is int else "number"
+        raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a {what}") from None
 
 
 def structure_assignment(text: str) -> tuple[str, Any]:
@@ -103,8 +104,8 @@ def add_options(p: argparse.ArgumentParser, of: type, *, unset: bool = False, sk
         if kind is bool:
             p.add_argument(flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif kind is dict:  # KEY=VALUE, each use sets one key (given_options makes the table)
-            p.add_argument(flag(f), dest=f.name, action="append", type=structure_assignment, default=None if unset else [],
-                           metavar=meta["metavar"], help=help_text)
+            p.add_argument(flag(f), dest=f.name, action="append", type=structure_assignment,
+                           default=None if unset else [], metavar=meta["metavar"], help=help_text)
         elif kind is list:  # argparse copies the default before it appends
             p.add_argument(flag(f), dest=f.name, action="append", default=None if unset else [],
                            metavar=meta["metavar"], help=help_text)
@@ -124,7 +125,8 @@ def add_training_options(p: argparse.ArgumentParser, default_out: str, resume: b
     """--preset, --config, every TrainConfig field (unset unless typed), --data-dir, --out, --overwrite."""
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="a named recipe: chapter (the course's settings), sprint (99%% in the fewest seconds), "
-                        "fast (99%% in about 10 seconds on a CPU, and reads handwriting), best (the most accurate single model, and the one to use for "
+                        "fast (99%% in about 10 seconds on a CPU, and reads handwriting), best (the most accurate "
+                        "single model, and the one to use for "
                         "your own handwriting); other options override it (default: chapter)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
                    help="read training options from a TOML file (the names below with underscores, as in a "

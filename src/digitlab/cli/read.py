@@ -34,7 +34,8 @@ def add_evaluate_parser(commands) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="folder for confusion.png and worst.png (default: the checkpoint's folder)")
     p.add_argument("--worst", type=non_negative_int, default=24, metavar="N",
-                   help="how many misclassified test digits to draw, most confidently wrong first (default: %(default)s)")
+                   help="how many misclassified test digits to draw, most confidently wrong first "
+                        "(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the results as JSON (accuracy as a fraction)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="score a model on digits it was trained on (the offline sample, for a model trained on "
@@ -150,7 +151,7 @@ def cmd_predict(args: argparse.Namespace, stop: StopRequest) -> int:
     predictions = predict_files(model, meta, files, single=args.single, threshold=args.threshold)
     failed = [p for p in predictions if p.error]
     for p in failed:
-        print(f"digitlab: error: {one_line(p.error)}", file=sys.stderr)
+        print(f"digitlab: error: {one_line(p.error or '')}", file=sys.stderr)
     read = [p for p in predictions if p.error is None]
     unsaved = _save_preprocessed(args.save_preprocessed, predictions, files) if args.save_preprocessed and read else 0
     if args.json:  # the real file names: JSON escapes what a terminal must not see raw
@@ -192,7 +193,10 @@ def _save_preprocessed(folder: Path, predictions, files: list[Path]) -> int:
     for p, name in zip(predictions, preprocessed_names(files)):
         if p.error is None:
             try:
-                write_atomic(folder / name, lambda tmp, image=p.image: Image.fromarray(image).save(tmp, format="PNG"))
+                def save(tmp, image=p.image) -> None:
+                    Image.fromarray(image).save(tmp, format="PNG")
+
+                write_atomic(folder / name, save)
             except UserError as e:
                 unsaved += fail(e)
     return unsaved

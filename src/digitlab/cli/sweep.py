@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 def add_sweep_parser(commands) -> None:
-    p = commands.add_parser("sweep", help="many runs at once on Optuna: which structure and recipe is best for a budget")
+    p = commands.add_parser("sweep",
+                            help="many runs at once on Optuna: which structure and recipe is best for a budget")
     p.add_argument("spec", type=Path, metavar="SPEC.toml", nargs="?",
                    help="[fixed] options every trial shares and [search] options to choose: a list of choices or "
                         "a range { low = ..., high = ..., log = true }, under the names of a run's config.toml")
@@ -41,7 +42,8 @@ def cmd_sweep(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.training.threads import usable_cores
 
     if importlib.util.find_spec("optuna") is None:
-        raise UserError("sweep needs the sweep extra (optuna): pip install -e '.[sweep]' in digitlab's folder (or make setup)")
+        raise UserError("sweep needs the sweep extra (optuna): pip install -e '.[sweep]' in digitlab's folder "
+                        "(or make setup)")
     options = options_from(args, SweepOptions)
     connect_timeout()  # a wrong $DIGITLAB_CONNECT_TIMEOUT: one line before anything is loaded
     if args.report is not None:
@@ -73,7 +75,8 @@ def cmd_sweep(args: argparse.Namespace, stop: StopRequest) -> int:
                         f"their reasons are in the error column of {Path(options.out) / 'trials.csv'}")
     if done:
         best = max(done, key=lambda t: t.value)
-        print(f"best of {len(done)} finished trials: trial {best.number} ({', '.join(f'{k}={v}' for k, v in best.params.items())}), "
+        chosen = ", ".join(f"{k}={v}" for k, v in best.params.items())
+        print(f"best of {len(done)} finished trials: trial {best.number} ({chosen}), "
               f"validation {best.value:.2%}, test {best.user_attrs.get('test_accuracy', float('nan')):.2%}")
     print(f"wrote {Path(options.out) / 'trials.csv'}")
     return 0

@@ -65,7 +65,12 @@ def cmd_train(args: argparse.Namespace, stop: StopRequest) -> int:
     if args.nnodes > 1 or args.rdzv_endpoint:
         raise UserError("--nnodes and --rdzv-endpoint go with --nproc N (or use torchrun's own options)")
     if distributed.launched_rank() == 0:
-        return _train(args, stop, speaks=True)
+        try:
+            return _train(args, stop, speaks=True)
+        except KeyboardInterrupt as e:  # the launcher's SIGTERM after a death, wherever it lands (in a handler,
+            if _stopped_for_a_death(e):  # or while the process group is torn down): the launcher says which
+                return ExitCode.LOST
+            raise
     # rank 0 alone speaks: its log lines, and the errors every rank meets alike; the others stay quiet
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -75,9 +80,10 @@ def cmd_train(args: argparse.Namespace, stop: StopRequest) -> int:
             _let_rank_0_speak()
             return ExitCode.USAGE
         except (KeyboardInterrupt, Exception) as e:
-            if stopped_by(e) is None:
+            signal_name = stopped_by(e)
+            if signal_name is None:
                 raise
-            return ExitCode[stopped_by(e)]
+            return ExitCode[signal_name]
 
 
 SPEAK_WAIT = 5.0  # seconds that a silent process waits, after an error every process meets, for rank 0 to say it
@@ -121,19 +127,26 @@ def _train(args: argparse.Namespace, stop: StopRequest, speaks: bool) -> int:
         raise UserError(f"lost contact with the other training processes ({one_line(str(e))[:120]}); the last "
                         f"saved state in '{out}' is resumable with --resume") from None
     except KeyboardInterrupt as e:  # a signal outside a step: from the user, or from `--nproc` after a death
-        if world.distributed and os.environ.get(launch.LAUNCHER) and stopped_by(e) == "SIGTERM" \
-                and distributed.sibling_gone():
+        if world.distributed and _stopped_for_a_death(e):
             return ExitCode.LOST  # the launcher stopped us because another process died: it says which, once
         finished = getattr(cause(e), "finished_in", None)
         if finished is not None:
-            raise Interrupted(stopped_by(e), f"the training had finished and is saved; digitlab train --resume "
-                                             f"{one_line(str(finished))} writes its results") from None
+            saved = f"digitlab train --resume {one_line(str(finished))}"
+            raise Interrupted(stopped_by(e) or "SIGINT",
+                              f"the training had finished and is saved; {saved} writes its results") from None
         raise
     finally:
         distributed.stop()
     if world.main and not result.state.interrupted:
         _report(result, data, say)
     return stopped_exit(result.state.stopped, say, result.state, out)
+
+
+def _stopped_for_a_death(e: BaseException) -> bool:
+    """Whether `--nproc`'s launcher sent this SIGTERM because another of its processes died."""
+    from digitlab.training import distributed, launch
+
+    return bool(os.environ.get(launch.LAUNCHER)) and stopped_by(e) == "SIGTERM" and distributed.sibling_gone()
 
 
 def _threads(args: argparse.Namespace, out, say) -> None:

@@ -50,7 +50,7 @@ class CheckpointMeta:
 
     @property
     def task(self) -> Task:
-        return get_task(self.config.task)
+        return get_task(self.config.task or "")  # read_checkpoint has checked it is one
 
     def as_json(self) -> dict:
         return {"format": FORMAT_VERSION, **asdict(self)}
@@ -129,8 +129,8 @@ def _check_values(values: dict, bad) -> None:
 def _from_format_1(meta: dict, bad) -> dict:
     """A format-1 table (model, task, num_outputs and seed also at the top) as format 2's fields. Its
     output width must be its task's, as format 2's is by construction."""
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    config = {**config, "model": meta.get("model"), "task": meta.get("task")}
+    saved = meta.get("config")
+    config = {**(saved if isinstance(saved, dict) else {}), "model": meta.get("model"), "task": meta.get("task")}
     task = meta.get("task")
     if isinstance(task, str) and task in TASKS:
         outputs = meta.get("num_outputs")

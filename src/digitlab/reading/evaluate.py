@@ -16,7 +16,8 @@ from digitlab.errors import UserError
 from digitlab.files import one_line
 from digitlab.tasks import Task, get_task
 
-EVAL_BATCH = 250  # under inference_mode: 250 beat 64, 1000 and 10000 here (benchmarks/cnn_variants.py), and divides 10,000
+# under inference_mode: 250 beat 64, 1000 and 10000 here (benchmarks/cnn_variants.py), and divides 10,000
+EVAL_BATCH = 250
 
 
 def predicted_digits(outputs: torch.Tensor, task: str | Task) -> torch.Tensor:
@@ -116,7 +117,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, task:
 SAMPLE_WORDS = "the 5,000-digit offline sample (4,000 train / 1,000 test)"
 
 
-def data_note(meta: dict, data, allow_overlap: bool = False) -> str | None:
+def data_note(meta, data, allow_overlap: bool = False) -> str | None:
     """What a reader of the score must know about the data, or None; refuses a misleading score.
 
     The offline sample's 5,000 digits are MNIST *training* images. A model trained on the full

@@ -57,6 +57,7 @@ def open_grey(source: str | os.PathLike | bytes, name: str | None = None) -> Ima
     The size of what would be decoded (pixels, and bytes of its first frame) is checked from the
     header, before anything is allocated. `name` names the picture in errors."""
     if isinstance(source, bytes):
+        opened: io.BytesIO | Path
         name, opened, head = name or "upload", io.BytesIO(source), source[:4]
     else:
         path = Path(source)
@@ -239,7 +240,8 @@ def _deep_grey(im: Image.Image) -> Image.Image:
         paper = float(np.median(np.concatenate(sample))) if sample else 0.0
         span = high - low if high > low else np.inf  # one value, or none: all paper
     else:
-        low, span = 0.0, 65535.0 if im.mode.startswith("I;16") or im.getextrema()[1] > 255 else 255.0
+        wide = im.mode.startswith("I;16") or im.getextrema()[1] > 255  # type: ignore[operator]  # one band
+        low, span = 0.0, 65535.0 if wide else 255.0
     grey = Image.new("F", im.size)
     for top in range(0, im.height, STRIP):
         values = rows(top)

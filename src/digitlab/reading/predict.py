@@ -91,7 +91,7 @@ class Prediction:
         """The chance that the whole text is right: the digits' confidences multiplied."""
         if not self.digits or any(r.confidence is None for r in self.digits):
             return None
-        return float(np.prod([r.confidence for r in self.digits]))
+        return float(np.prod([r.confidence or 0.0 for r in self.digits]))
 
     @property
     def sure(self) -> bool | None:
@@ -124,7 +124,7 @@ class Prediction:
                 "digits": [r.as_dict() for r in self.digits]}
 
 
-def read_digits(model, meta: dict, found: list[Found], threshold: float = THRESHOLD) -> list[Reading]:
+def read_digits(model, meta, found: list[Found], threshold: float = THRESHOLD) -> list[Reading]:
     """Classify prepared digits with a checkpoint's model; confidences use its temperature."""
     import torch
 

@@ -197,7 +197,8 @@ def _digit(picture: Image.Image, ink: _Ink, keep: np.ndarray, scale: float, fain
         strength = ink.map[y0:y1, x0:x1]
     else:
         strength = ink.cut(picture, box)
-        near = np.asarray(Image.fromarray(region).resize((strength.shape[1], strength.shape[0]), Image.Resampling.NEAREST))
+        size = (strength.shape[1], strength.shape[0])
+        near = np.asarray(Image.fromarray(region).resize(size, Image.Resampling.NEAREST))
         inside = near & (strength > faint)
         region = _grown(inside) & near
     top = np.percentile(strength[inside], 90) if inside.any() else 0.0

@@ -13,6 +13,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class TorchModel(ServedModel):
         return outputs
 
     def feature_maps(self, digit: np.ndarray) -> list[dict]:
-        captured = {}
+        captured: dict[str, Any] = {}
         convs = dict(self._maps_model.named_modules())
         with self._maps_lock:
             hooks = [convs[n].register_forward_hook(lambda _m, _i, out, n=n: captured.__setitem__(n, out[0]))
@@ -170,7 +171,8 @@ def load_models(paths: list[str | os.PathLike]) -> list[ServedModel]:
     """Run folders, checkpoints and .onnx files, in the order given, each with a name of its own."""
     if not paths:
         raise UserError("serve needs at least one run folder, checkpoint or .onnx file")
-    loaded, names = [], set()
+    loaded: list[ServedModel] = []
+    names: set[str] = set()
     for path in map(Path, paths):
         name = path.name if path.is_dir() else (path.stem if path.suffix == ".onnx" else path.parent.name)
         while name in names:  # two folders of one name in different places

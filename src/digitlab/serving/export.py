@@ -41,7 +41,8 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17,
     try:
         import onnx
     except ImportError:
-        raise UserError("export needs the onnx extra: pip install -e '.[onnx]' in digitlab's folder (or make setup)") from None
+        raise UserError("export needs the onnx extra: pip install -e '.[onnx]' in digitlab's folder "
+                        "(or make setup)") from None
     out = file_target(out)  # before any work: a folder, a device or a used name is refused at once
     if out.parent != Path("") and not out.parent.is_dir():
         raise UserError(f"cannot write '{one_line(str(out))}': its folder does not exist")

@@ -60,7 +60,7 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
     app = FastAPI(title="digitlab", description="Draw a digit; every loaded network reads it.",
                   version=digitlab.__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.reader = reader
-    app.add_exception_handler(RequestValidationError, _one_sentence)
+    app.add_exception_handler(RequestValidationError, _one_sentence)  # type: ignore[arg-type]  # starlette's stubs
     page = resources.files("digitlab.serving").joinpath("web/index.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import traceback
+from typing import Any
 
 from digitlab.errors import UserError
 from digitlab.reading.image import DRAWING_PIXELS, ImageError, open_grey, png_header
@@ -85,7 +86,7 @@ class PictureWorkers:
         return fresh
 
     def close(self) -> None:
-        for process, pipe in self._workers:
+        for _, pipe in self._workers:
             pipe.close()  # the worker reads the end of its pipe and returns
         for process, _ in self._workers:
             process.join(timeout=5)
@@ -97,7 +98,11 @@ async def _ask(pipe, data: bytes):
     """Sends a picture down a worker's pipe and awaits its answer without blocking the event loop."""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    loop.add_reader(pipe.fileno(), lambda: ready.done() or ready.set_result(None))
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(pipe.fileno(), wake)
     try:
         pipe.send_bytes(data)  # the worker is waiting for it: up to 10 MB go through at once
         await ready
@@ -126,6 +131,7 @@ def _work(pipe) -> None:
             data = pipe.recv_bytes()
         except (EOFError, OSError):
             return
+        answer: tuple[bool | None, Any]
         try:
             answer = (True, read(data))
         except UserError as e:

@@ -68,7 +68,8 @@ def read_spec(path: str | os.PathLike) -> Spec:
     if not isinstance(structure, dict):
         raise UserError(f"{name}: [search.structure] must be a table of structure keys, e.g. hidden = [[10], [100]]")
     if not search and not structure:
-        raise UserError(f"{name}: [search] is empty; name at least one option to search, e.g. model = [\"mlp\", \"cnn\"]")
+        raise UserError(f"{name}: [search] is empty; name at least one option to search, e.g. "
+                        "model = [\"mlp\", \"cnn\"]")
     for key, value in fixed.items():
         _known(name, "fixed", key)
         wrong = problem(key, value)
@@ -83,7 +84,8 @@ def read_spec(path: str | os.PathLike) -> Spec:
     texts = {}
     for key, value in structure.items():
         if key in fixed.get("structure", {}):
-            raise UserError(f"{name}: structure {key} is in both [fixed.structure] and [search.structure]; keep it in one")
+            raise UserError(f"{name}: structure {key} is in both [fixed.structure] and [search.structure]; keep it "
+                            "in one")
         checked[STRUCTURE + key], texts[STRUCTURE + key] = _structure_choices(name, key, value)
     _check_structures(name, fixed, checked, texts)
     return Spec(fixed, checked, texts)
@@ -97,7 +99,8 @@ def _structure_choices(name: str, key: str, value: Any) -> tuple[list | Range, d
     where = f"{name}: [search.structure] {key}"
     if isinstance(value, dict):
         low, high = value.get("low"), value.get("high")
-        if set(value) - {"low", "high", "log"} or type(low) not in (int, float) or type(high) not in (int, float):
+        if set(value) - {"low", "high", "log"} or not isinstance(low, (int, float)) or \
+                not isinstance(high, (int, float)) or isinstance(low, bool) or isinstance(high, bool):
             raise UserError(f"{where}: a range is {{ low = ..., high = ... }} of numbers")
         if not low < high:
             raise UserError(f"{where}: low must be below high, got {low} and {high}")
@@ -117,7 +120,8 @@ def _check_structures(name: str, fixed: dict, search: dict, texts: dict) -> None
     from digitlab.models import checked_structure, knobs
 
     searched = {k[len(STRUCTURE):]: v for k, v in search.items() if k.startswith(STRUCTURE)}
-    models = search.get("model") if isinstance(search.get("model"), list) else [fixed.get("model", "cnn")]
+    searched_models = search.get("model")
+    models: list[str] = searched_models if isinstance(searched_models, list) else [fixed.get("model", "cnn")]
     base = fixed.get("structure", {})
     for key in [*base, *searched]:
         if not any(key in knobs(m) for m in models):
@@ -135,7 +139,8 @@ def _check_structures(name: str, fixed: dict, search: dict, texts: dict) -> None
 
 def _known(name: str, table: str, key: str) -> None:
     if key not in FIELDS:
-        raise UserError(f"{name}: [{table}] unknown option '{one_line(key)[:60]}'; the options are: {', '.join(FIELDS)}")
+        raise UserError(f"{name}: [{table}] unknown option '{one_line(key)[:60]}'; the options are: "
+                        f"{', '.join(FIELDS)}")
 
 
 def _choices(name: str, key: str, value: Any) -> list | Range:
@@ -173,7 +178,8 @@ def _choices(name: str, key: str, value: Any) -> list | Range:
         if log and low <= 0:
             raise UserError(f"{where}: a log range needs low above 0, got {low}")
         return Range(low, high, log)
-    raise UserError(f"{where}: must be a list of choices or a range {{ low = ..., high = ... }}, got {short_repr(value)}")
+    raise UserError(f"{where}: must be a list of choices or a range {{ low = ..., high = ... }}, got "
+                    f"{short_repr(value)}")
 
 
 def make_sampler(name: str | None, spec: Spec, seed: int):
@@ -185,7 +191,7 @@ def make_sampler(name: str | None, spec: Spec, seed: int):
 
     name = check_sampler(name, spec)
     if name == "grid":
-        return optuna.samplers.GridSampler(spec.search, seed=GRID_SEED)
+        return optuna.samplers.GridSampler(spec.search, seed=GRID_SEED)  # type: ignore[arg-type]  # all lists
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -200,9 +206,10 @@ def check_sampler(name: str | None, spec: Spec) -> str:
         if not spec.all_lists:
             ranged = next(k for k, v in spec.search.items() if isinstance(v, Range))
             raise UserError(f"--sampler grid needs lists of choices; '{ranged}' is a range (use random or tpe)")
-        points = math.prod(len(v) for v in spec.search.values())
+        lists = {k: v for k, v in spec.search.items() if isinstance(v, list)}  # all of them, as checked above
+        points = math.prod([len(v) for v in lists.values()])
         if points > MAX_GRID:
-            sizes = " x ".join(f"{len(v):,} {k}" for k, v in spec.search.items())
+            sizes = " x ".join(f"{len(v):,} {k}" for k, v in lists.items())
             raise UserError(f"the grid has {points:,} points ({sizes}); a grid has at most {MAX_GRID:,}: shorten "
                             "the lists, or draw from them with --sampler random or tpe")
     return name

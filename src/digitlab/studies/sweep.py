@@ -41,6 +41,7 @@ from digitlab.config import (
 from digitlab.errors import UserError
 from digitlab.files import one_line
 from digitlab.stop import SIGNALS, Interrupted, StopRequest
+from digitlab.studies.model_summary import training_flops
 from digitlab.studies.spec import (
     Spec,
     make_sampler,
@@ -51,7 +52,6 @@ from digitlab.studies.spec import (
     sampler_seed,
     suggest,
 )
-from digitlab.studies.model_summary import training_flops
 from digitlab.studies.sweep_report import write_results
 from digitlab.training.loop import Diverged
 from digitlab.training.reporters import Reporter
@@ -217,7 +217,8 @@ def run_workers(spec_path: Path, spec: Spec, options: SweepOptions, data_dir: Pa
     storage = options.storage_url()
     opened, out = _create(options, make_sampler(options.sampler, spec, options.seed))  # created here, once
     threads = max(1, usable_cores() // options.workers)
-    shares = [options.trials // options.workers + (k < options.trials % options.workers) for k in range(options.workers)]
+    each, more = divmod(options.trials, options.workers)
+    shares = [each + (k < more) for k in range(options.workers)]
 
     def command(worker: int, trials: int) -> list[str]:
         mine = replace(options, trials=trials, workers=1, worker=worker, threads=threads, storage=None, out=str(out))

@@ -51,7 +51,8 @@ def write_trials_csv(study, path: Path, spec: Spec) -> Path:
     return write_text(path, buffer.getvalue())
 
 
-def report(out: str | os.PathLike, *, storage: str | None = None, study: str = SweepOptions.study, console=None) -> dict:
+def report(out: str | os.PathLike, *, storage: str | None = None, study: str = SweepOptions.study,
+           console=None) -> dict:
     """Print the study's best trial, its Pareto front (test error against training FLOPs) and the
     importance of each searched option (Optuna's fANOVA); returns them as a dict."""
     import optuna
@@ -61,7 +62,8 @@ def report(out: str | os.PathLike, *, storage: str | None = None, study: str = S
     console = console or Console(highlight=False)
     out = Path(out)
     if storage is None and not (out / "study.db").is_file():
-        raise UserError(f"no study in '{one_line(str(out))}' (no study.db); give the sweep's --out folder, or --storage")
+        raise UserError(f"no study in '{one_line(str(out))}' (no study.db); give the sweep's --out folder, or "
+                        "--storage")
     storage = SweepOptions(out=str(out), storage=storage).storage_url()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     reach(storage)  # a database server that refuses or never answers: one line, not a hang
@@ -73,7 +75,7 @@ def report(out: str | os.PathLike, *, storage: str | None = None, study: str = S
     done = [t for t in the_study.trials if t.value is not None and "train_flops" in t.user_attrs]
     if not done:
         raise UserError(f"study '{study}' has no finished trial yet")
-    best = max(done, key=lambda t: t.value)
+    best = max(done, key=lambda t: t.value or 0.0)  # every one of them has a value
 
     def options(t) -> str:
         return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())

@@ -38,7 +38,7 @@ def launch(argv: list[str], options: LaunchOptions) -> int:
     """Start `python -m digitlab ARGV` on `options.nproc` processes here (and meet `nnodes - 1` other
     machines at `rdzv_endpoint`) through torch's elastic launcher, as torchrun does; returns the exit
     code. The environment and the signal handlers are as they were afterwards."""
-    nproc, nnodes, endpoint = options.nproc, options.nnodes, options.rdzv_endpoint
+    nproc, nnodes, endpoint = options.nproc or 1, options.nnodes, options.rdzv_endpoint
     if nnodes > 1 and not endpoint:
         raise UserError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every machine")
     if endpoint:
@@ -55,7 +55,7 @@ def launch(argv: list[str], options: LaunchOptions) -> int:
 
 
 def _launch(argv: list[str], options: LaunchOptions) -> int:
-    nproc, nnodes, endpoint, timeout = options.nproc, options.nnodes, options.rdzv_endpoint, options.rdzv_timeout
+    nproc, nnodes, endpoint, timeout = options.nproc or 1, options.nnodes, options.rdzv_endpoint, options.rdzv_timeout
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -180,7 +180,8 @@ def _environment(values: dict[str, str]):
 @contextlib.contextmanager
 def _signal_handlers_kept():
     """The signal handlers as they were, afterwards: the elastic agent installs its own and leaves them."""
-    kept = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    numbers = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    kept = {number: signal.getsignal(number) for number in numbers}
     try:
         yield
     finally:

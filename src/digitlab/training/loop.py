@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -219,12 +219,12 @@ def _check_finite(losses: torch.Tensor, start: int, state: TrainState, optimizer
 def _end_epoch(state: TrainState, model, optimizer, per_epoch: int, validate, patience: int) -> dict:
     """The figures of the epoch just completed; validation, the best epoch so far, and patience."""
     history = state.history
-    row = dict.fromkeys(EPOCH_COLUMNS)
+    row: dict[str, Any] = dict.fromkeys(EPOCH_COLUMNS)
     row.update(epoch=state.epoch, train_loss=math.fsum(history.batch_loss[-per_epoch:]) / per_epoch,
                lr=optimizer.param_groups[0]["lr"])
     if validate is not None:
         row["val_loss"], row["val_accuracy"] = validate(model)
-        if state.best_accuracy is None or row["val_accuracy"] > state.best_accuracy:
+        if state.best_accuracy is None or state.best_epoch is None or row["val_accuracy"] > state.best_accuracy:
             state.best_accuracy, state.best_epoch = row["val_accuracy"], state.epoch
         elif patience and state.epoch - state.best_epoch >= patience:
             state.stopped = "patience"

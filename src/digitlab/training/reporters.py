@@ -134,7 +134,8 @@ class TensorBoardReporter(Reporter):
         try:
             importlib.import_module("torch.utils.tensorboard")  # imports the tensorboard package
         except ImportError:
-            raise UserError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' in digitlab's folder (or make setup)") from None
+            raise UserError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' in "
+                            "digitlab's folder (or make setup)") from None
 
     def logged(self, epoch, batch, step, loss):
         self.writer.add_scalar("train/batch_loss", loss, step)

@@ -157,11 +157,13 @@ def check_tensors(run_dir: Path, record: dict, tensors: dict, saved: TrainConfig
         raise _damaged(run_dir, f"the {key} generator's state is not one")
     with torch.random.fork_rng(devices=[]):  # the scratch model's weights are drawn, then forgotten
         model = model_for(saved)
+        assert saved.lr is not None  # a saved config is a resolved one
         optimizer = make_optimizer(saved.optimizer, model.parameters(), saved.lr, saved.weight_decay)
         try:
             restore(record, tensors, model, optimizer, None, torch.device("cpu"))
         except UserError as e:
-            raise _damaged(run_dir, f"its weights or optimiser state do not fit a {saved.model}: {str(e).split('(', 1)[-1][:100]}") from None
+            why = str(e).split("(", 1)[-1][:100]
+            raise _damaged(run_dir, f"its weights or optimiser state do not fit a {saved.model}: {why}") from None
 
 
 def _check_own_files(run_dir: Path, saved: TrainConfig) -> None:
@@ -181,13 +183,12 @@ def _check_own_files(run_dir: Path, saved: TrainConfig) -> None:
         differ = [k for k in FIELDS if k not in RESUMABLE and getattr(other, k, None) != getattr(saved, k)]
         if differ:
             k = differ[0]
-            raise UserError(f"cannot resume '{one_line(str(run_dir))}': its {name} says {k} = {getattr(other, k, None)!r} "
-                            f"but {STATE_FILE} has {getattr(saved, k)!r}; the state is what --resume continues: put "
-                            f"{name} back as it was, or start a new run (--config {one_line(str(path))})"
-                            if name == CONFIG_FILE else
-                            f"cannot resume '{one_line(str(run_dir))}': its {STATE_FILE} is from another run ({k} = "
-                            f"{getattr(saved, k)!r}, its {name} has {getattr(other, k, None)!r}); train it again into a "
-                            "new folder")
+            theirs, ours, where = getattr(other, k, None), getattr(saved, k), one_line(str(run_dir))
+            raise UserError(f"cannot resume '{where}': its {name} says {k} = {theirs!r} but {STATE_FILE} has "
+                            f"{ours!r}; the state is what --resume continues: put {name} back as it was, or start a "
+                            f"new run (--config {one_line(str(path))})" if name == CONFIG_FILE else
+                            f"cannot resume '{where}': its {STATE_FILE} is from another run ({k} = {ours!r}, its "
+                            f"{name} has {theirs!r}); train it again into a new folder")
 
 
 def _finished(run_dir: Path, epochs_done: int) -> bool:

@@ -127,8 +127,8 @@ def split_data(data: MNIST, config: TrainConfig, reporter: Reporter | None = Non
         parts = (data.train_images[kept], data.train_labels[kept], data.train_images[held_out],
                  data.train_labels[held_out])
     else:
-        parts = (data.train_images, data.train_labels, None, None)
-    info = {"source": data.source, "sample": data.is_sample, "train": len(parts[1]), "val": val,
+        parts = (data.train_images, data.train_labels, None, None)  # type: ignore[assignment]  # no validation
+    info: dict = {"source": data.source, "sample": data.is_sample, "train": len(parts[1]), "val": val,
             "test": len(data.test_labels), "fingerprint": fingerprint(data)}
     if config.batch_size > info["train"]:
         raise UserError(f"batch size {config.batch_size} is larger than the {info['train']:,} training images")
@@ -207,6 +207,8 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
            world: World = SINGLE, stop: StopRequest | None = None) -> RunResult:
     """The body of `run`, in a folder it has claimed (or, on ranks other than 0, none): build,
     restore, train."""
+    task = cfg.task
+    assert task is not None, "run() resolves the config first"
     model, loader, optimizer, augment, state = _build(cfg, split, device, record, tensors)
     if out_dir is not None:
         write_text(out_dir / CONFIG_FILE, config_toml(cfg))
@@ -214,11 +216,13 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
     def validate(_) -> tuple[float, float]:  # on rank 0, which tells the others: they agree on the best epoch
         figures = None
         if world.main:
-            result = evaluate(model, split.val_images, split.val_labels, task=cfg.task)
+            assert split.val_images is not None and split.val_labels is not None  # else no validate hook
+            result = evaluate(model, split.val_images, split.val_labels, task=task)
             figures = result.mean_loss, result.accuracy
         return distributed.from_main(world, figures)
 
     def save(s: TrainState) -> None:
+        assert out_dir is not None  # else no save hook
         save_progress(out_dir, cfg, s, model, optimizer, augment, split.info, world)
 
     if cfg.tensorboard and out_dir is not None:
@@ -226,9 +230,9 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
     net = model
     if world.distributed:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step = choose_step(net, optimizer, cfg.task, fast_mlp=cfg.fast_mlp, outliers=augment if cfg.reject else None,
+    step = choose_step(net, optimizer, task, fast_mlp=cfg.fast_mlp, outliers=augment if cfg.reject else None,
                        distributed=world.distributed, precision=cfg.precision, smoothing=cfg.label_smoothing)
-    options = FitOptions(epochs=cfg.epochs, task=cfg.task, log_every=cfg.log_every, max_batches=cfg.max_batches,
+    options = FitOptions(epochs=cfg.epochs, task=task, log_every=cfg.log_every, max_batches=cfg.max_batches,
                          schedule=cfg.schedule, augment=augment if cfg.augment else None, patience=cfg.patience,
                          name=cfg.model)
     hooks = Hooks(validate=validate if split.val_images is not None else None,
@@ -251,6 +255,7 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
 def _build(cfg: TrainConfig, split: Split, device: torch.device, record: dict | None, tensors: dict | None):
     """The model, its loader, optimizer and augmentation generator, and the training state: new, or
     restored from a saved `record` and its `tensors`."""
+    assert cfg.lr is not None, "run() resolves the config first"
     torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
     model = place(model_for(cfg, init=cfg.init), device)
     loader = InMemoryLoader(split.train_images, split.train_labels, cfg.batch_size, seed=cfg.seed, device=device)
@@ -258,7 +263,7 @@ def _build(cfg: TrainConfig, split: Split, device: torch.device, record: dict | 
     # one generator draws the distortions and the non-digits, in the order the loop asks for them
     augment = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment or cfg.reject else None
     state = TrainState()
-    if record is not None:
+    if record is not None and tensors is not None:
         state = restore(record, tensors, model, optimizer, augment, device)
         if state.stopped != "patience" or cfg.patience != record["config"]["patience"]:
             state.stopped = None  # a signal's stop is over; a patience stop stands unless patience changed
@@ -278,12 +283,13 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
             device: torch.device, world: World) -> RunResult:
     """Score the test set once, on the checkpoint that `evaluate` and `predict` use (the best one
     when the run validated), and write the run's final files."""
+    assert cfg.task is not None, "run() resolves the config first"
     scored, test_model, task = out_dir / WEIGHTS_FILE, model, get_task(cfg.task)
     if state.best_epoch is not None and (out_dir / BEST_FILE).is_file():
         scored = out_dir / BEST_FILE
         test_model = place(model_for(cfg), device)
         test_model.load_state_dict(read_checkpoint(scored)[0])
-    final = evaluate(test_model, data.test_images, data.test_labels, task=cfg.task)
+    final = evaluate(test_model, data.test_images, data.test_labels, task=task)
     calibration = _calibrate(test_model, split, final) if task.confident else {}
     params = sum(p.numel() for p in model.parameters())
     history = state.history
@@ -293,7 +299,7 @@ def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: T
     files = [out_dir / CONFIG_FILE]
     # the temperature is fitted to the scored weights: the best ones when the run validated
     scored_meta = replace(last, results=results, temperature=calibration.get("temperature"))
-    if scored.name == BEST_FILE:
+    if scored.name == BEST_FILE and state.best_epoch is not None:
         best_row = history.epochs[state.best_epoch]
         files.append(save_checkpoint(scored, test_model, replace(scored_meta, epochs=state.best_epoch + 1,
                                                                  final_loss=best_row["train_loss"])))
@@ -352,6 +358,6 @@ def _calibrate(model, split: Split, test) -> dict:
 
 def _temperature(model, split: Split) -> float | None:
     """The temperature that calibrates the model's logits on the validation split; None without one."""
-    if split.val_images is None:
+    if split.val_images is None or split.val_labels is None:
         return None
     return fit_temperature(model_outputs(model, split.val_images), split.val_labels)

@@ -88,7 +88,7 @@ def history_label(record: Any) -> str:
 def saved_history(record: dict) -> History:
     """The History a state file holds, field by field, exactly as it was."""
     history = History(**{f.name: record[f.name] for f in fields(History)})
-    history.log_points = [tuple(p) for p in history.log_points]
+    history.log_points = [(p[0], p[1]) for p in history.log_points]
     return history
 
 
@@ -135,6 +135,8 @@ def read_state(run_dir: str | os.PathLike, tensors: bool = True) -> tuple[dict, 
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(STATE_KEY)
         loaded = load_file(str(path)) if tensors else {}
+        if raw is None:
+            raise TypeError("no record")
         record = json.loads(raw)
         if not isinstance(record, dict):
             raise TypeError("the record is not a table")

@@ -6,8 +6,9 @@
   which the model learns to answer with a flat distribution (Hendrycks et al., 2019).
 - `HandWrittenMLPStep`: the chapter's sigmoid MLP (any hidden sizes; sigmoid, tanh or ReLU) with
   plain SGD, its gradient written out by hand. For a 7,971-parameter model, autograd's bookkeeping
-  costs more than the arithmetic; the dozen matrix products below give the same loss and gradients (the tests check them against
-  autograd through `fit`) in about a third of the time. `--no-fast-mlp` leaves autograd in charge.
+  costs more than the arithmetic; the dozen matrix products below give the same loss and gradients
+  (the tests check them against autograd through `fit`) in about a third of the time. `--no-fast-mlp`
+  leaves autograd in charge.
 
 `choose_step` picks one before training starts. Each step returns the batch's loss.
 """
@@ -23,7 +24,8 @@ from digitlab.models import MLP
 from digitlab.tasks import Task, get_task
 from digitlab.training.augment import non_digits
 
-OUTLIER_WEIGHT = 0.1  # weight of the non-digits' flat-target loss (0.5 in Hendrycks et al., 2019; 0.1 measured better here)
+# weight of the non-digits' flat-target loss (0.5 in Hendrycks et al., 2019; 0.1 measured better here)
+OUTLIER_WEIGHT = 0.1
 
 
 class AutogradStep:
@@ -88,7 +90,8 @@ def mlp_gradients(model: MLP, images: torch.Tensor, labels: torch.Tensor, task: 
     w, b = weights[-1]
     out = torch.addmm(b, outputs[-1], w.t())  # (B, 1) or (B, 10)
     loss, d_out = get_task(task).loss_and_gradient(out, labels)  # d loss / d out: (B, 1) or (B, 10)
-    grads, derivative = [], DERIVATIVES[model.activation]
+    grads: list[torch.Tensor] = []
+    derivative = DERIVATIVES[model.activation]
     for (w, _), a in zip(reversed(weights), reversed(outputs)):  # from the head back to the first layer
         grads[:0] = [d_out.t() @ a, d_out.sum(0)]  # this layer's weight and bias
         if a is not outputs[0]:
@@ -108,7 +111,7 @@ class HandWrittenMLPStep:
 
     def __init__(self, model: MLP, optimizer: torch.optim.Optimizer, task: str | Task):
         self.model, self.group, self.task = model, optimizer.param_groups[0], task
-        self.params = list(model.parameters())
+        self.params: list[torch.Tensor] = list(model.parameters())
 
     @classmethod
     def for_model(cls, model, optimizer: torch.optim.Optimizer, task: str | Task) -> HandWrittenMLPStep | None:

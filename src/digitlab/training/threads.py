@@ -54,7 +54,7 @@ def choose(asked: int | None = None, saved: int | None = None) -> tuple[int, str
 
     cores = usable_cores()
     if asked or saved:
-        return asked or saved, None
+        return asked or saved or cores, None
     if os.environ.get("OMP_NUM_THREADS"):  # PyTorch read it when it started (torchrun and --nproc set it)
         return torch.get_num_threads(), None
     if os.environ.get(ENV, "").isdigit() and int(os.environ[ENV]) > 0:
@@ -63,8 +63,8 @@ def choose(asked: int | None = None, saved: int | None = None) -> tuple[int, str
     free = max(1, min(cores, int(cores - busy + 0.5)))
     if free == cores:
         return cores, None
-    return free, (f"the machine is busy ({busy:.0f} other processes running on {cores} cores): training on {free} thread"
-                  f"{'s' * (free > 1)}; --threads N chooses")
+    return free, (f"the machine is busy ({busy:.0f} other processes running on {cores} cores): training on "
+                  f"{free} thread{'s' * (free > 1)}; --threads N chooses")
 
 
 def apply(count: int) -> None:
