@@ -8,6 +8,8 @@ one `Reporter`, which records nothing, so silencing it changes no figure.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,12 +21,12 @@ from torch import nn
 from digitlab.data import get_mnist_dataloader
 from digitlab.errors import UserError
 from digitlab.stop import SIGNALS, StopRequest
-from digitlab.tasks import Task
+from digitlab.tasks import Task, get_task
 from digitlab.training.augment import distort
 from digitlab.training.distributed import SINGLE, World, agree, shard
 from digitlab.training.optim import lr_factor, set_lr
 from digitlab.training.reporters import BAR_EVERY, ConsoleReporter, Reporter
-from digitlab.training.steps import AutogradStep, choose_step
+from digitlab.training.steps import choose_step
 
 
 @dataclass
@@ -88,6 +90,8 @@ class FitOptions:
     schedule: str = "none"  # scales each parameter group's base lr per step (optim.lr_factor)
     augment: torch.Generator | None = None  # draws handwriting-like distortions (augment.distort)
     patience: int = 0  # epochs without a better validation accuracy before the run stops; 0: never
+    precision: str = "fp32"  # bf16: the forward pass and the loss under torch.autocast in bfloat16
+    smoothing: float = 0.0  # label smoothing of a classifier's targets (tasks.Task.loss)
     name: str = "training"  # what the progress bar says
 
 
@@ -106,86 +110,141 @@ def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, options: Fit
         state: TrainState | None = None, step=None, hooks: Hooks | None = None, **settings) -> TrainState:
     """Train from `state` (a fresh one by default) to `options.epochs`; returns the state it reached.
 
-    step: (images, labels) -> loss, one whole optimiser step (steps.py); autograd's by default.
+    Each batch is one optimiser step, as in pytorch/examples' train(): the forward pass, the task's
+    loss, zero_grad, backward, step. `step`, when given, takes that step instead, (images, labels) ->
+    loss: a fast path or another objective (steps.choose_step: the hand-written mlp step, or digits
+    with non-digits for --reject). What surrounds the step (the schedule, the log lines, Ctrl-C,
+    validation and saving at each epoch's end, other processes) is `_Plan`'s, called at named moments.
     settings: FitOptions' fields, for a call without an options object (`fit(model, loader, opt, epochs=1)`).
     Under several processes (`hooks.world`), `model` is wrapped in DistributedDataParallel and every
     process agrees on each step's loss and on when to stop.
     """
     options, hooks = options or FitOptions(**settings), hooks or Hooks()
-    state = state or TrainState()
-    step = step or AutogradStep(model, optimizer, options.task)
-    plan = _Plan(loader, optimizer, options)
-    if state.shuffle is None:
-        state.shuffle = loader.generator.get_state()
-    hooks.reporter.start(options.name, plan.total_steps, state.step)
-    try:
-        # several processes stop together after an agreed step: a second signal (torchrun sends SIGTERM
-        # after forwarding Ctrl-C) must not unwind one of them in the middle of a collective
-        with hooks.stop.graceful(escalate=not hooks.world.distributed):
-            while state.epoch < options.epochs and not state.stopped and not plan.halted(hooks):
-                start, images_before = time.perf_counter(), state.history.images
-                model.train()
-                _train_epoch(loader, step, state, plan, options, hooks)
-                seconds = time.perf_counter() - start
-                state.history.seconds += seconds
-                if state.batch < plan.per_epoch:  # a signal stopped the epoch part-way
+    state, task = state or TrainState(), get_task(options.task)
+    plan = _Plan(loader, optimizer, options, hooks, state)
+    with plan.running():  # the progress bar; a signal stops the run after a whole step
+        while plan.next_epoch():
+            model.train()
+            for images, labels in plan.batches():  # this epoch's, shuffled, from where the state stands
+                plan.schedule()  # this step's learning rate (FitOptions.schedule)
+                if step is not None:
+                    loss = step(images, labels)
+                else:
+                    with plan.autocast():  # bfloat16 where asked; the chapter's float32 otherwise
+                        loss = task.loss(model(images), labels, options.smoothing)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                if plan.record(loss):  # the chapter's log line and the bar; True: a signal stops it here
                     break
-                row = _end_epoch(state, model, optimizer, plan.per_epoch, hooks.validate, options.patience)
-                row.update(seconds=seconds, images_per_second=(state.history.images - images_before) / seconds)
-                state.history.epochs.append(row)
-                hooks.reporter.epoch_end(row)
-                state.epoch, state.batch = state.epoch + 1, 0
-                state.shuffle = loader.generator.get_state()  # the next epoch's order starts here
-                if hooks.save is not None:
-                    hooks.save(state)
-            if plan.halted(hooks) and not state.stopped:
-                state.stopped = plan.halted(hooks)
-                if hooks.save is not None:
-                    hooks.save(state)
-    finally:
-        hooks.reporter.close()
+            plan.end_epoch(model)  # validation, the epoch's row, the saved state
     return state
 
 
 class _Plan:
-    """What fit works out once: batches per epoch, steps in all, each group's base lr, the epoch's
-    loss buffer, and the stop the processes agreed on."""
+    """What fit works out once and does around each step: batches per epoch, steps in all, each group's
+    base lr, the epoch's loss buffer, the stop the processes agreed on; and the hooks' named moments."""
 
-    def __init__(self, loader, optimizer: torch.optim.Optimizer, options: FitOptions):
+    def __init__(self, loader, optimizer: torch.optim.Optimizer, options: FitOptions, hooks: Hooks,
+                 state: TrainState):
+        self.loader, self.optimizer, self.options, self.hooks, self.state = loader, optimizer, options, hooks, state
         self.per_epoch = len(loader) if options.max_batches is None else min(len(loader), options.max_batches)
         self.total_steps = options.epochs * self.per_epoch
-        self.optimizer = optimizer
         self.base_lrs = [g["initial_lr"] if "initial_lr" in g else g["lr"] for g in optimizer.param_groups]
         for group, base in zip(optimizer.param_groups, self.base_lrs):
             group["initial_lr"] = base  # kept in the optimiser's state, so a resumed run scales the same base
-        device = next(p.device for g in optimizer.param_groups for p in g["params"])
-        self.losses = torch.empty(self.per_epoch, device=device)  # one epoch, filled without syncs
+        self.device = next(p.device for g in optimizer.param_groups for p in g["params"])
+        self.losses = torch.empty(self.per_epoch, device=self.device)  # one epoch, filled without syncs
         self.agreed: str | None = None  # under several processes: the stop they all agreed on, after a step
+        self.first = self.count = 0  # the epoch's first batch (a resumed epoch's is not 0); this batch's images
+        self.started, self.images_before, self.cut = 0.0, 0, False
+        # digitlab's InMemoryLoader can start an epoch's order part-way (resume); any other iterable of
+        # (images, labels) batches with a len(), a torch DataLoader say, is read from its start each epoch
+        self.resumable = hasattr(loader, "batches") and hasattr(loader, "generator")
+        if self.resumable and state.shuffle is None:
+            state.shuffle = loader.generator.get_state()
 
-    def halted(self, hooks: Hooks) -> str | None:
-        return self.agreed if hooks.world.distributed else hooks.stop.requested
+    def halted(self) -> str | None:
+        return self.agreed if self.hooks.world.distributed else self.hooks.stop.requested
 
+    @contextlib.contextmanager
+    def running(self):
+        self.hooks.reporter.start(self.options.name, self.total_steps, self.state.step)
+        try:
+            # several processes stop together after an agreed step: a second signal (torchrun sends SIGTERM
+            # after forwarding Ctrl-C) must not unwind one of them in the middle of a collective
+            with self.hooks.stop.graceful(escalate=not self.hooks.world.distributed):
+                yield
+                if self.halted() and not self.state.stopped:
+                    self.state.stopped = self.halted()
+                    self._save()
+        finally:
+            self.hooks.reporter.close()
 
-def _train_epoch(loader, step, state: TrainState, plan: _Plan, options: FitOptions, hooks: Hooks) -> None:
-    """The batches of one epoch from `state.batch` on, as pytorch/examples' train(): a step per batch."""
-    first, world = state.batch, hooks.world
-    loader.generator.set_state(state.shuffle)
-    for images, labels in loader.batches(start=state.batch, stop=plan.per_epoch):
-        count = len(labels)
-        if options.schedule != "none":
-            set_lr(plan.optimizer, plan.base_lrs, lr_factor(options.schedule, state.step, plan.total_steps))
-        if options.augment is not None:  # the whole batch on every process: the draws of a single one
-            images = distort(images, options.augment)
-        if world.distributed:
-            images, labels = shard(world, images, labels)
-        loss = step(images, labels)
-        if world.distributed:
-            loss, plan.agreed = agree(world, loss, hooks.stop.requested)
-        _record(state, loss, count, first, plan, options, hooks.reporter)
-        if plan.halted(hooks):
-            break
-    _check_finite(plan.losses, first, state, plan.optimizer, end=state.batch)
-    state.history.batch_loss += plan.losses[first:state.batch].tolist()
+    def next_epoch(self) -> bool:
+        """Whether another epoch runs (none after a signal, patience, or the last); it starts the clock."""
+        state = self.state
+        if self.cut or state.epoch >= self.options.epochs or state.stopped or self.halted():
+            return False
+        self.started, self.images_before = time.perf_counter(), state.history.images
+        return True
+
+    def batches(self):
+        """The epoch's (images, labels) from `state.batch` on: distorted (--augment) with the whole batch's
+        draws on every process, then each process's slice of it."""
+        state, options, world = self.state, self.options, self.hooks.world
+        self.first = state.batch
+        if self.resumable:
+            self.loader.generator.set_state(state.shuffle)
+            batches = self.loader.batches(start=state.batch, stop=self.per_epoch)
+        else:
+            batches = itertools.islice(self.loader, state.batch, self.per_epoch)
+        for images, labels in batches:
+            images, labels = images.to(self.device), labels.to(self.device)  # where they are already: no copy
+            self.count = len(labels)
+            if options.augment is not None:
+                images = distort(images, options.augment)
+            if world.distributed:
+                images, labels = shard(world, images, labels)
+            yield images, labels
+
+    def schedule(self) -> None:
+        if self.options.schedule != "none":
+            set_lr(self.optimizer, self.base_lrs, lr_factor(self.options.schedule, self.state.step, self.total_steps))
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.precision == "bf16")
+
+    def record(self, loss: torch.Tensor) -> bool:
+        """One step's figures (and, under several processes, the loss and the stop they agree on); True
+        when a signal asks the run to stop after this step."""
+        if self.hooks.world.distributed:
+            loss, self.agreed = agree(self.hooks.world, loss, self.hooks.stop.requested)
+        _record(self.state, loss, self.count, self.first, self, self.options, self.hooks.reporter)
+        return bool(self.halted())
+
+    def end_epoch(self, model: nn.Module) -> None:
+        """The batches' losses checked and kept; a whole epoch gets its row, validation and saved state."""
+        state, history = self.state, self.state.history
+        _check_finite(self.losses, self.first, state, self.optimizer, end=state.batch)
+        history.batch_loss += self.losses[self.first:state.batch].tolist()
+        seconds = time.perf_counter() - self.started
+        history.seconds += seconds
+        if state.batch < self.per_epoch:  # a signal stopped the epoch part-way
+            self.cut = True
+            return
+        row = _end_epoch(state, model, self.optimizer, self.per_epoch, self.hooks.validate, self.options.patience)
+        row.update(seconds=seconds, images_per_second=(history.images - self.images_before) / seconds)
+        history.epochs.append(row)
+        self.hooks.reporter.epoch_end(row)
+        state.epoch, state.batch = state.epoch + 1, 0
+        if self.resumable:
+            state.shuffle = self.loader.generator.get_state()  # the next epoch's order starts here
+        self._save()
+
+    def _save(self) -> None:
+        if self.hooks.save is not None:
+            self.hooks.save(self.state)
 
 
 def _record(state: TrainState, loss: torch.Tensor, count: int, first: int, plan: _Plan, options: FitOptions,

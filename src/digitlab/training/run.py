@@ -234,7 +234,7 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
                        distributed=world.distributed, precision=cfg.precision, smoothing=cfg.label_smoothing)
     options = FitOptions(epochs=cfg.epochs, task=task, log_every=cfg.log_every, max_batches=cfg.max_batches,
                          schedule=cfg.schedule, augment=augment if cfg.augment else None, patience=cfg.patience,
-                         name=cfg.model)
+                         precision=cfg.precision, smoothing=cfg.label_smoothing, name=cfg.model)
     hooks = Hooks(validate=validate if split.val_images is not None else None,
                   save=save if out_dir is not None else None, reporter=reporter, stop=stop or StopRequest(),
                   world=world)

@@ -1,16 +1,15 @@
-"""One optimiser step on one batch, as an object the loop is handed: the loop never asks which.
+"""Steps that the loop takes in place of its own (loop.fit shows the chapter's forward, loss,
+zero_grad, backward, step), each an object it is handed: the loop never asks which.
 
-- `AutogradStep`: the chapter's forward, loss, zero_grad, backward, step (bf16 autocast if asked;
-  label-smoothed targets if asked).
-- `OutlierExposureStep` (`--reject`): the same, plus non-digits made from a quarter of the batch,
-  which the model learns to answer with a flat distribution (Hendrycks et al., 2019).
+- `OutlierExposureStep` (`--reject`): the loop's step, plus non-digits made from a quarter of the
+  batch, which the model learns to answer with a flat distribution (Hendrycks et al., 2019).
 - `HandWrittenMLPStep`: the chapter's sigmoid MLP (any hidden sizes; sigmoid, tanh or ReLU) with
   plain SGD, its gradient written out by hand. For a 7,971-parameter model, autograd's bookkeeping
   costs more than the arithmetic; the dozen matrix products below give the same loss and gradients
   (the tests check them against autograd through `fit`) in about a third of the time. `--no-fast-mlp`
   leaves autograd in charge.
 
-`choose_step` picks one before training starts. Each step returns the batch's loss.
+`choose_step` picks one (or none) before training starts. Each step returns the batch's loss.
 """
 from __future__ import annotations
 
@@ -28,46 +27,28 @@ from digitlab.training.augment import non_digits
 OUTLIER_WEIGHT = 0.1
 
 
-class AutogradStep:
-    """forward, loss, zero_grad, backward, step; bf16 runs the forward pass and the loss under autocast;
-    `smoothing` trains a classifier towards label-smoothed targets."""
+class OutlierExposureStep:
+    """Digits plus non-digits made from a quarter of them, which the model learns to answer with a flat
+    distribution; the loss returned is the digits' alone, comparable with a run without outliers."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: str | Task, precision: str = "fp32",
-                 smoothing: float = 0.0):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: str | Task,
+                 generator: torch.Generator, precision: str = "fp32", smoothing: float = 0.0):
         self.model, self.optimizer, self.task, self.smoothing = model, optimizer, get_task(task), smoothing
+        self.generator = generator  # the run's augmentation generator: its draws follow the distortions'
         device = next(model.parameters()).device
         self.autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
                                           enabled=precision == "bf16")
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            loss = self.task.loss(self.model(images), labels, self.smoothing)
-        self._update(loss)
-        return loss
-
-    def _update(self, objective: torch.Tensor) -> None:
-        self.optimizer.zero_grad()
-        objective.backward()
-        self.optimizer.step()
-
-
-class OutlierExposureStep(AutogradStep):
-    """Digits plus non-digits made from a quarter of them; the loss returned is the digits' alone,
-    comparable with a run without outliers."""
-
-    def __init__(self, model, optimizer, task, generator: torch.Generator, precision: str = "fp32",
-                 smoothing: float = 0.0):
-        super().__init__(model, optimizer, task, precision, smoothing)
-        self.generator = generator  # the run's augmentation generator: its draws follow the distortions'
-
-    def __call__(self, images, labels):
         k = max(1, len(images) // 4)
         unsure = non_digits(images[:k], labels[:k], self.generator)
         with self.autocast():
             output = self.model(torch.cat([images, unsure]))
             loss = self.task.loss(output[:len(images)], labels, self.smoothing)
             flat = -F.log_softmax(output[len(images):], 1).mean()  # cross-entropy against a flat target
-        self._update(loss + OUTLIER_WEIGHT * flat)
+        self.optimizer.zero_grad()
+        (loss + OUTLIER_WEIGHT * flat).backward()
+        self.optimizer.step()
         return loss
 
 
@@ -131,13 +112,12 @@ class HandWrittenMLPStep:
 def choose_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: str | Task, *, fast_mlp: bool = True,
                 outliers: torch.Generator | None = None, distributed: bool = False, precision: str = "fp32",
                 smoothing: float = 0.0):
-    """The step a run trains with. The hand-written one knows nothing of non-digits, of other
-    processes (under DistributedDataParallel the gradients are autograd's, all-reduced), of bf16 or
-    of smoothed labels."""
+    """The step a run trains with in place of the loop's own (loop.fit), or None for the loop's own: the
+    non-digits' objective with --reject, else the hand-written mlp step where it applies. That one knows
+    nothing of non-digits, of other processes (under DistributedDataParallel the gradients are
+    autograd's, all-reduced), of bf16 or of smoothed labels; `--no-fast-mlp` turns it off."""
     if outliers is not None:
         return OutlierExposureStep(model, optimizer, task, outliers, precision, smoothing)
     if fast_mlp and not distributed and precision == "fp32" and not smoothing:
-        step = HandWrittenMLPStep.for_model(model, optimizer, task)
-        if step is not None:
-            return step
-    return AutogradStep(model, optimizer, task, precision, smoothing)
+        return HandWrittenMLPStep.for_model(model, optimizer, task)
+    return None
