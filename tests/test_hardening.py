@@ -143,7 +143,7 @@ def test_a_signal_that_a_library_swallowed_still_stops_the_command():
     script = """
 import os, signal
 from digitlab.cli import main
-from digitlab.stop import Interrupted, StopRequest, stopped_by
+from digitlab.signals import Interrupted, StopRequest, stopped_by
 stop = StopRequest().install()
 print(stopped_by(ValueError("a real bug")))
 try:
@@ -169,7 +169,7 @@ def test_a_signal_inside_a_destructor_is_no_traceback_and_still_stops():
     # "Exception ignored in ..." with a traceback; other errors there must still be shown
     script = """
 import os, signal, sys
-from digitlab.stop import Interrupted, StopRequest
+from digitlab.signals import Interrupted, StopRequest
 stop = StopRequest().install()
 class Lock:
     def __init__(self, error=None):

@@ -7,7 +7,7 @@ import sys
 
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import Output
-from digitlab.stop import StopRequest, stopped_by
+from digitlab.signals import StopRequest, stopped_by
 
 
 def main() -> int:

@@ -12,7 +12,7 @@ import digitlab
 from digitlab.cli import read, serve, show, sweep, train
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
-from digitlab.stop import StopRequest, interrupted_line, stopped_by
+from digitlab.signals import StopRequest, interrupted_line, stopped_by
 
 
 class _Version(argparse.Action):

@@ -24,7 +24,7 @@ from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
 
 if TYPE_CHECKING:
-    from digitlab.stop import StopRequest
+    from digitlab.signals import StopRequest
 
 
 def add_evaluate_parser(commands) -> None:

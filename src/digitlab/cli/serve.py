@@ -14,7 +14,7 @@ from digitlab.config import ServeOptions
 from digitlab.errors import UserError
 
 if TYPE_CHECKING:
-    from digitlab.stop import StopRequest
+    from digitlab.signals import StopRequest
 
 
 def add_serve_parser(commands) -> None:

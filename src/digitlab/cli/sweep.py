@@ -16,7 +16,7 @@ from digitlab.config import SweepOptions
 from digitlab.errors import UserError
 
 if TYPE_CHECKING:
-    from digitlab.stop import StopRequest
+    from digitlab.signals import StopRequest
 
 
 def add_sweep_parser(commands) -> None:

@@ -28,11 +28,11 @@ from digitlab.cli.options import (
 from digitlab.config import LaunchOptions
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
-from digitlab.stop import SIGNALS, Interrupted, cause, stopped_by
+from digitlab.signals import SIGNALS, Interrupted, cause, stopped_by
 from digitlab.structures import folder_name
 
 if TYPE_CHECKING:
-    from digitlab.stop import StopRequest
+    from digitlab.signals import StopRequest
 
 
 def add_train_parser(commands) -> None:

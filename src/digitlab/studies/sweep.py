@@ -40,7 +40,7 @@ from digitlab.config import (
 )
 from digitlab.errors import UserError
 from digitlab.files import one_line
-from digitlab.stop import SIGNALS, Interrupted, StopRequest
+from digitlab.signals import SIGNALS, Interrupted, StopRequest
 from digitlab.studies.model_summary import training_flops
 from digitlab.studies.spec import (
     Spec,

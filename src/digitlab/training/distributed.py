@@ -28,7 +28,7 @@ from typing import NoReturn
 import torch
 
 from digitlab.errors import UserError
-from digitlab.stop import SIGNALS  # the stop requests a step can carry, in this order
+from digitlab.signals import SIGNALS  # the stop requests a step can carry, in this order
 
 TIMEOUT = 300  # seconds a collective may wait for the other ranks before it fails
 

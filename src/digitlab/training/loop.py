@@ -20,7 +20,7 @@ from torch import nn
 
 from digitlab.data import get_mnist_dataloader
 from digitlab.errors import UserError
-from digitlab.stop import SIGNALS, StopRequest
+from digitlab.signals import SIGNALS, StopRequest
 from digitlab.tasks import Task, get_task
 from digitlab.training.augment import distort
 from digitlab.training.distributed import SINGLE, World, agree, shard

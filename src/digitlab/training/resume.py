@@ -20,7 +20,7 @@ from digitlab.config import (
 )
 from digitlab.errors import UserError
 from digitlab.files import one_line
-from digitlab.stop import SIGNALS
+from digitlab.signals import SIGNALS
 from digitlab.training.folder import HISTORY_FILE, STATE_FILE, WEIGHTS_FILE
 from digitlab.training.loop import EPOCH_COLUMNS, History, TrainState
 from digitlab.training.state import read_state, saved_history, unpack

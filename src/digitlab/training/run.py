@@ -46,7 +46,7 @@ from digitlab.reading.checkpoint import (
     save_checkpoint,
 )
 from digitlab.reading.evaluate import evaluate, model_outputs
-from digitlab.stop import Interrupted, StopRequest, stopped_by
+from digitlab.signals import Interrupted, StopRequest, stopped_by
 from digitlab.tasks import get_task, probabilities
 from digitlab.training import distributed
 from digitlab.training.distributed import SINGLE, World
@@ -170,7 +170,7 @@ def run(config: TrainConfig, data: MNIST, out_dir: str | Path, *, resume: bool =
     overwrite: replace a run that `out_dir` holds already (else that is refused).
     reporter: where the loop's output goes; the console's log lines and progress bar by default.
     Pass `Reporter()` for silence: what is recorded stays the same.
-    stop: the command's Ctrl-C and SIGTERM (stop.py). world: the processes training together
+    stop: the command's Ctrl-C and SIGTERM (signals.py). world: the processes training together
     (distributed.start); rank 0 alone reports and writes the folder.
     """
     cfg = config.resolved()
