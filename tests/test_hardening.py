@@ -121,7 +121,7 @@ def test_a_checkpoint_bomb_is_refused_before_anything_is_built(tmp_path, cli):
 
 
 def test_a_signal_wrapped_by_a_library_is_still_a_signal():
-    from digitlab import stop
+    from digitlab import signals as stop
 
     # what `import torch` did once when Ctrl-C came in the middle of it: a dataclass's __set_name__
     # turned the Interrupted into a RuntimeError

@@ -259,6 +259,7 @@ def _open_study(storage: str, name: str, sampler, grace: int, tries: int = 3):
     once would both write its tables: a file lock beside it takes them in turn. Any database gets a
     few tries, in case another machine is creating the same study."""
     import contextlib
+    import logging
     import time
     import warnings
 
@@ -268,6 +269,9 @@ def _open_study(storage: str, name: str, sampler, grace: int, tries: int = 3):
     from sqlalchemy.exc import ArgumentError
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is ours to report, in one line
+    # a Ctrl-C inside a query makes SQLAlchemy log "Error closing cursor" with a traceback: the command's
+    # own line says what happened
+    logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)
     reach(storage)  # a database server that refuses or never answers: one line now, not a retry or a hang
     lock = (FileLock(storage[len("sqlite:///"):] + ".lock") if storage.startswith("sqlite:///")
             else contextlib.nullcontext())
