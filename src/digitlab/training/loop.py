@@ -216,11 +216,24 @@ class _Plan:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.precision == "bf16")
 
     def record(self, loss: torch.Tensor) -> bool:
-        """One step's figures (and, under several processes, the loss and the stop they agree on); True
-        when a signal asks the run to stop after this step."""
+        """One step's figures: the loss into the epoch's buffer (checked every BAR_EVERY steps, which costs
+        the mlp less than a check per step would, and a GPU no sync), the chapter's log line, counters; under
+        several processes, the loss and the stop they agree on. True when a signal asks the run to stop."""
+        state, history, reporter = self.state, self.state.history, self.hooks.reporter
         if self.hooks.world.distributed:
             loss, self.agreed = agree(self.hooks.world, loss, self.hooks.stop.requested)
-        _record(self.state, loss, self.count, self.first, self, self.options, self.hooks.reporter)
+        self.losses[state.batch] = loss.detach()
+        if (state.batch + 1) % BAR_EVERY == 0:
+            _check_finite(self.losses, max(self.first, state.batch + 1 - BAR_EVERY), state, self.optimizer)
+        if state.batch % self.options.log_every == 0:
+            history.loss_list.append(loss.item())
+            history.log_points.append((state.epoch, state.batch))
+            history.log_steps.append(state.step)
+            reporter.logged(state.epoch, state.batch, state.step, history.loss_list[-1])
+        state.batch += 1
+        state.step += 1
+        history.images += self.count
+        reporter.step(state.step, loss)
         return bool(self.halted())
 
     def end_epoch(self, model: nn.Module) -> None:
@@ -245,25 +258,6 @@ class _Plan:
     def _save(self) -> None:
         if self.hooks.save is not None:
             self.hooks.save(self.state)
-
-
-def _record(state: TrainState, loss: torch.Tensor, count: int, first: int, plan: _Plan, options: FitOptions,
-            reporter: Reporter) -> None:
-    """One step's figures: the loss into the epoch's buffer (checked every BAR_EVERY steps, which costs
-    the mlp less than a check per step would, and a GPU no sync), the chapter's log line, counters."""
-    history = state.history
-    plan.losses[state.batch] = loss.detach()
-    if (state.batch + 1) % BAR_EVERY == 0:
-        _check_finite(plan.losses, max(first, state.batch + 1 - BAR_EVERY), state, plan.optimizer)
-    if state.batch % options.log_every == 0:
-        history.loss_list.append(loss.item())
-        history.log_points.append((state.epoch, state.batch))
-        history.log_steps.append(state.step)
-        reporter.logged(state.epoch, state.batch, state.step, history.loss_list[-1])
-    state.batch += 1
-    state.step += 1
-    history.images += count
-    reporter.step(state.step, loss)
 
 
 def _check_finite(losses: torch.Tensor, start: int, state: TrainState, optimizer, end: int | None = None) -> None:
