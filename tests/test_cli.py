@@ -197,7 +197,7 @@ def test_unwritable_output_folder(digits_dir, tmp_path, cli):
 
 
 def test_ctrl_c_saves_the_last_complete_state_and_exits_130(digits_dir, tmp_path):
-    from digitlab.training.state import read_state
+    from digitlab.training.run_folder import read_state
 
     out = tmp_path / "run"
     process = popen_cli("train", "cnn", "--epochs", "50", "--log-every", "20", "--data-dir", digits_dir, "--out", out)
@@ -313,7 +313,7 @@ def test_options_come_back_from_their_own_command_lines():
 
 
 def test_threads_are_chosen_from_the_load_recorded_and_kept_on_resume(digits_dir, tmp_path, cli):
-    from digitlab.training.state import read_state
+    from digitlab.training.run_folder import read_state
 
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
     try:  # every core busy: the run takes one thread, and says why

@@ -205,7 +205,7 @@ def test_a_rank_that_dies_stops_the_others_and_the_run_resumes(digits_dir, tmp_p
     assert time.monotonic() - killed < 60  # the other process did not wait for its collective's timeout
     assert launcher.returncode == 2 and "Traceback" not in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1 and "died (killed by SIGKILL)" in stderr, stderr
-    from digitlab.training.state import read_state
+    from digitlab.training.run_folder import read_state
 
     done = read_state(out, tensors=False)[0]["position"]["epoch"]
     assert 1 <= done < 30
@@ -269,7 +269,7 @@ def test_ctrl_c_stops_every_process_after_the_same_step(digits_dir, tmp_path, cl
     assert len(lines) == 1
     assert lines[0].startswith("digitlab: interrupted (SIGINT): stopped after the last complete batch")
     assert lines[0].endswith(f"nothing scored; continue with --resume {out}") and not (out / "history.json").exists()
-    from digitlab.training.state import read_state
+    from digitlab.training.run_folder import read_state
 
     position = read_state(out, tensors=False)[0]["position"]
     assert position["stopped"] == "SIGINT" and 1 <= position["epoch"] < 100

@@ -195,7 +195,7 @@ def stopped_state(digits, tmp_path_factory):
     from digitlab.config import TrainConfig
     from digitlab.training.reporters import Reporter
     from digitlab.training.run import run
-    from digitlab.training.state import read_state
+    from digitlab.training.run_folder import read_state
 
     class CtrlCAt(Reporter):  # a real SIGINT to this process after step 15, as a user's Ctrl-C
         def step(self, done_steps, loss):
@@ -249,8 +249,7 @@ def test_state_records_near_valid_are_refused_in_one_line_or_resume(stopped_stat
     from digitlab.config import TrainConfig
     from digitlab.models import create_model
     from digitlab.training.optim import make_optimizer
-    from digitlab.training.resume import check_resumable, restore
-    from digitlab.training.state import STATE_KEY, read_state
+    from digitlab.training.run_folder import STATE_KEY, check_resumable, read_state, restore
 
     folder, valid, valid_tensors = stopped_state
     config = TrainConfig(**valid["config"])

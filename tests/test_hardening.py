@@ -23,7 +23,7 @@ from conftest import LONG, one_error_line, popen_cli, wait_for, write_idx
 from digitlab.data import FILES, IMAGE_MAGIC, LABEL_MAGIC
 from digitlab.models import create_model
 from digitlab.reading.checkpoint import load_checkpoint, save_checkpoint
-from digitlab.training.state import read_state
+from digitlab.training.run_folder import read_state
 
 
 def _meta(model: str, task: str):

@@ -18,9 +18,9 @@ from conftest import one_error_line, popen_cli, wait_for
 from digitlab.config import TrainConfig, read_config_file
 from digitlab.errors import UserError
 from digitlab.reading.checkpoint import load_checkpoint
-from digitlab.training.folder import STATE_FILE
 from digitlab.training.reporters import Reporter
 from digitlab.training.run import run
+from digitlab.training.run_folder import STATE_FILE
 
 
 @pytest.fixture(scope="session")

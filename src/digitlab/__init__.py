@@ -23,7 +23,7 @@ _EXPORTS = {
     "TrainConfig": "config", "preset_config": "config",
     "train": "training.loop", "fit": "training.loop", "TrainState": "training.loop",
     "Reporter": "training.reporters",
-    "run": "training.run", "resume_config": "training.resume",
+    "run": "training.run", "resume_config": "training.run_folder",
     "compare": "studies.experiment",
     "plot_loss": "plots", "plot_two_losses": "plots", "plot_sigmoid": "plots", "save_figure": "plots",
     "save_checkpoint": "reading.checkpoint", "load_checkpoint": "reading.checkpoint",

@@ -75,7 +75,7 @@ def cmd_summary(args: argparse.Namespace, stop: StopRequest) -> int:
 
 def cmd_plot_loss(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.plots import plot_run_loss
-    from digitlab.training.state import history_from, history_label, read_history
+    from digitlab.training.run_folder import history_from, history_label, read_history
 
     history = read_history(args.run)
     run_dir = args.run if args.run.is_dir() else args.run.parent
@@ -86,7 +86,7 @@ def cmd_plot_loss(args: argparse.Namespace, stop: StopRequest) -> int:
 
 def cmd_plot_compare(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.plots import plot_compare
-    from digitlab.training.state import history_from, history_label, read_history
+    from digitlab.training.run_folder import history_from, history_label, read_history
 
     if len(args.runs) < 2:
         raise UserError("plot compare needs two runs or more; plot loss RUN draws one")

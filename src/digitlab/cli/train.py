@@ -152,7 +152,7 @@ def _stopped_for_a_death(e: BaseException) -> bool:
 def _threads(args: argparse.Namespace, out, say) -> None:
     """Compute on --threads, a resumed run's own count, or one thread per core that is not busy."""
     from digitlab.training import distributed, threads
-    from digitlab.training.state import read_state
+    from digitlab.training.run_folder import read_state
 
     if distributed.launched():  # torchrun and --nproc share the cores out (OMP_NUM_THREADS)
         return
@@ -167,8 +167,7 @@ def _threads(args: argparse.Namespace, out, say) -> None:
 def _config_and_folder(args: argparse.Namespace):
     """The run's config and folder: a new run's from the preset, file and options, or the saved run's."""
     from digitlab.training import distributed
-    from digitlab.training.folder import fresh_run_dir
-    from digitlab.training.resume import resume_config
+    from digitlab.training.run_folder import fresh_run_dir, resume_config
 
     if args.resume is None:
         config, label = train_config(args.model, args)
@@ -224,7 +223,7 @@ def stopped_exit(stopped: str | None, say=print, state=None, out=None) -> int:
 
 def cmd_compare(args: argparse.Namespace, stop: StopRequest) -> int:
     from digitlab.studies.experiment import check_labels, compare
-    from digitlab.training.folder import fresh_run_dir
+    from digitlab.training.run_folder import fresh_run_dir
 
     if len(args.models) < 2:
         raise UserError(f"compare needs two models or more, got '{args.models[0]}' alone (digitlab train trains one)")

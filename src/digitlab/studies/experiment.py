@@ -15,9 +15,9 @@ from digitlab.reading.evaluate import SAMPLE_WORDS
 from digitlab.signals import StopRequest
 from digitlab.structures import folder_name
 from digitlab.studies.model_summary import summary, training_flops
-from digitlab.training.folder import holds_training
 from digitlab.training.loop import Diverged
 from digitlab.training.run import RunResult, run
+from digitlab.training.run_folder import holds_training
 
 COLUMNS = ("model", "params", "training FLOPs", "final loss", "last-epoch mean loss", "test accuracy", "wall time (s)",
            "images/s")

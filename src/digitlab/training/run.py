@@ -50,13 +50,6 @@ from digitlab.signals import Interrupted, StopRequest, stopped_by
 from digitlab.tasks import get_task, probabilities
 from digitlab.training import distributed
 from digitlab.training.distributed import SINGLE, World
-from digitlab.training.folder import (
-    HISTORY_FILE,
-    METRICS_FILE,
-    STATE_FILE,
-    TENSORBOARD_DIR,
-    claim,
-)
 from digitlab.training.loop import (
     EPOCH_COLUMNS,
     Diverged,
@@ -73,8 +66,18 @@ from digitlab.training.reporters import (
     Reporters,
     TensorBoardReporter,
 )
-from digitlab.training.resume import check_resumable, restore
-from digitlab.training.state import history_record, read_state, save_state
+from digitlab.training.run_folder import (
+    HISTORY_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    TENSORBOARD_DIR,
+    check_resumable,
+    claim,
+    history_record,
+    read_state,
+    restore,
+    save_state,
+)
 from digitlab.training.steps import choose_step
 
 MAX_VAL_FRACTION = 10  # validation takes at most a tenth of the training images
