@@ -20,10 +20,10 @@ from dataclasses import replace
 import torch
 
 from common import cpu_name
+from digitlab.checkpoint import WEIGHTS_FILE, load_checkpoint
 from digitlab.config import TrainConfig, preset_config
 from digitlab.data import read_folder
-from digitlab.reading.checkpoint import WEIGHTS_FILE, load_checkpoint
-from digitlab.reading.evaluate import evaluate
+from digitlab.evaluate import evaluate
 from digitlab.training.reporters import Reporter
 from digitlab.training.run import run
 

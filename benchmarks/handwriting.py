@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from digitlab.checkpoint import load_checkpoint
 from digitlab.data import read_folder
-from digitlab.reading.checkpoint import load_checkpoint
-from digitlab.reading.evaluate import model_outputs
+from digitlab.evaluate import model_outputs
 from digitlab.reading.predict import predict_files
 
 PRESETS = {  # what --train trains: the chapter's cnn as the course runs it and as a classifier, the presets

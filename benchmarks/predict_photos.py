@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from digitlab.checkpoint import load_checkpoint
 from digitlab.data import read_folder
-from digitlab.reading.checkpoint import load_checkpoint
-from digitlab.reading.evaluate import model_outputs
+from digitlab.evaluate import model_outputs
 from digitlab.reading.image import load_grey
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/helpers: not shipped in the wheel

@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("run", help="a run folder: the model `predict` reads the photos with")
     parser.add_argument("--photos", type=int, default=100, help="how many mixed photos (default: %(default)s)")
     args = parser.parse_args()
-    from digitlab.reading.checkpoint import load_checkpoint
+    from digitlab.checkpoint import load_checkpoint
     from digitlab.reading.predict import predict_files
 
     rng = np.random.default_rng(0)

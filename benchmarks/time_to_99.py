@@ -32,7 +32,7 @@ def misread(run: Path, hwset: Path) -> float:
     """The share of the measuring set's single digits read wrong (benchmarks/handwriting.py's measure)."""
     from handwriting import rows
 
-    from digitlab.reading.checkpoint import load_checkpoint
+    from digitlab.checkpoint import load_checkpoint
     from digitlab.reading.predict import predict_files
 
     model, meta = load_checkpoint(run)

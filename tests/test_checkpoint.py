@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import safe_open, save_file
 
+from digitlab.checkpoint import FORMAT_VERSION, CheckpointMeta, load_checkpoint, save_checkpoint
 from digitlab.config import TrainConfig
 from digitlab.errors import UserError
 from digitlab.models import create_model
-from digitlab.reading.checkpoint import FORMAT_VERSION, CheckpointMeta, load_checkpoint, save_checkpoint
 
 
 def _raw_meta(path) -> dict:

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import copy_run, one_error_line, popen_cli, run_cli, wait_for, write_idx
+from digitlab.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from digitlab.data import IMAGE_MAGIC, MIRRORS
-from digitlab.reading.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 
 
 def test_help_lists_commands_without_importing_torch():

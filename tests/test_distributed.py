@@ -69,7 +69,7 @@ def test_torchrun_on_two_processes_reproduces_one(digits_dir, tmp_path, single):
     assert result.stdout.count("data: ") == 1 and "test accuracy" in result.stdout
     history = json.loads((out / "history.json").read_text())
     assert history["world_size"] == 2 and history["backend"] == "gloo"
-    from digitlab.reading.checkpoint import read_checkpoint
+    from digitlab.checkpoint import read_checkpoint
 
     meta = read_checkpoint(out / "model.safetensors")[1]
     assert meta.world_size == 2 and meta.backend == "gloo"

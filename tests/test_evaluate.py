@@ -6,8 +6,8 @@ import torch
 
 from digitlab.data import InMemoryLoader
 from digitlab.errors import UserError
+from digitlab.evaluate import confusion_matrix, evaluate, precision_recall, predicted_digits
 from digitlab.models import create_model
-from digitlab.reading.evaluate import confusion_matrix, evaluate, precision_recall, predicted_digits
 from digitlab.training.loop import fit
 from digitlab.training.optim import make_optimizer
 

@@ -95,9 +95,9 @@ def test_save_preprocessed_one_bad_name_costs_only_its_own_picture(digits_model,
 
 
 def test_evaluating_offline_names_the_data_it_scores_and_the_data_the_model_saw(digits_model):
+    from digitlab.checkpoint import read_checkpoint
     from digitlab.data import load_sample
-    from digitlab.reading.checkpoint import read_checkpoint
-    from digitlab.reading.evaluate import data_note
+    from digitlab.evaluate import data_note
 
     _, meta = read_checkpoint(digits_model)
     full = replace(meta, data={"source": "../shared/data/mnist", "sample": False, "fingerprint": "full set"})
@@ -111,7 +111,7 @@ def test_evaluating_offline_names_the_data_it_scores_and_the_data_the_model_saw(
 
 
 def test_a_temperature_that_makes_the_test_ece_worse_says_so(digits_model, digits_dir, tmp_path, cli):
-    from digitlab.reading.calibrate import ece_change
+    from digitlab.evaluate import ece_change
 
     assert ece_change(0.0018, 0.0030) == ("0.18% before, 0.30% after (worse: the temperature fitted on the "
                                           "validation split does not carry over to the test set)")

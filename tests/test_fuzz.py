@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 
+from digitlab.checkpoint import load_checkpoint
 from digitlab.data import IMAGE_MAGIC, LABEL_MAGIC, read_idx
 from digitlab.errors import UserError
 from digitlab.models import create_model
-from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.reading.image import load_grey
 from digitlab.reading.segment import preprocess
 

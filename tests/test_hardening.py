@@ -20,15 +20,15 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import LONG, one_error_line, popen_cli, wait_for, write_idx
+from digitlab.checkpoint import load_checkpoint, save_checkpoint
 from digitlab.data import FILES, IMAGE_MAGIC, LABEL_MAGIC
 from digitlab.models import create_model
-from digitlab.reading.checkpoint import load_checkpoint, save_checkpoint
 from digitlab.training.run_folder import read_state
 
 
 def _meta(model: str, task: str):
+    from digitlab.checkpoint import CheckpointMeta
     from digitlab.config import TrainConfig
-    from digitlab.reading.checkpoint import CheckpointMeta
 
     return CheckpointMeta(TrainConfig(model=model, task=task).resolved())
 

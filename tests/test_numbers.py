@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from digitlab.reading.calibrate import expected_calibration_error, fit_temperature
-from digitlab.reading.checkpoint import read_checkpoint
+from digitlab.checkpoint import read_checkpoint
+from digitlab.evaluate import expected_calibration_error, fit_temperature
 from digitlab.reading.image import ImageError, load_grey
 from digitlab.reading.segment import find_digits
 from digitlab.tasks import probabilities

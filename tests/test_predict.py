@@ -16,8 +16,8 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from conftest import one_error_line
+from digitlab.checkpoint import load_checkpoint
 from digitlab.reading import image
-from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.reading.image import ImageError, load_grey, open_grey
 from digitlab.reading.segment import preprocess
 from helpers.photos import naive_resize, synthetic_photo
@@ -61,7 +61,7 @@ def test_predict_reads_realistic_photos(mnist_model, photos, tmp_path, cli):
 
     # The naive way, shrinking the whole picture to 28x28, reads far fewer of the same photos.
     model, meta = load_checkpoint(mnist_model)
-    from digitlab.reading.evaluate import model_outputs
+    from digitlab.evaluate import model_outputs
 
     naive = np.stack([naive_resize(load_grey(folder / name)) for name in sorted(labels)])
     guesses = model_outputs(model, torch.from_numpy(naive)).argmax(1).numpy()

@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 
 from conftest import one_error_line, popen_cli, wait_for
+from digitlab.checkpoint import load_checkpoint
 from digitlab.config import TrainConfig, read_config_file
 from digitlab.errors import UserError
-from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.training.reporters import Reporter
 from digitlab.training.run import run
 from digitlab.training.run_folder import STATE_FILE
@@ -159,8 +159,7 @@ def test_patience_stops_early_and_the_best_checkpoint_is_kept(small, tmp_path):
 
 
 def test_the_last_epochs_weights_get_a_temperature_of_their_own(small, tmp_path):
-    from digitlab.reading.calibrate import fit_temperature
-    from digitlab.reading.evaluate import model_outputs
+    from digitlab.evaluate import fit_temperature, model_outputs
     from digitlab.training.run import split_data
 
     # A learning rate high enough that validation accuracy soon falls back: patience stops the run on an

@@ -447,8 +447,8 @@ def _onnx_check(run_dir: Path, data, tmp_path: Path, cli) -> tuple[float, float]
     assert [i.name for i in session.get_inputs()] == ["image"]
     pixels = data.test_images.float().unsqueeze(1).numpy()  # (N, 1, 28, 28), 0-255, as MNIST stores them
     logits = np.concatenate([session.run(None, {"image": pixels[i:i + 1000]})[0] for i in range(0, len(pixels), 1000)])
-    from digitlab.reading.checkpoint import load_checkpoint
-    from digitlab.reading.evaluate import evaluate
+    from digitlab.checkpoint import load_checkpoint
+    from digitlab.evaluate import evaluate
 
     model, meta = load_checkpoint(run_dir)
     reference = evaluate(model, data.test_images, data.test_labels, meta.task)
@@ -462,7 +462,7 @@ def test_onnx_export_agrees_with_pytorch(runs, digits, tmp_path, cli):
     _onnx_check(runs[0], digits, tmp_path, cli)
     import onnx
 
-    from digitlab.reading.checkpoint import read_checkpoint
+    from digitlab.checkpoint import read_checkpoint
 
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
     assert float(props["temperature"]) == read_checkpoint(runs[0])[1].temperature

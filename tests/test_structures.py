@@ -117,7 +117,7 @@ def test_a_generated_structure_exports_and_resumes_bit_for_bit(case, tiny, tmp_p
     assert saved == config.resolved().structure  # recorded whole, as TOML
 
     ort = pytest.importorskip("onnxruntime")
-    from digitlab.reading.checkpoint import load_checkpoint
+    from digitlab.checkpoint import load_checkpoint
     from digitlab.serving.export import export_onnx
 
     out = export_onnx(folder / "alone", folder / "model.onnx")
@@ -275,7 +275,7 @@ def test_a_variant_is_recorded_and_every_command_rebuilds_it(digits_dir, tmp_pat
     assert again.returncode == 0
     assert json.loads((tmp_path / "again" / "history.json").read_text())["batch_loss"] == \
         json.loads((out / "history.json").read_text())["batch_loss"]
-    from digitlab.reading.checkpoint import load_checkpoint
+    from digitlab.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(out)
     assert [layer.out_features for layer in model.layers] == [32, 1] and model.activation == "tanh"
@@ -376,7 +376,7 @@ def test_a_python_registered_models_run_says_how_it_is_read(digits, tmp_path, cl
         config = TrainConfig(model="tiny_net", structure={"hidden": 12}, epochs=1)
         result = run(config, small, tmp_path / "mine", reporter=Reporter())
         assert result.params == 784 * 12 + 12 + 13 * 10
-        from digitlab.reading.checkpoint import load_checkpoint
+        from digitlab.checkpoint import load_checkpoint
 
         model, meta = load_checkpoint(tmp_path / "mine")  # in this process the model is registered
         assert meta.config.structure == {"hidden": 12}
@@ -392,7 +392,7 @@ def test_old_run_folders_have_the_default_structure(chapter_model, tmp_path):
     """A checkpoint written before structures (no structure in its config) loads as the model's defaults."""
     from safetensors.torch import load_file, save_file
 
-    from digitlab.reading.checkpoint import META_KEY, load_checkpoint
+    from digitlab.checkpoint import META_KEY, load_checkpoint
 
     path = chapter_model / "model.safetensors"
     from safetensors import safe_open

@@ -8,20 +8,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from digitlab.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from digitlab.config import TrainConfig
 from digitlab.data import InMemoryLoader, normalize
 from digitlab.errors import UserError
 from digitlab.files import atomic_path
 from digitlab.models import create_model
-from digitlab.reading.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from digitlab.training.loop import fit, train
 from digitlab.training.reporters import Reporter
 from digitlab.training.run import run
 
 
 def _meta(model: str, task: str):
+    from digitlab.checkpoint import CheckpointMeta
     from digitlab.config import TrainConfig
-    from digitlab.reading.checkpoint import CheckpointMeta
 
     return CheckpointMeta(TrainConfig(model=model, task=task).resolved())
 
@@ -216,8 +216,8 @@ def test_non_digits_are_seeded_and_never_a_digit_left_as_it_was(digits):
 def test_reject_makes_non_digits_unsure_and_keeps_digits_sure(digits, tmp_path):
     import numpy as np
 
-    from digitlab.reading.checkpoint import load_checkpoint
-    from digitlab.reading.evaluate import model_outputs
+    from digitlab.checkpoint import load_checkpoint
+    from digitlab.evaluate import model_outputs
     from digitlab.reading.segment import preprocess
     from digitlab.tasks import probabilities
     from helpers.handwriting import non_digit, on_paper
@@ -246,7 +246,7 @@ def test_reject_makes_non_digits_unsure_and_keeps_digits_sure(digits, tmp_path):
 def test_label_smoothing_caps_the_confidence_it_trains_towards(digits):
     import torch.nn.functional as F
 
-    from digitlab.reading.evaluate import model_outputs
+    from digitlab.evaluate import model_outputs
     from digitlab.tasks import probabilities
     from digitlab.training.steps import HandWrittenMLPStep, choose_step
 

@@ -26,7 +26,7 @@ _EXPORTS = {
     "run": "training.run", "resume_config": "training.run_folder",
     "compare": "studies.experiment",
     "plot_loss": "plots", "plot_two_losses": "plots", "plot_sigmoid": "plots", "save_figure": "plots",
-    "save_checkpoint": "reading.checkpoint", "load_checkpoint": "reading.checkpoint",
+    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
 }
 __all__ = ["UserError", "__version__", *_EXPORTS]
 

@@ -66,10 +66,9 @@ def add_predict_parser(commands) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, stop: StopRequest) -> int:
+    from digitlab.checkpoint import describe, load_checkpoint, resolve
+    from digitlab.evaluate import data_note, evaluate, expected_calibration_error
     from digitlab.files import prepare_out_dir
-    from digitlab.reading.calibrate import expected_calibration_error
-    from digitlab.reading.checkpoint import describe, load_checkpoint, resolve
-    from digitlab.reading.evaluate import data_note, evaluate
     from digitlab.tasks import probabilities
 
     model, meta = load_checkpoint(args.checkpoint)
@@ -114,7 +113,7 @@ def _evaluation_figures(result, data, report: dict, title: str, out: Path, worst
 def _print_evaluation(report: dict, title: str, mean_loss: float, meta) -> None:
     from rich.table import Table
 
-    from digitlab.reading.calibrate import ece_change
+    from digitlab.evaluate import ece_change
 
     console = rich_console()
     console.print(f"{title}; mean loss {mean_loss:.4f}")
@@ -138,7 +137,7 @@ def cmd_predict(args: argparse.Namespace, stop: StopRequest) -> int:
     from rich.table import Table
     from rich.text import Text
 
-    from digitlab.reading.checkpoint import describe, load_checkpoint
+    from digitlab.checkpoint import describe, load_checkpoint
     from digitlab.reading.image import expand_inputs
     from digitlab.reading.predict import predict_files
 

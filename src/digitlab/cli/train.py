@@ -183,8 +183,7 @@ def _config_and_folder(args: argparse.Namespace):
 
 def _report(result, data, say) -> None:
     """What a finished (or stopped) run tells its user: speed, loss, accuracy, calibration, files."""
-    from digitlab.reading.calibrate import ece_change
-    from digitlab.reading.evaluate import SAMPLE_WORDS
+    from digitlab.evaluate import SAMPLE_WORDS, ece_change
 
     h, config = result.history, result.config
     if data.is_sample:

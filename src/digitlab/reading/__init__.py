@@ -1,2 +1,1 @@
-"""Reading digits with a trained model: checkpoints, evaluation on the test set, calibrated
-confidence, and pictures of your own (decoding, finding the digits, reading them)."""
+"""Reading pictures of your own with a trained model: decoding them, finding the digits, reading them."""

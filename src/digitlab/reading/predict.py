@@ -128,7 +128,7 @@ def read_digits(model, meta, found: list[Found], threshold: float = THRESHOLD) -
     """Classify prepared digits with a checkpoint's model; confidences use its temperature."""
     import torch
 
-    from digitlab.reading.evaluate import model_outputs
+    from digitlab.evaluate import model_outputs
 
     if not found:
         return []

@@ -55,7 +55,7 @@ class TorchModel(ServedModel):
         import torch
         from torch import nn
 
-        from digitlab.reading.checkpoint import describe, load_checkpoint
+        from digitlab.checkpoint import describe, load_checkpoint
 
         model, meta = load_checkpoint(path)
         # Serving, not training: each model's batches run on one thread, the other cores read pictures.

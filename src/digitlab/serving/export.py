@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from digitlab.checkpoint import load_checkpoint
 from digitlab.errors import UserError
 from digitlab.files import file_target, one_line, sweep_parts, write_atomic
-from digitlab.reading.checkpoint import load_checkpoint
 from digitlab.serving.backends import ONNX_FACTS, model_facts
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from digitlab.config import TrainConfig
 from digitlab.data import MNIST
 from digitlab.errors import UserError
+from digitlab.evaluate import SAMPLE_WORDS
 from digitlab.files import one_line, prepare_out_dir, write_text
 from digitlab.models import model_for
 from digitlab.plots import plot_compare, save_figure
-from digitlab.reading.evaluate import SAMPLE_WORDS
 from digitlab.signals import StopRequest
 from digitlab.structures import folder_name
 from digitlab.studies.model_summary import summary, training_flops

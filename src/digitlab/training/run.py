@@ -26,6 +26,13 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from digitlab.checkpoint import (
+    BEST_FILE,
+    WEIGHTS_FILE,
+    CheckpointMeta,
+    read_checkpoint,
+    save_checkpoint,
+)
 from digitlab.config import CONFIG_FILE, TrainConfig, config_toml
 from digitlab.data import (
     MNIST,
@@ -34,18 +41,10 @@ from digitlab.data import (
     stratified_split,
 )
 from digitlab.errors import UserError
+from digitlab.evaluate import evaluate, expected_calibration_error, fit_temperature, model_outputs
 from digitlab.files import one_line, write_text
 from digitlab.models import model_for, place
 from digitlab.plots import plot_run_loss, save_figure
-from digitlab.reading.calibrate import expected_calibration_error, fit_temperature
-from digitlab.reading.checkpoint import (
-    BEST_FILE,
-    WEIGHTS_FILE,
-    CheckpointMeta,
-    read_checkpoint,
-    save_checkpoint,
-)
-from digitlab.reading.evaluate import evaluate, model_outputs
 from digitlab.signals import Interrupted, StopRequest, stopped_by
 from digitlab.tasks import get_task, probabilities
 from digitlab.training import distributed

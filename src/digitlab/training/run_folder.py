@@ -22,11 +22,11 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
+from digitlab.checkpoint import BEST_FILE, WEIGHTS_FILE, read_checkpoint
 from digitlab.config import CONFIG_FILE, FIELDS, TrainConfig, check_value, read_config_file
 from digitlab.errors import UserError
 from digitlab.files import PART_SUFFIX, one_line, prepare_out_dir, regular_file, write_safetensors
 from digitlab.models import knobs, model_for
-from digitlab.reading.checkpoint import BEST_FILE, WEIGHTS_FILE, read_checkpoint
 from digitlab.signals import SIGNALS
 from digitlab.structures import structure_label
 from digitlab.training.loop import EPOCH_COLUMNS, History, TrainState
