@@ -138,13 +138,7 @@ def _md5(path: Path) -> str:
 
 def _fetch(url: str, dest: Path, md5: str, timeout: float) -> None:
     """Stream `url` into `dest` with a progress bar; keep it only if the MD5 matches."""
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TransferSpeedColumn,
-    )
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     digest = hashlib.md5()
     with urllib.request.urlopen(url, timeout=timeout) as response, atomic_path(dest) as tmp:

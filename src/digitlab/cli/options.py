@@ -9,16 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from digitlab.config import (
-    FIELDS,
-    PRESETS,
-    TrainConfig,
-    flag,
-    preset_config,
-    problem,
-    read_config_file,
-    value_type,
-)
+from digitlab.config import FIELDS, PRESETS, TrainConfig, flag, preset_config, problem, read_config_file, value_type
 from digitlab.errors import UserError
 from digitlab.files import one_line, prepare_out_dir
 
@@ -172,9 +163,7 @@ def rich_console():
 
 def load_data(data_dir: Path | None, say=print, quiet: bool = False):
     """The MNIST set a command asked for, and one line saying which it is (`say` prints it)."""
-    from digitlab.data import (
-        load_mnist,  # imported here: it brings torch, and `--help` must not
-    )
+    from digitlab.data import load_mnist  # imported here: it brings torch, and `--help` must not
 
     data = load_mnist(data_dir, quiet=quiet)  # quiet: no notice that the offline sample stands in
     say(f"data: {data.source} ({len(data.train_labels):,} train / {len(data.test_labels):,} test images)")

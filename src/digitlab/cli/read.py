@@ -11,14 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from digitlab.cli.options import (
-    add_data_dir,
-    add_options,
-    load_data,
-    non_negative_int,
-    report_files,
-    rich_console,
-)
+from digitlab.cli.options import add_data_dir, add_options, load_data, non_negative_int, report_files, rich_console
 from digitlab.config import ReadOptions
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line

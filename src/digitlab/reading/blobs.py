@@ -68,9 +68,7 @@ class _Blobs:
     them (lists of blob indices) sit against each other."""
 
     def __init__(self, labels: np.ndarray, count: int):
-        from scipy import (
-            ndimage,  # imported here: scipy loads slowly, and only pictures need it
-        )
+        from scipy import ndimage  # imported here: scipy loads slowly, and only pictures need it
 
         self.count, self.sizes = count, sizes(labels, count)
         self.slices = ndimage.find_objects(labels)

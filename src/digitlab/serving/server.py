@@ -24,13 +24,7 @@ import json
 import logging
 from importlib import resources
 
-from fastapi import (  # module level: FastAPI reads the annotations
-    FastAPI,
-    File,
-    Query,
-    Request,
-    UploadFile,
-)
+from fastapi import FastAPI, File, Query, Request, UploadFile  # module level: FastAPI reads the annotations
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 

@@ -12,13 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from digitlab.config import (
-    FIELDS,
-    problem,
-    read_toml,
-    short_repr,
-    value_type,
-)
+from digitlab.config import FIELDS, problem, read_toml, short_repr, value_type
 from digitlab.errors import UserError
 from digitlab.files import one_line
 

@@ -31,27 +31,12 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from digitlab.config import (
-    STORAGE_ENV,
-    VAL_SPLIT,
-    SweepOptions,
-    TrainConfig,
-    as_argv,
-)
+from digitlab.config import STORAGE_ENV, VAL_SPLIT, SweepOptions, TrainConfig, as_argv
 from digitlab.errors import UserError
 from digitlab.files import one_line
 from digitlab.signals import SIGNALS, Interrupted, StopRequest
 from digitlab.studies.model_summary import training_flops
-from digitlab.studies.spec import (
-    Spec,
-    make_sampler,
-    masked,
-    masked_url,
-    rdb_storage,
-    reach,
-    sampler_seed,
-    suggest,
-)
+from digitlab.studies.spec import Spec, make_sampler, masked, masked_url, rdb_storage, reach, sampler_seed, suggest
 from digitlab.studies.sweep_report import write_results
 from digitlab.training.loop import Diverged
 from digitlab.training.reporters import Reporter
@@ -157,13 +142,7 @@ class SweepBar:
     """A progress bar over the sweep's trials, with the per-trial lines printed above it."""
 
     def __init__(self, total: int, show: bool = True):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("trials"),
                                  TimeElapsedColumn(), disable=not show)

@@ -8,9 +8,7 @@ import io
 import os
 from pathlib import Path
 
-from digitlab.config import (
-    SweepOptions,
-)
+from digitlab.config import SweepOptions
 from digitlab.errors import UserError
 from digitlab.files import one_line, write_text
 from digitlab.plots import pareto_front, plot_pareto, save_figure

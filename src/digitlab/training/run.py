@@ -26,20 +26,9 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from digitlab.checkpoint import (
-    BEST_FILE,
-    WEIGHTS_FILE,
-    CheckpointMeta,
-    read_checkpoint,
-    save_checkpoint,
-)
+from digitlab.checkpoint import BEST_FILE, WEIGHTS_FILE, CheckpointMeta, read_checkpoint, save_checkpoint
 from digitlab.config import CONFIG_FILE, TrainConfig, config_toml
-from digitlab.data import (
-    MNIST,
-    InMemoryLoader,
-    fingerprint,
-    stratified_split,
-)
+from digitlab.data import MNIST, InMemoryLoader, fingerprint, stratified_split
 from digitlab.errors import UserError
 from digitlab.evaluate import evaluate, expected_calibration_error, fit_temperature, model_outputs
 from digitlab.files import one_line, write_text
@@ -49,22 +38,9 @@ from digitlab.signals import Interrupted, StopRequest, stopped_by
 from digitlab.tasks import get_task, probabilities
 from digitlab.training import distributed
 from digitlab.training.distributed import SINGLE, World
-from digitlab.training.loop import (
-    EPOCH_COLUMNS,
-    Diverged,
-    FitOptions,
-    History,
-    Hooks,
-    TrainState,
-    fit,
-)
+from digitlab.training.loop import EPOCH_COLUMNS, Diverged, FitOptions, History, Hooks, TrainState, fit
 from digitlab.training.optim import make_optimizer
-from digitlab.training.reporters import (
-    ConsoleReporter,
-    Reporter,
-    Reporters,
-    TensorBoardReporter,
-)
+from digitlab.training.reporters import ConsoleReporter, Reporter, Reporters, TensorBoardReporter
 from digitlab.training.run_folder import (
     HISTORY_FILE,
     METRICS_FILE,
