@@ -180,7 +180,7 @@ def test_bad_set_ups_get_one_line(digits_dir, tmp_path, options, fragment, cli):
 def test_the_launcher_leaves_the_process_as_it_found_it(tmp_path):
     # through the API: the environment its workers need and the signals the elastic agent takes are
     # set for the launch only
-    from digitlab.config import LaunchOptions
+    from digitlab.options import LaunchOptions
     from digitlab.training.launch import launch
 
     def handlers() -> dict:

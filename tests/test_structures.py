@@ -481,14 +481,14 @@ def test_a_sweep_spec_with_a_bad_structure_is_one_line(text, fragment, tmp_path)
 def test_a_sweep_searches_structure_keys_and_names_each_trial(digits, tmp_path):
     """[search.structure] lists of sizes come back to each trial as lists; trials.csv and the Pareto
     plot's labels name them."""
-    from digitlab.config import SweepOptions
+    from digitlab.options import SweepOptions
     from digitlab.studies.spec import read_spec
     from digitlab.studies.sweep import run_sweep
 
     spec_file = tmp_path / "spec.toml"
     spec_file.write_text('[fixed]\nmodel = "mlp"\nepochs = 1\nmax_batches = 5\nval_split = 200\n'
                          '[fixed.structure]\nactivation = "tanh"\n[search.structure]\nhidden = [[6], [7, 5]]\n')
-    study = run_sweep(read_spec(spec_file), digits, SweepOptions(trials=2, out=str(tmp_path / "sweep")), bar=False)
+    study = run_sweep(read_spec(spec_file), digits, SweepOptions(trials=2, out=tmp_path / "sweep"), bar=False)
     assert sorted(t.params["structure.hidden"] for t in study.trials) == ["6", "7,5"]
     for t in study.trials:
         structure = read_config_file(Path(t.user_attrs["run"]) / "config.toml")["structure"]

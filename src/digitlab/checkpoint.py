@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from digitlab.config import FIELDS, TrainConfig, problem
+from digitlab.config import FIELDS, TrainConfig
 from digitlab.data import PIXEL_CENTER, PIXEL_SCALE
 from digitlab.errors import UserError
 from digitlab.files import one_line, write_safetensors
 from digitlab.models import checked_structure, list_models, model_for, place
+from digitlab.options import problem
 from digitlab.tasks import TASKS, Task, get_task
 
 FORMAT_VERSION = 2  # 2: each fact once (model, task and seed in the config only); format 1 is read too
@@ -87,7 +88,7 @@ def _checked_config(config: Any, bad, path: str | os.PathLike) -> TrainConfig:
     if unknown:
         raise bad(f"unknown option {one_line(repr(unknown[0]))[:60]} in config")
     for key, value in config.items():
-        wrong = key not in ("model", "task") and problem(key, value)
+        wrong = key not in ("model", "task") and problem(key, value, TrainConfig)
         if wrong:
             raise bad(f"{key} {wrong}")
     model = config.get("model")

@@ -1,22 +1,22 @@
-"""The training options, declared once: the config dataclass, its presets and its files.
+"""The training options: the config dataclass, how a command gets one (a preset, a file, the flags
+typed), and its files.
 
-Every field of `TrainConfig` carries its help text, its choices or bounds, and its
-command-line flag. The CLI's options (`train`, `compare`), config files (`--config
-FILE.toml`, a run's `config.toml`) and presets all read that one declaration, so a new
-option is one edit here. This module imports nothing heavy: `digitlab --help` builds its
-options from it without loading torch.
+Every field of `TrainConfig` is declared with options.option(): its help text, its choices or bounds,
+and its command-line flag. The CLI's options (`train`, `compare`), config files (`--config FILE.toml`,
+a run's `config.toml`) and presets all read that one declaration, so a new option is one edit here.
+This module imports nothing heavy: `digitlab --help` builds its options from it without loading torch.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
-from dataclasses import Field, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from digitlab.errors import UserError
 from digitlab.files import one_line, regular_file
+from digitlab.options import ModelNames, data_dir_option, option, out_option, overwrite_option, problem, threads_option
 
 TASKS = ("regress", "classify")  # the names; what each task is lives in tasks.py (which needs torch)
 DEVICES = ("auto", "cpu", "cuda")
@@ -27,31 +27,6 @@ SCHEDULES = ("none", "step", "cosine", "onecycle")
 CONFIG_FILE = "config.toml"
 
 
-def _model_names() -> list[str]:
-    from digitlab.models import list_models  # imports torch: only when a model name is checked or shown
-
-    return list_models()
-
-
-def option(default: Any, help: str, *, choices: tuple | Callable[[], list] | None = None,
-           minimum: float | None = None, above: float | None = None, maximum: float | None = None,
-           kind: type | None = None, flag: str | None = None, metavar: str | None = None, hidden: bool = False):
-    """A field of an options dataclass with what the CLI and the config-file reader need to know.
-
-    minimum/above/maximum: the value must be >= minimum, > above, <= maximum (and finite).
-    kind: the value's type when the annotation allows None (an int, a float or a str).
-    flag: the command-line flag, when it is not the field name with dashes.
-    hidden: set by digitlab itself (a worker's command line), not shown in --help.
-    A list default makes a repeatable flag (each use adds a value); a dict default a repeatable
-    KEY=VALUE flag (each use sets a key); every instance gets its own copy.
-    """
-    meta = dict(help=help, choices=choices, minimum=minimum, above=above, maximum=maximum, kind=kind, flag=flag,
-                metavar=metavar, hidden=hidden)
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={**meta, "kind": type(default)})
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in its checkpoint and its config.toml.
@@ -60,7 +35,7 @@ class TrainConfig:
     settings for mlp and cnn).
     """
 
-    model: str = option("cnn", "the network structure", choices=_model_names)
+    model: str = option("cnn", "the network structure", choices=lambda: list(ModelNames()))
     structure: dict = option(
         {}, "change the model's structure: KEY=VALUE, repeatable, a list written with commas, e.g. --structure "
             "hidden=100,100 --structure activation=relu (a config file's [structure] table; `digitlab summary "
@@ -163,161 +138,57 @@ class TrainConfig:
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
-def flag(f: Field) -> str:
-    """The command-line flag of an options field: `--batch-size` for batch_size, unless it names its own."""
-    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
-
-
-def value_type(name: str, of: type = TrainConfig) -> type:
-    """The Python type of a field's value: bool, int, float, str, or list (a repeatable flag)."""
-    f = _field(of, name)
-    return f.metadata["kind"] or type(f.default)
-
-
-def _field(of: type, name: str) -> Field:
-    return FIELDS[name] if of is TrainConfig else {f.name: f for f in fields(of)}[name]
-
-
-def short_repr(value: Any, most: int = 60) -> str:
-    """repr(value), cut to `most` characters (a value may be a 20 MB string); repr keeps it on one line."""
-    text = repr(value[:most + 1] if isinstance(value, str) else value)
-    size = len(value) if isinstance(value, str) else len(text)
-    return f"{text[:most]}... ({size:,} characters)" if len(text) > most else text
-
-
-def problem(name: str, value: Any, of: type = TrainConfig) -> str | None:
-    """What is wrong with `value` for field `name` (of TrainConfig, or another options dataclass), in
-    a few words, or None if it is fine."""
-    f = _field(of, name)
-    meta = f.metadata
-    if value is None:
-        return None if f.default is None else "needs a value"
-    kind = value_type(name, of)
-    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (float, int) if kind is float else kind):
-        return f"must be {_kind_name(kind)}, got {short_repr(value)}"
-    choices = meta["choices"]
-    if choices is not None:
-        allowed = choices() if callable(choices) else choices
-        if value not in allowed:
-            return f"invalid choice: {short_repr(value)} (choose from {', '.join(allowed)})"
-    if isinstance(value, (int, float)):  # kind is int or float (a bool was refused above)
-        number = "a number " if kind is float else ""
-        finite = isinstance(value, int) or math.isfinite(value)  # isfinite() overflows on a huge int
-        shown = value if len(str(value)) <= 40 else f"{str(value)[:20]}... ({len(str(value))} digits)"
-        if not finite:  # first: no bound tells what is wrong with nan, and inf passes a lower one
-            return f"must be a finite number, got {value}"
-        if meta["above"] is not None and not value > meta["above"]:
-            return f"must be {number}above {meta['above']:g}, got {shown}"
-        if meta["minimum"] is not None and not value >= meta["minimum"]:
-            return f"must be {meta['minimum']:g} or more, got {shown}"
-        if meta["maximum"] is not None and not value <= meta["maximum"]:
-            return f"must be {meta['maximum']:,} or less, got {shown}"
-        if kind is int and meta["maximum"] is None and value > 2**63 - 1:
-            return f"must be {2**63 - 1:,} or less, got {shown}"
-    return None
-
-
 def check_value(name: str, value: Any) -> Any:
     """Raise UserError ('epochs: must be 1 or more, got 0') unless `value` suits field `name`; returns it."""
-    wrong = problem(name, value)
+    wrong = problem(name, value, TrainConfig)
     if wrong:
         raise UserError(f"{name}: {wrong}")
     return value
 
 
-def _kind_name(kind: type) -> str:
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string", dict: "a table",
-            list: "a list"}[kind]
+@dataclass
+class _RunOptions:
+    """How `train` and `compare` get their TrainConfig, and where their runs go."""
 
-
-# ---------------------------------------------------------------------------- sweeps, many processes, serving
-
-SAMPLERS = ("grid", "random", "tpe")
-
-
-STORAGE_ENV = "DIGITLAB_STORAGE"  # a sweep's database URL, when --storage does not give one
+    preset: str | None = option(
+        None, "a named recipe: chapter (the course's settings), sprint (99%% in the fewest seconds), fast (99%% in "
+              "about 10 seconds on a CPU, and reads handwriting), best (the most accurate single model, and the one "
+              "to use for your own handwriting); other options override it (default: chapter)",
+        choices=lambda: list(PRESETS), kind=str, metavar="{chapter,sprint,fast,best}")
+    config: Path | None = option(None, "read training options from a TOML file (the names below with underscores, "
+                                       "as in a run's config.toml); options given here override it",
+                                 kind=Path, metavar="FILE.toml")
+    data_dir: Path | None = data_dir_option()
+    overwrite: bool = overwrite_option("the run that --out holds already")
+    threads: int | None = threads_option("compute on N threads (default: one per core that other work leaves free; "
+                                         "a resumed run keeps its own)")
 
 
 @dataclass
-class SweepOptions:
-    """How `digitlab sweep` runs its study; the trials' own options are TrainConfig's, from the spec."""
-
-    trials: int = option(10, "trials this command runs", minimum=1, maximum=100_000)
-    workers: int = option(1, "processes on this machine, each running its share of the trials with the cores "
-                             "divided among them", minimum=1, maximum=256)
-    storage: str | None = option(None, "the study's database, shared by every command that joins it, e.g. "
-                                       "postgresql://user:password@host/db (default: $DIGITLAB_STORAGE, which keeps "
-                                       "a password out of the process list, else sqlite:///OUT/study.db)",
-                                 kind=str, metavar="URL")
-    study: str = option("digitlab", "the study's name in the storage")
-    grace: int = option(60, "a running trial not heard from for this long (its process killed, its machine lost) "
-                            "is failed, and a copy of it queued for the next command", minimum=2, maximum=86_400,
-                        metavar="SECONDS")
-    sampler: str | None = option(None, "grid takes the whole product of the lists; random and tpe draw (default: "
-                                       "grid when every searched option is a list, else tpe)",
-                                 choices=SAMPLERS, kind=str)
-    seed: int = option(0, "random and tpe: the sampler's seed, mixed with the trials the study already holds and "
-                          "the worker's index, so that a continued study or a second worker draws new points; give "
-                          "each machine its own (a grid runs in one fixed order)", minimum=0)
-    out: str = option("runs/sweep", "OUT: trials/ (one run folder per trial), trials.csv, study.db")
-    threads: int | None = option(None, "a worker's torch threads", minimum=1, maximum=256, kind=int, hidden=True)
-    worker: int = option(0, "which worker this is, for its sampler's seed", minimum=0, maximum=255, hidden=True)
-
-    def storage_url(self) -> str:
-        """The study's database: --storage, else $DIGITLAB_STORAGE, else a SQLite file in OUT."""
-        return self.storage or os.environ.get(STORAGE_ENV) or f"sqlite:///{(Path(self.out) / 'study.db').resolve()}"
+class TrainOptions(_RunOptions):
+    model: str | None = option(None, "one of: %(choices)s; with a structure, mlp:hidden=100:activation=relu; or a "
+                                     "TOML file with model and [structure] (default: the preset's, cnn for the "
+                                     "chapter)", choices=ModelNames(), kind=str, flag="", nargs="?", metavar="MODEL")
+    resume: Path | None = option(None, "continue the run in this folder exactly where it stopped; --epochs N "
+                                       "extends a finished run (default: start a new run)", kind=Path, metavar="RUN")
+    out: Path | None = out_option("folder for the checkpoint, loss history and plots (default: runs/MODEL, or "
+                                  "runs/MODEL-2, -3, ... when that holds a run already)")
 
 
 @dataclass
-class LaunchOptions:
-    """`digitlab train --nproc N`: how many training processes, on how many machines, meeting where."""
-
-    nproc: int | None = option(None, "train on N processes on this machine (DistributedDataParallel, gloo on the CPU, "
-                                     "nccl on CUDA), started as torchrun does; --batch-size is the global batch "
-                                     "(default: one process)", minimum=1, maximum=256, kind=int, metavar="N")
-    nnodes: int = option(1, "with --nproc: M machines train together, each running this same command",
-                         minimum=1, maximum=256, metavar="M")
-    rdzv_endpoint: str | None = option(None, "with --nnodes: where the machines meet (torchrun's c10d rendezvous), "
-                                             "the same on all", kind=str, metavar="HOST:PORT")
-    rdzv_timeout: int = option(300, "with --nnodes: how long to wait for the other machines", minimum=2,
-                               maximum=86_400, metavar="SECONDS")
-
-
-THRESHOLD = 0.8  # `predict` and `serve` call an answer below this calibrated confidence "not sure"
+class CompareOptions(_RunOptions):
+    models: list = option(None, "two or more of: %(choices)s; a variant of one is NAME:KEY=VALUE[:KEY=VALUE...] "
+                                "(e.g. mlp:hidden=100 mlp:activation=relu), and a layer list a TOML file (net.toml)",
+                          choices=ModelNames(), kind=str, flag="", nargs="+", metavar="MODEL")
+    out: Path | None = out_option("folder for the runs, the table and the plot (default: runs/compare, or "
+                                  "runs/compare-2, -3, ... when that holds a comparison already)")
 
 
 @dataclass
-class ReadOptions:
-    """How `digitlab predict` and `serve` put a model's reading into words."""
-
-    threshold: float = option(THRESHOLD, "a digit read with a (calibrated) confidence below P is 'not sure'",
-                              minimum=0, maximum=1, metavar="P")
-
-
-@dataclass
-class ServeOptions(ReadOptions):
-    """How `digitlab serve` reads (as predict does), listens, and whom it answers."""
-
-    host: str = option("127.0.0.1", "address to listen on (default: 127.0.0.1, this machine only)")
-    port: int = option(8000, "port to listen on", minimum=1, maximum=65_535)
-    allow_hosts: list[str] = option([], "also answer requests addressed to NAME (the Host header; repeatable): the "
-                                        "server answers only to its --host, localhost and 127.0.0.1, so that no "
-                                        "other site's page can reach it", flag="--allow-host", metavar="NAME")
-    cors: list[str] = option([], "let pages of ORIGIN (e.g. https://example.org; repeatable) call the API; by "
-                                 "default only the server's own page may", metavar="ORIGIN")
-
-
-def as_argv(options) -> list[str]:
-    """The command line that gives an options dataclass these values (fields set to None left out).
-    `--flag=value`, so that a value starting with '-' is not taken for a flag."""
-    argv = []
-    for f in fields(options):
-        value = getattr(options, f.name)
-        if isinstance(value, bool):
-            argv.append(flag(f) if value else "--no-" + flag(f)[2:])
-        elif value is not None:
-            argv += [f"{flag(f)}={item}" for item in (value if isinstance(value, list) else [value])]
-    return argv
+class SummaryOptions:
+    model: str = option(None, "one of: %(choices)s; with a structure, mlp:hidden=100:activation=relu; or a TOML "
+                              "file with model and [structure]", choices=ModelNames(), kind=str, flag="",
+                        metavar="MODEL")
 
 
 # ---------------------------------------------------------------------------- presets
@@ -385,7 +256,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         if key not in FIELDS:
             raise UserError(f"{one_line(str(path))}: unknown option '{one_line(key)[:60]}'; the options are: "
                             f"{', '.join(FIELDS)}")
-        wrong = problem(key, value)
+        wrong = problem(key, value, TrainConfig)
         if wrong:
             raise UserError(f"{one_line(str(path))}: {key}: {wrong}")
     return table

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from digitlab.cli.options import add_data_dir, add_options, load_data, non_negative_int, report_files, rich_console
-from digitlab.config import ReadOptions
+from digitlab.cli.common import load_data, report_files, rich_console
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
+from digitlab.options import EvaluateOptions, PredictOptions, add_options
 
 if TYPE_CHECKING:
     from digitlab.signals import StopRequest
@@ -22,39 +22,13 @@ if TYPE_CHECKING:
 
 def add_evaluate_parser(commands) -> None:
     p = commands.add_parser("evaluate", help="test accuracy, per-digit precision and recall, confusion matrix")
-    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a run folder or its model.safetensors")
-    add_data_dir(p)
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for confusion.png and worst.png (default: the checkpoint's folder)")
-    p.add_argument("--worst", type=non_negative_int, default=24, metavar="N",
-                   help="how many misclassified test digits to draw, most confidently wrong first "
-                        "(default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON (accuracy as a fraction)")
-    p.add_argument("--allow-overlap", action="store_true",
-                   help="score a model on digits it was trained on (the offline sample, for a model trained on "
-                        "the full set); refused by default, because that measures memory, not accuracy")
+    add_options(p, EvaluateOptions)
     p.set_defaults(func=cmd_evaluate)
 
 
 def add_predict_parser(commands) -> None:
     p = commands.add_parser("predict", help="read digits and numbers from your own photos, scans or drawings")
-    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
-                   help="a run folder or its model.safetensors; `digitlab train --preset best` makes the model "
-                        "that reads real handwriting best")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
-                   help="PNG, JPEG, BMP or WebP files, or folders of them")
-    p.add_argument("--json", action="store_true",
-                   help="print a JSON list of {file, text, sure, digit, confidence, top3, digits}: text is the digits "
-                        "read left to right (the best guess, sure or not), digits has each one's digit, confidence, "
-                        "sure, top3 and box [x0, y0, x1, y1]; digit and top3 are null unless there is one digit, "
-                        "confidence is the whole text's; confidence and sure are null for regression models")
-    p.add_argument("--single", action="store_true",
-                   help="read each picture as one digit, however many blobs of ink it has (default: read every "
-                        "digit in a row, left to right)")
-    add_options(p, ReadOptions)
-    p.add_argument("--save-preprocessed", type=Path, default=None, metavar="DIR",
-                   help="write the 28x28 pictures the network saw for each input into DIR, side by side when "
-                        "there are several (default: don't)")
+    add_options(p, PredictOptions)
     p.set_defaults(func=cmd_predict)
 
 

@@ -6,12 +6,12 @@ every parser here without loading torch.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from digitlab.cli.options import ModelNames, read_model, rich_console, save_plot, structure_assignment
-from digitlab.config import FIELDS, TASKS, TrainConfig
+from digitlab.cli.common import read_model, rich_console, save_plot
+from digitlab.config import SummaryOptions, TrainConfig
 from digitlab.errors import UserError
+from digitlab.options import PlotCompareOptions, PlotLossOptions, PlotSigmoidOptions, add_options
 
 if TYPE_CHECKING:
     from digitlab.signals import StopRequest
@@ -20,33 +20,21 @@ if TYPE_CHECKING:
 def add_summary_parser(commands) -> None:
     p = commands.add_parser("summary", help="print a model's layer table, as the chapter's paddle.summary, and "
                                             "its structure's keys")
-    p.add_argument("model", choices=ModelNames(), metavar="MODEL",
-                   help="one of: %(choices)s; with a structure, mlp:hidden=100:activation=relu; or a TOML file with "
-                        "model and [structure]")
-    p.add_argument("--task", choices=TASKS, default=None,
-                   help="regress: 1 output; classify: 10 outputs (default: the model's, regress for mlp and cnn)")
-    p.add_argument("--structure", action="append", type=structure_assignment, default=None, metavar="KEY=VALUE",
-                   help=FIELDS["structure"].metadata["help"])
+    add_options(p, SummaryOptions)
+    add_options(p, TrainConfig, unset=True, only=("task", "structure"))
     p.set_defaults(func=cmd_summary)
 
 
 def add_plot_parser(commands) -> None:
     p = commands.add_parser("plot", help="draw a loss curve, a two-run comparison, or the sigmoid")
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
-    k = kinds.add_parser("loss", help="one run's loss curve")
-    k.add_argument("run", type=Path, metavar="RUN", help="a run folder (or its history.json)")
-    k.add_argument("--out", type=Path, default=None,
-                   help="file name without extension; writes .png and .svg (default: RUN/loss)")
-    k.set_defaults(func=cmd_plot_loss)
-    k = kinds.add_parser("compare", help="two runs' losses (or more) in the chapter's style")
-    k.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="two run folders or more (or history.json files)")
-    k.add_argument("--out", type=Path, default=Path("runs/plots/compare"),
-                   help="file name without extension; writes .png and .svg (default: %(default)s)")
-    k.set_defaults(func=cmd_plot_compare)
-    k = kinds.add_parser("sigmoid", help="the chapter's sigmoid curve")
-    k.add_argument("--out", type=Path, default=Path("runs/plots/sigmoid"),
-                   help="file name without extension; writes .png and .svg (default: %(default)s)")
-    k.set_defaults(func=cmd_plot_sigmoid)
+    for name, help, options, command in (
+            ("loss", "one run's loss curve", PlotLossOptions, cmd_plot_loss),
+            ("compare", "two runs' losses (or more) in the chapter's style", PlotCompareOptions, cmd_plot_compare),
+            ("sigmoid", "the chapter's sigmoid curve", PlotSigmoidOptions, cmd_plot_sigmoid)):
+        k = kinds.add_parser(name, help=help)
+        add_options(k, options)
+        k.set_defaults(func=command)
 
 
 def cmd_summary(args: argparse.Namespace, stop: StopRequest) -> int:

@@ -11,9 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from digitlab.cli.options import add_data_dir, add_options, load_data, options_from, rich_console
-from digitlab.config import SweepOptions
+from digitlab.cli.common import load_data, rich_console
 from digitlab.errors import UserError
+from digitlab.options import SweepOptions, add_options, options_from
 
 if TYPE_CHECKING:
     from digitlab.signals import StopRequest
@@ -22,14 +22,7 @@ if TYPE_CHECKING:
 def add_sweep_parser(commands) -> None:
     p = commands.add_parser("sweep",
                             help="many runs at once on Optuna: which structure and recipe is best for a budget")
-    p.add_argument("spec", type=Path, metavar="SPEC.toml", nargs="?",
-                   help="[fixed] options every trial shares and [search] options to choose: a list of choices or "
-                        "a range { low = ..., high = ..., log = true }, under the names of a run's config.toml")
-    p.add_argument("--report", type=Path, default=None, metavar="OUT",
-                   help="instead of running trials, report on the study in OUT (or --storage): the best trial, the "
-                        "Pareto front and how much each searched option mattered")
     add_options(p, SweepOptions)
-    add_data_dir(p)
     p.set_defaults(func=cmd_sweep)
 
 
@@ -59,7 +52,7 @@ def cmd_sweep(args: argparse.Namespace, stop: StopRequest) -> int:
               file=sys.stderr)
         options = replace(options, workers=cores)
     if options.workers > 1:
-        study = run_workers(args.spec, spec, options, args.data_dir)
+        study = run_workers(spec, options)
     else:
         if options.threads:  # a worker's share of the cores
             import torch

@@ -13,21 +13,11 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from digitlab.cli.options import (
-    ModelNames,
-    add_options,
-    add_training_options,
-    given_options,
-    load_data,
-    options_from,
-    read_model,
-    report_files,
-    rich_console,
-    train_config,
-)
-from digitlab.config import LaunchOptions
+from digitlab.cli.common import given_options, load_data, read_model, report_files, rich_console, train_config
+from digitlab.config import CompareOptions, TrainConfig, TrainOptions
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
+from digitlab.options import MAX_THREADS, LaunchOptions, add_options, options_from
 from digitlab.signals import SIGNALS, Interrupted, cause, stopped_by
 from digitlab.structures import folder_name
 
@@ -37,20 +27,16 @@ if TYPE_CHECKING:
 
 def add_train_parser(commands) -> None:
     p = commands.add_parser("train", help="train one model with the chapter's loop and save it")
-    p.add_argument("model", nargs="?", choices=ModelNames(), metavar="MODEL",
-                   help="one of: %(choices)s; with a structure, mlp:hidden=100:activation=relu; or a TOML file "
-                        "with model and [structure] (default: the preset's, cnn for the chapter)")
-    add_training_options(p, default_out="runs/MODEL", resume=True)
+    add_options(p, TrainOptions)
+    add_options(p, TrainConfig, unset=True, skip=("model",))  # unset: the preset and --config fill them in
     add_options(p, LaunchOptions)
     p.set_defaults(func=cmd_train)
 
 
 def add_compare_parser(commands) -> None:
     p = commands.add_parser("compare", help="the chapter's experiment: summarise, train and plot two models or more")
-    p.add_argument("models", nargs="+", choices=ModelNames(), metavar="MODEL",
-                   help="two or more of: %(choices)s; a variant of one is NAME:KEY=VALUE[:KEY=VALUE...] (e.g. "
-                        "mlp:hidden=100 mlp:activation=relu), and a layer list a TOML file (net.toml)")
-    add_training_options(p, default_out="runs/compare")
+    add_options(p, CompareOptions)
+    add_options(p, TrainConfig, unset=True, skip=("model",))
     p.set_defaults(func=cmd_compare)
 
 
@@ -157,7 +143,7 @@ def _threads(args: argparse.Namespace, out, say) -> None:
     if distributed.launched():  # torchrun and --nproc share the cores out (OMP_NUM_THREADS)
         return
     saved = read_state(out, tensors=False)[0].get("threads") if getattr(args, "resume", None) is not None else None
-    valid = type(saved) is int and 1 <= saved <= threads.MAX_THREADS  # else run() refuses the state in one line
+    valid = type(saved) is int and 1 <= saved <= MAX_THREADS  # else run() refuses the state in one line
     count, note = threads.choose(args.threads, saved if valid else None)
     threads.apply(count)
     if note:

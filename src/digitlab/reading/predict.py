@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from digitlab.config import THRESHOLD
 from digitlab.errors import UserError
+from digitlab.options import THRESHOLD
 from digitlab.reading.image import open_grey
 from digitlab.reading.segment import Found, find_digits
 from digitlab.tasks import Task

@@ -11,7 +11,7 @@ import asyncio
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from digitlab.config import THRESHOLD
+from digitlab.options import THRESHOLD
 from digitlab.reading.predict import Prediction, readings
 from digitlab.serving.backends import ServedModel, png_data_url
 from digitlab.serving.batching import MicroBatcher

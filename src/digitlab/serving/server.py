@@ -29,9 +29,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
 import digitlab
-from digitlab.config import ServeOptions
 from digitlab.errors import UserError
 from digitlab.files import one_line, reason
+from digitlab.options import ServeOptions
 from digitlab.serving.backends import ServedModel
 from digitlab.serving.reader import Reader
 

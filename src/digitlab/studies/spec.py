@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from digitlab.config import FIELDS, problem, read_toml, short_repr, value_type
+from digitlab.config import FIELDS, TrainConfig, read_toml
 from digitlab.errors import UserError
 from digitlab.files import one_line
+from digitlab.options import problem, short_repr, value_type
 
 GRID_SEED = 0
 MAX_CHOICES = 10_000  # values in one list of choices: a longer list is a mistake (a range says it better)
@@ -66,7 +67,7 @@ def read_spec(path: str | os.PathLike) -> Spec:
                         "model = [\"mlp\", \"cnn\"]")
     for key, value in fixed.items():
         _known(name, "fixed", key)
-        wrong = problem(key, value)
+        wrong = problem(key, value, TrainConfig)
         if wrong:
             raise UserError(f"{name}: [fixed] {key}: {wrong}")
     checked: dict[str, list | Range] = {}
@@ -148,7 +149,7 @@ def _choices(name: str, key: str, value: Any) -> list | Range:
         if len(set(map(repr, value))) != len(value):
             raise UserError(f"{where}: a choice is listed twice")
         for v in value:
-            wrong = problem(key, v)
+            wrong = problem(key, v, TrainConfig)
             if wrong:
                 raise UserError(f"{where}: {wrong}")
         return value
@@ -157,12 +158,12 @@ def _choices(name: str, key: str, value: Any) -> list | Range:
         if extra or not {"low", "high"} <= set(value):
             raise UserError(f"{where}: a range is {{ low = ..., high = ..., log = true|false }}"
                             + (f"; unknown key '{extra[0]}'" if extra else ""))
-        kind = value_type(key)
+        kind = value_type(key, TrainConfig)
         if kind not in (int, float):
             raise UserError(f"{where}: a range needs a number option; give a list of choices instead")
         low, high, log = value["low"], value["high"], value.get("log", False)
         for bound in (low, high):
-            wrong = problem(key, bound)
+            wrong = problem(key, bound, TrainConfig)
             if wrong:
                 raise UserError(f"{where}: {wrong}")
         if not isinstance(log, bool):
@@ -225,7 +226,7 @@ def suggest(trial, spec: Spec) -> dict[str, Any]:
     for key, choice in spec.search.items():
         if isinstance(choice, Range):
             whole = type(choice.low) is int and type(choice.high) is int if key.startswith(STRUCTURE) else (
-                value_type(key) is int)
+                value_type(key, TrainConfig) is int)
             value = (trial.suggest_int(key, int(choice.low), int(choice.high), log=choice.log) if whole
                      else trial.suggest_float(key, choice.low, choice.high, log=choice.log))
         else:

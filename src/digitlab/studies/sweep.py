@@ -31,9 +31,10 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from digitlab.config import STORAGE_ENV, VAL_SPLIT, SweepOptions, TrainConfig, as_argv
+from digitlab.config import VAL_SPLIT, TrainConfig
 from digitlab.errors import UserError
 from digitlab.files import one_line
+from digitlab.options import STORAGE_ENV, SweepOptions, as_argv
 from digitlab.signals import SIGNALS, Interrupted, StopRequest
 from digitlab.studies.model_summary import training_flops
 from digitlab.studies.spec import Spec, make_sampler, masked, masked_url, rdb_storage, reach, sampler_seed, suggest
@@ -182,7 +183,7 @@ def _retry(study, running: list[int]) -> list[int]:
     return [t.number for t in stopped]
 
 
-def run_workers(spec_path: Path, spec: Spec, options: SweepOptions, data_dir: Path | None = None):
+def run_workers(spec: Spec, options: SweepOptions):
     """`--workers W`: W processes of this command, each with its share of the trials and of the cores,
     on one study; returns the study once they are all done. Each worker is its own session, so that a
     Ctrl-C reaches it once, forwarded from here."""
@@ -200,9 +201,8 @@ def run_workers(spec_path: Path, spec: Spec, options: SweepOptions, data_dir: Pa
     shares = [each + (k < more) for k in range(options.workers)]
 
     def command(worker: int, trials: int) -> list[str]:
-        mine = replace(options, trials=trials, workers=1, worker=worker, threads=threads, storage=None, out=str(out))
-        data = ["--data-dir", str(data_dir)] if data_dir else []
-        return [sys.executable, "-m", "digitlab", "sweep", str(spec_path), *as_argv(mine), *data]
+        mine = replace(options, trials=trials, workers=1, worker=worker, threads=threads, storage=None, out=out)
+        return [sys.executable, "-m", "digitlab", "sweep", *as_argv(mine)]
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
     before = len(opened.get_trials(deepcopy=False, states=finished))

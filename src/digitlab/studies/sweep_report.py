@@ -8,9 +8,9 @@ import io
 import os
 from pathlib import Path
 
-from digitlab.config import SweepOptions
 from digitlab.errors import UserError
 from digitlab.files import one_line, write_text
+from digitlab.options import SweepOptions
 from digitlab.plots import pareto_front, plot_pareto, save_figure
 from digitlab.studies.spec import STRUCTURE, Spec, masked, masked_url, rdb_storage, reach
 
@@ -62,7 +62,7 @@ def report(out: str | os.PathLike, *, storage: str | None = None, study: str = S
     if storage is None and not (out / "study.db").is_file():
         raise UserError(f"no study in '{one_line(str(out))}' (no study.db); give the sweep's --out folder, or "
                         "--storage")
-    storage = SweepOptions(out=str(out), storage=storage).storage_url()
+    storage = SweepOptions(out=Path(out), storage=storage).storage_url()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     reach(storage)  # a database server that refuses or never answers: one line, not a hang
     try:

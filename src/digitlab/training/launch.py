@@ -12,9 +12,9 @@ import threading
 import uuid
 from dataclasses import fields
 
-from digitlab.config import LaunchOptions, flag
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
+from digitlab.options import LaunchOptions, flag
 
 LAUNCH_FLAGS = tuple(flag(f) for f in fields(LaunchOptions))  # the launcher's own: its workers get the rest
 LAUNCHER = "DIGITLAB_LAUNCHER"  # set for the workers `--nproc` starts: their launcher reports a lost process

@@ -27,11 +27,11 @@ from digitlab.config import CONFIG_FILE, FIELDS, TrainConfig, check_value, read_
 from digitlab.errors import UserError
 from digitlab.files import PART_SUFFIX, one_line, prepare_out_dir, regular_file, write_safetensors
 from digitlab.models import knobs, model_for
+from digitlab.options import MAX_THREADS
 from digitlab.signals import SIGNALS
 from digitlab.structures import structure_label
 from digitlab.training.loop import EPOCH_COLUMNS, History, TrainState
 from digitlab.training.optim import make_optimizer
-from digitlab.training.threads import MAX_THREADS
 
 STATE_FILE = "state.safetensors"
 HISTORY_FILE = "history.json"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 
-MAX_THREADS = 256  # the most --threads (and a saved state) may ask for
 ENV = "DIGITLAB_THREADS"  # a count for every digitlab process (the tests fix it, so runs compare bit for bit)
 
 
