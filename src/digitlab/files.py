@@ -150,9 +150,7 @@ def prepare_out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test.")
-        os.close(fd)
-        os.unlink(probe)
+        tempfile.NamedTemporaryFile(dir=path, prefix=".write-test.").close()  # closing removes it
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise UserError(f"cannot write to output folder '{one_line(str(path))}': {reason}; pick another with "
@@ -171,30 +169,25 @@ class Output:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        try:
+        with self._guarded():
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._discard()
-            return len(text)
-        except OSError as e:
-            raise self._error(e) from None
+        return len(text)  # the reader has gone
 
     def flush(self) -> None:
-        try:
+        with self._guarded():
             self._stream.flush()
+
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[None]:
+        try:
+            yield
         except BrokenPipeError:
-            self._discard()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())  # C libraries' writes too
+            os.close(devnull)
         except OSError as e:
-            raise self._error(e) from None
-
-    def _discard(self) -> None:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())  # C libraries' writes too
-        os.close(devnull)
-
-    @staticmethod
-    def _error(e: OSError) -> UserError:
-        return UserError(f"cannot write the output: {reason(e)}; send it to a file on a disk with space (or a pipe)")
+            raise UserError(f"cannot write the output: {reason(e)}; send it to a file on a disk with space "
+                            "(or a pipe)") from None
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)

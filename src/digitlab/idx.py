@@ -79,8 +79,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     except OSError as e:
         raise DataError(f"{name}: cannot read: {e.strerror or e}") from None
     if got != expected:
-        what = "truncated" if got < expected else "trailing bytes"
-        held = f"{got:,} bytes" if got < expected else "more"
+        what, held = ("truncated", f"{got:,} bytes") if got < expected else ("trailing bytes", "more")
         raise DataError(f"{name}: {what}: the header promises {dims[0]:,} items ({expected:,} bytes), "
                         f"the file holds {held}")
     return torch.frombuffer(body, dtype=torch.uint8, count=expected).reshape(dims)

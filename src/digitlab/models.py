@@ -22,9 +22,7 @@ from torch import nn
 from digitlab.data import COLS, ROWS
 from digitlab.errors import UserError
 from digitlab.files import one_line
-from digitlab.structures import PlannedLayer, check_structure, check_weights, head_features, plan_layers
-
-INPUT_SIZE = (1, 1, ROWS, COLS)  # (B, C, H, W) of one image, as paddle.summary is called
+from digitlab.structures import INPUT_SHAPE, PlannedLayer, check_structure, check_weights, plan_layers
 
 
 def init_like_paddle(model: nn.Module) -> nn.Module:
@@ -85,10 +83,9 @@ class MLP(nn.Module):
 
     def __init__(self, num_outputs: int = 1, hidden: Sequence[int] = (10, 10), activation: str = "sigmoid"):
         super().__init__()
-        sizes = [ROWS * COLS, *hidden]  # 784 inputs, then each hidden layer's units
-        for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:]), 1):
+        inputs = [ROWS * COLS, *hidden]  # 784 inputs, then each hidden layer's units
+        for i, (n_in, n_out) in enumerate(zip(inputs, [*hidden, num_outputs]), 1):  # the head last, no activation
             self.add_module(f"fc{i}", nn.Linear(n_in, n_out))
-        self.add_module(f"fc{len(sizes)}", nn.Linear(sizes[-1], num_outputs))  # no activation: a value or logits
         self.activation = activation
         self.act = ACTIVATION[activation]
 
@@ -109,10 +106,6 @@ class MLP(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def same_padding(kernel: int) -> int:
-    return kernel // 2  # an odd kernel keeps the picture's size: 28x28 stays 28x28
-
-
 def conv_side(side: int, kernel: int, padding: int) -> int:
     """The side of a stride-1 convolution's output."""
     return side + 2 * padding - kernel + 1
@@ -128,7 +121,7 @@ class CNN(nn.Module):
     def __init__(self, num_outputs: int = 1, channels: Sequence[int] = (20, 20), kernel: int = 5, pool: str = "max",
                  activation: str = "relu"):
         super().__init__()
-        side, c_in, pad = ROWS, 1, same_padding(kernel)
+        side, c_in, pad = ROWS, 1, kernel // 2  # an odd kernel keeps the picture's size: 28x28 stays 28x28
         for i, c in enumerate(channels, 1):
             self.add_module(f"conv{i}", nn.Conv2d(c_in, c, kernel, stride=1, padding=pad))
             self.add_module(f"{pool}_pool{i}", POOL[pool](kernel_size=2, stride=2))
@@ -167,10 +160,9 @@ class LeNet5(nn.Module):
             self.add_module(f"conv{i}", nn.Conv2d(c_in, c, 5, padding=pad))  # (B, 6, 28, 28), then (B, 16, 10, 10)
             self.add_module(f"pool{i}", POOL[pool](2))  # (B, 6, 14, 14), then (B, 16, 5, 5)
             side, c_in = conv_side(side, 5, pad) // 2, c
-        sizes = [c_in * side * side, *hidden]  # 16 x 5 x 5 = 400, 120, 84
-        for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:]), 1):
+        inputs = [c_in * side * side, *hidden]  # 16 x 5 x 5 = 400, 120, 84
+        for i, (n_in, n_out) in enumerate(zip(inputs, [*hidden, num_outputs]), 1):
             self.add_module(f"fc{i}", nn.Linear(n_in, n_out))
-        self.add_module(f"fc{len(sizes)}", nn.Linear(sizes[-1], num_outputs))
         self.act = ACTIVATION[activation]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,7 +235,7 @@ class LayerList(nn.Module):
         super().__init__()
         planned = plan_layers(list(layers))
         self.body = nn.Sequential(*(_layer(p) for p in planned))
-        self.head = nn.Linear(head_features(planned), num_outputs)
+        self.head = nn.Linear(math.prod(planned[-1].output_shape), num_outputs)  # the last layer's output, flat
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).flatten(1)
@@ -449,7 +441,7 @@ def dry_run(name: str, model: nn.Module) -> None:
 
     hooks = [m.register_forward_pre_hook(enter) for m in model.modules() if not any(m.children())]
     try:
-        model(torch.zeros(2, *INPUT_SIZE[1:], device="meta"))  # two: BatchNorm refuses one while training
+        model(torch.zeros(2, *INPUT_SHAPE, device="meta"))  # two: BatchNorm refuses one while training
     except (RuntimeError, ValueError) as e:
         module, shape = entered[-1] if entered else (model, ())
         raise UserError(f"{name}: {names[module] or name} ({type(module).__name__}) cannot take its "

@@ -7,23 +7,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from digitlab.files import write_atomic
 
-
-class _NoTemporaryFolderWarning(logging.Filter):
-    """With HOME's folders not writable (read-only, HOME=/proc/...), matplotlib makes itself a temporary
-    folder, removes it at exit, and says so in warnings from the function that looks for its folder:
-    library noise on stderr."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.funcName != "_get_config_or_cache_dir"
-
-
-logging.getLogger("matplotlib").addFilter(_NoTemporaryFolderWarning())  # before matplotlib looks for its folder
+# With HOME's folders not writable (read-only, HOME=/proc/...), matplotlib makes itself a temporary folder, removes
+# it at exit, and says so in warnings from the function that looks for its folder: library noise on stderr. The
+# filter goes on before matplotlib looks for its folder.
+logging.getLogger("matplotlib").addFilter(lambda record: record.funcName != "_get_config_or_cache_dir")
 
 from matplotlib.figure import Figure  # noqa: E402 -- after the filter above, which must come first
 
@@ -37,14 +31,8 @@ def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
     stem = Path(stem)
     if stem.suffix.lower() in (".png", ".svg"):
         stem = stem.with_suffix("")
-    paths = []
-    for fmt in FORMATS:
-        path = stem.with_name(f"{stem.name}.{fmt}")
-        def draw(tmp, fmt=fmt):
-            fig.savefig(tmp, format=fmt, dpi=100, bbox_inches="tight")
-
-        paths.append(write_atomic(path, draw))
-    return paths
+    return [write_atomic(stem.with_name(f"{stem.name}.{fmt}"),
+                         partial(fig.savefig, format=fmt, dpi=100, bbox_inches="tight")) for fmt in FORMATS]
 
 
 def _label_axes(fig: Figure, title: str | None, every: int | None = None) -> Figure:
@@ -95,8 +83,7 @@ def plot_run_loss(history, title: str | None = None) -> Figure:
     if history.log_steps:
         ax.plot(history.log_steps, history.loss_list, "o", color="#5a0030", markersize=4,
                 label="logged (the chapter's points)")
-    ax.set_xlabel("batch")
-    ax.set_ylabel("loss")
+    ax.set(xlabel="batch", ylabel="loss")
     if len(losses) and min(losses) > 0 and max(losses) / min(losses) > 50:
         ax.set_yscale("log")  # a regression's loss falls from ~30 to under 1: a log axis shows both ends
     if title:
@@ -141,18 +128,13 @@ def plot_compare(models: Sequence[str], losses: Sequence[Sequence[float]],
     return _plot_losses(losses, labels, title, every[0] if every and len(set(every)) == 1 else None)
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def plot_sigmoid() -> Figure:
     """The chapter's sigmoid curve, on x = -8, -7.8, ..., 7.8."""
     x = np.arange(-8, 8, 0.2)
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
-    ax.plot(x, sigmoid(x))
-    ax.set_xlabel("x")
-    ax.set_ylabel("sigmoid(x)")
+    ax.plot(x, 1.0 / (1.0 + np.exp(-x)))
+    ax.set(xlabel="x", ylabel="sigmoid(x)")
     ax.grid(alpha=0.3)
     return fig
 
@@ -168,11 +150,8 @@ def plot_confusion(confusion: Sequence[Sequence[int]], title: str | None = None)
         if n:
             light = np.log1p(n) > 0.6 * np.log1p(counts.max())
             ax.text(j, i, str(n), ha="center", va="center", fontsize=8, color="white" if light else "black")
-    ax.set_xticks(range(len(counts)))
-    ax.set_yticks(range(len(counts)))
-    ax.set_xlabel("predicted digit")
-    ax.set_ylabel("true digit")
-    ax.set_title(title or "confusion matrix")
+    ax.set(xticks=range(len(counts)), yticks=range(len(counts)), xlabel="predicted digit", ylabel="true digit",
+           title=title or "confusion matrix")
     fig.colorbar(shown, ax=ax, label="log(1 + count)")
     return fig
 

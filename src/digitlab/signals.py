@@ -103,16 +103,12 @@ class StopRequest:
         if self.requested and not self._graceful:
             raise Interrupted(self.requested)
 
-    @contextlib.contextmanager
-    def deferred(self):
+    def deferred(self) -> contextlib.AbstractContextManager:
         """Within this block a signal only sets `requested`, and `check()` after it acts on it: for code
         that cannot be unwound, such as a C++ extension loading (an exception raised inside `import torch`
         aborts the process: "terminate called after throwing an instance of 'pybind11::error_already_set'")."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        with self._holding(escalate=False):
-            yield
+        on_main = threading.current_thread() is threading.main_thread()
+        return self._holding(escalate=False) if on_main else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _holding(self, escalate: bool):
@@ -137,9 +133,7 @@ class StopRequest:
             yield
             return
         self.check()
-        previous = {s: signal.getsignal(s) for s in HANDLED}
-        for s in HANDLED:
-            signal.signal(s, self._handler)
+        previous = {s: signal.signal(s, self._handler) for s in HANDLED}  # signal() returns the handler it replaces
         try:
             with self._holding(escalate):
                 yield

@@ -258,9 +258,8 @@ def _layer_tables(layers: Any) -> list[dict]:
         keys = LAYER_KEYS[kind]
         for key in table:
             if key != "type" and key not in keys:
-                known = ", ".join(keys) or "none"
                 raise UserError(f"structure layers: layer {i} ({kind}) has no key '{one_line(str(key))[:40]}'"
-                                f"{nearest(key, keys)} (its keys: {known})")
+                                f"{nearest(key, keys)} (its keys: {', '.join(keys) or 'none'})")
         args = {k: table.get(k, default) for k, default in keys.items()}
         tables.append({"type": kind, **{k: v for k, v in args.items() if v is not None}})
         for key, value in args.items():
@@ -291,11 +290,11 @@ def plan_layers(layers: Any) -> list[PlannedLayer]:
 def _layer_shape(where: str, kind: str, args: dict, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
     """(output shape, parameters) of one layer given its input shape."""
     for key, value in args.items():
+        low = 0 if key == "padding" else 1
         if key == "p":
             if type(value) not in (int, float) or not 0 <= value < 1:
                 raise UserError(f"{where}: p must be a number from 0 to below 1, got {_shown(value)}")
-        elif type(value) is not int or not (0 if key == "padding" else 1) <= value <= MAX_SIZE:
-            low = 0 if key == "padding" else 1
+        elif type(value) is not int or not low <= value <= MAX_SIZE:
             raise UserError(f"{where}: {key} must be a whole number from {low} to {MAX_SIZE:,}, got {_shown(value)}")
     if kind in ("conv", "maxpool", "avgpool") and len(shape) != 3:
         raise UserError(f"{where}: needs a picture (channels x height x width), but its input is already flat "
@@ -325,11 +324,6 @@ def _layer_shape(where: str, kind: str, args: dict, shape: tuple[int, ...]) -> t
             raise UserError(f"{where}: its input is a picture ({'x'.join(map(str, shape))}); put \"flatten\" before it")
         return (args["size"],), shape[0] * args["size"] + args["size"]
     return shape, 0  # an activation or dropout
-
-
-def head_features(planned: list[PlannedLayer]) -> int:
-    """What the output layer takes: the last layer's output, flattened."""
-    return math.prod(planned[-1].output_shape) if planned else math.prod(INPUT_SHAPE)
 
 
 def check_weights(model: str, params: int, biggest=None) -> None:

@@ -89,18 +89,15 @@ class Regression(Task):
         return outputs.squeeze(1).round().clamp(0, NUM_CLASSES - 1).long()
 
     def wrongness(self, outputs, labels):
-        import torch
-
         score = (outputs.squeeze(1) - labels.float()).abs()
-        return torch.where(self.digits(outputs) != labels, score, torch.full_like(score, -1.0))
+        return score.masked_fill(self.digits(outputs) == labels, -1.0)
 
     def answers(self, outputs, temperature, threshold):
         answers = []
         for value in np.asarray(outputs, dtype=np.float64)[:, 0].tolist():
             near = sorted(range(NUM_CLASSES), key=lambda d: abs(d - value))[:3]  # the nearest digits to the value
             distances = [{"digit": d, "distance": round(abs(d - value), 4)} for d in near]
-            answers.append(Answer(near[0], None, None, distances,
-                                  {"value": round(value, 4)}))
+            answers.append(Answer(near[0], None, None, distances, {"value": round(value, 4)}))
         return answers
 
 
@@ -128,10 +125,8 @@ class Classification(Task):
         return outputs.argmax(1)
 
     def wrongness(self, outputs, labels):
-        import torch
-
         score = outputs.softmax(1).max(1).values
-        return torch.where(self.digits(outputs) != labels, score, torch.full_like(score, -1.0))
+        return score.masked_fill(self.digits(outputs) == labels, -1.0)
 
     def answers(self, outputs, temperature, threshold):
         answers = []
@@ -157,8 +152,7 @@ def probabilities(logits: torch.Tensor, temperature: float | None = None) -> tor
     return (logits.double() / (temperature or 1.0)).softmax(-1)
 
 
-REGRESS, CLASSIFY = Regression(), Classification()
-TASKS: dict[str, Task] = {t.name: t for t in (REGRESS, CLASSIFY)}
+TASKS: dict[str, Task] = {t.name: t for t in (Regression(), Classification())}
 
 
 def get_task(task: str | Task) -> Task:

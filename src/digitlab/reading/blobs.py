@@ -48,7 +48,7 @@ def segment(labels: np.ndarray, count: int, source: str = "image") -> list[np.nd
     if len(big) > MAX_BLOBS:  # a page of text or a texture, not a row of digits (and pairs of them cost time)
         raise ImageError(f"{source}: {len(big)} separate marks of similar size; digitlab reads one row of digits: "
                          "crop the picture to them")
-    blobs.tallest = max(blobs.slices[i][0].stop - blobs.slices[i][0].start for i in big)  # of strokes, not a line
+    blobs.tallest = max(blobs.height([i]) for i in big)  # of strokes, not a line
     digits = _attach_pieces(blobs, _group_strokes(blobs, big), set(big))
     pieces = []
     for m in (np.isin(labels, [i + 1 for i in m]) for m in digits.values()):

@@ -25,11 +25,14 @@ except ImportError:
 
 MAX_PIXELS = 40_000_000  # refuse larger images before decoding them ...
 MAX_DECODED = 4 * MAX_PIXELS  # ... and any whose first frame decodes to more bytes than this
+TOO_BIG = f"is over {MAX_PIXELS // 1_000_000} megapixels; crop or shrink it first"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16-bit and floating-point greys
+DEEP_MODES = {"I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2, "I": 4, "F": 4}  # 16-bit and float greys, bytes per band
 ICO_MAGIC = b"\x00\x00\x01\x00"
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DRAWING_PIXELS = 512 * 512  # a picture up to this size is a drawing, not a photo: an uploaded PNG may go to libspng
+STRIP = 512  # rows converted at a time: a large picture is never held twice over in a wider mode
 PLAIN_CHUNKS = {b"IHDR", b"IDAT", b"IEND", b"sRGB", b"gAMA", b"cHRM", b"iCCP", b"sBIT", b"pHYs", b"bKGD", b"tIME"}
 
 
@@ -38,8 +41,7 @@ class ImageError(UserError):
 
 
 def load_grey(source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
-    """Any PNG/JPEG/BMP/WebP/GIF/TIFF file (or its bytes, as uploaded) as float32 grey in [0, 1]:
-    `open_grey`'s picture as an array."""
+    """`open_grey`'s picture (of a file, or its bytes as uploaded) as float32 grey in [0, 1]."""
     return grey_array(open_grey(source, name))
 
 
@@ -60,15 +62,14 @@ def open_grey(source: str | os.PathLike | bytes, name: str | None = None) -> Ima
         opened: io.BytesIO | Path
         name, opened, head = name or "upload", io.BytesIO(source), source[:4]
     else:
-        path = Path(source)
-        name = name or one_line(str(path))
-        if not path.is_file():  # a FIFO or a device would hang the reader
-            raise ImageError(f"{name}: {'not a regular file' if path.exists() else 'no such file'}")
-        with open(path, "rb") as f:
+        opened = Path(source)
+        name = name or one_line(str(opened))
+        if not opened.is_file():  # a FIFO or a device would hang the reader
+            raise ImageError(f"{name}: {'not a regular file' if opened.exists() else 'no such file'}")
+        with open(opened, "rb") as f:
             head = f.read(4)
-        opened = path
     try:
-        with warnings.catch_warnings(), _libtiff_quiet(head in TIFF_MAGIC):
+        with warnings.catch_warnings(), _libtiff_quiet() if head in TIFF_MAGIC else contextlib.nullcontext():
             # Pillow's own warnings (its bomb check from 89 MP, EXIF and TIFF oddities) would reach the
             # user as library noise; what matters becomes one ImageError line below.
             warnings.simplefilter("ignore")
@@ -88,8 +89,6 @@ def open_grey(source: str | os.PathLike | bytes, name: str | None = None) -> Ima
         raise ImageError(f"{name}: the image {TOO_BIG}") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image Pillow can read (PNG, JPEG, BMP, WebP ...)") from None
-    except ImageError:
-        raise
     except (OSError, SyntaxError, ValueError, TypeError, IndexError, struct.error, EOFError,
             MemoryError, ZeroDivisionError, KeyError, AttributeError) as e:  # truncated or corrupt data
         raise ImageError(f"{name}: broken or truncated image ({one_line(str(e))[:120]})") from None
@@ -140,15 +139,11 @@ def _spng(data: bytes, im: Image.Image) -> Image.Image | None:
         return None
 
 
-TOO_BIG = f"is over {MAX_PIXELS // 1_000_000} megapixels; crop or shrink it first"
-_BYTES_PER_BAND = {"I": 4, "F": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
-
-
 def _check_size(im: Image.Image, name: str) -> None:
     """Refuse a picture whose first frame is too large, from its header: the pixels are not read yet."""
     if im.width * im.height > MAX_PIXELS:
         raise ImageError(f"{name}: {im.width}x{im.height} {TOO_BIG}")
-    decoded = im.width * im.height * len(im.getbands()) * _BYTES_PER_BAND.get(im.mode, 1)
+    decoded = im.width * im.height * len(im.getbands()) * DEEP_MODES.get(im.mode, 1)
     if decoded > MAX_DECODED:
         raise ImageError(f"{name}: {im.width}x{im.height} {im.mode} would take {decoded / 1e6:,.0f} MB to decode, "
                          f"over {MAX_DECODED // 1_000_000} MB; save it as 8-bit grey or shrink it first")
@@ -171,17 +166,13 @@ def _check_icon(opened: Path | io.BytesIO, name: str) -> None:
 
 
 _STDERR_LOCK = threading.Lock()
-TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 @contextlib.contextmanager
-def _libtiff_quiet(is_tiff: bool):
+def _libtiff_quiet():
     """libtiff writes its complaints about a damaged TIFF straight to file descriptor 2, past Python's
     warnings. For a TIFF, point descriptor 2 elsewhere while it is decoded (a lock keeps threads in
     turn; other output in that moment is lost, so this is done for TIFFs alone)."""
-    if not is_tiff:
-        yield
-        return
     with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -193,9 +184,6 @@ def _libtiff_quiet(is_tiff: bool):
             os.close(saved)
 
 
-STRIP = 512  # rows converted at a time: a large picture is never held twice over in a wider mode
-
-
 def grey_picture(im: Image.Image) -> Image.Image:
     """A decoded picture as grey: "L", or "F" in [0, 1] for deep greys (16 bits against their full
     range, floating point against the range of their finite values: NaN is paper, infinities the ends).
@@ -203,11 +191,11 @@ def grey_picture(im: Image.Image) -> Image.Image:
     picture costs its own size and the grey copy's, not a colour copy besides."""
     if im.mode in DEEP_MODES:
         return _deep_grey(im)
+    if im.mode == "L":
+        return im
     transparent = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info)
     if transparent and im.mode in ("RGBA", "LA") and im.getchannel("A").getextrema() == (255, 255):
         transparent = False  # opaque all over, as a canvas drawing is: nothing to composite
-    if im.mode == "L" and not transparent:
-        return im
     if im.height <= STRIP:  # small enough to convert at once
         return _grey_strip(im, transparent)
     grey = Image.new("L", im.size, 255)

@@ -24,13 +24,10 @@ def preprocessed_names(files: list[Path]) -> list[str]:
     its folder path as tells it apart (`a_x.png...` and `b_x.png...`); a name too long for a file system is
     cut (see _fitted)."""
     parts = [Path(os.path.abspath(f)).parts for f in files]
-    depth = 1
-    while depth < max((len(p) for p in parts), default=1):
+    for depth in range(1, max((len(p) for p in parts), default=1) + 1):
         names = ["_".join(p[-depth:]) for p in parts]
         if len(set(names)) == len(names):
             break
-        depth += 1
-    names = ["_".join(p[-depth:]) for p in parts]
     seen: dict[str, int] = {}
     unique = []
     for name in names:  # the same file given twice
@@ -110,9 +107,8 @@ class Prediction:
         texts = [self.text]
         unsure = sorted((r.confidence or 0, i) for i, r in enumerate(self.digits))
         for _, i in unsure[:n - 1]:
-            alternatives = [t["digit"] for t in self.digits[i].top3[1:]]
-            if alternatives:
-                texts.append(self.text[:i] + str(alternatives[0]) + self.text[i + 1:])
+            if len(self.digits[i].top3) > 1:  # a runner-up to put in its place
+                texts.append(self.text[:i] + str(self.digits[i].top3[1]["digit"]) + self.text[i + 1:])
         return texts
 
     def as_dict(self) -> dict:

@@ -54,12 +54,11 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     centers = low + width * (np.arange(bins) + 0.5)
     weight = hist.cumsum()
     mean = (hist * centers).cumsum()
-    total_weight, total_mean = weight[-1], mean[-1]
-    w1 = total_weight - weight
+    w1 = weight[-1] - weight
     valid = (weight > 0) & (w1 > 0)
     between = np.zeros_like(centers)
     m0 = mean[valid] / weight[valid]
-    m1 = (total_mean - mean[valid]) / w1[valid]
+    m1 = (mean[-1] - mean[valid]) / w1[valid]
     between[valid] = weight[valid] * w1[valid] * (m0 - m1) ** 2
     return float(centers[int(between.argmax())])
 
@@ -135,13 +134,12 @@ def find_digits(grey: np.ndarray | Image.Image, source: str = "image", single: b
     fine = min(1.0, FINE_SIZE / min(h, w), MAX_FINE_SIZE / max(h, w))
     try:
         pieces, ink, faint, height = _find_ink(picture, scale, source, single)
-    except ImageError:
+    except ImageError:  # nothing found: look again, finer, where the picture allows
         if fine <= scale:
             raise
+        height = 0
+    if height < INK_HEIGHT and fine > scale:
         pieces, ink, faint, _ = _find_ink(picture, scale := fine, source, single)
-    else:
-        if height < INK_HEIGHT and fine > scale:
-            pieces, ink, faint, _ = _find_ink(picture, scale := fine, source, single)
     return [_digit(picture, ink, keep, scale, faint) for keep in pieces]
 
 
@@ -163,8 +161,7 @@ def _find_ink(picture: Image.Image, scale: float, source: str,
     # stroke stays in one piece).
     threshold = max(otsu_threshold(ink.map), MIN_CONTRAST / 2)
     labels, count = ndimage.label(ink.map > FAINT * threshold)
-    inked = np.unique(labels[ink.map > threshold])
-    inked = inked[inked > 0]
+    inked = np.unique(labels[ink.map > threshold])  # all labelled: strong ink is over the faint threshold
     renumber = np.zeros(count + 1, dtype=labels.dtype)  # the blobs with strong ink, numbered 1..count
     renumber[inked] = np.arange(1, len(inked) + 1)
     labels, count = renumber[labels], len(inked)

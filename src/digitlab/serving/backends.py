@@ -62,9 +62,8 @@ class TorchModel(ServedModel):
         torch.set_num_threads(1)
         self.name, self.task, self.temperature = name, meta.task, meta.temperature
         self.model, self.norm = model.eval(), meta.normalization
-        self.convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-        self.facts = {**model_facts(model, meta), "checkpoint": describe(path, meta),
-                      "conv_layers": [n for n, _ in self.convs]}
+        self.convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        self.facts = {**model_facts(model, meta), "checkpoint": describe(path, meta), "conv_layers": self.convs}
         self._maps_model, self._maps_lock = copy.deepcopy(self.model), threading.Lock()
 
     def _forward(self, model, digits: np.ndarray):
@@ -84,17 +83,17 @@ class TorchModel(ServedModel):
 
     def feature_maps(self, digit: np.ndarray) -> list[dict]:
         captured: dict[str, Any] = {}
-        convs = dict(self._maps_model.named_modules())
+        modules = dict(self._maps_model.named_modules())
         with self._maps_lock:
-            hooks = [convs[n].register_forward_hook(lambda _m, _i, out, n=n: captured.__setitem__(n, out[0]))
-                     for n, _ in self.convs]
+            hooks = [modules[n].register_forward_hook(lambda _m, _i, out, n=n: captured.__setitem__(n, out[0]))
+                     for n in self.convs]
             try:
                 self._forward(self._maps_model, digit[None])
             finally:
                 for h in hooks:
                     h.remove()
         return [{"layer": n, "shape": list(captured[n].shape), "shown": min(len(captured[n]), MAX_MAPS),
-                 "grid": png_data_url(feature_grid(captured[n].numpy()))} for n, _ in self.convs]
+                 "grid": png_data_url(feature_grid(captured[n].numpy()))} for n in self.convs]
 
 
 class OnnxModel(ServedModel):

@@ -57,16 +57,15 @@ class MicroBatcher:
             self._timer.cancel()
             self._timer = None
         batch, self._pending = self._pending, []
+        sizes = [len(d) for d, _ in batch]
         try:
-            outputs = self.forward(np.concatenate([d for d, _ in batch]))
+            outputs = np.split(self.forward(np.concatenate([d for d, _ in batch])), np.cumsum(sizes)[:-1])
         except Exception as e:  # every request of the batch gets the error
             for _, future in batch:
                 if not future.done():
                     future.set_exception(e)
         else:
-            start = 0
-            for digits, future in batch:
+            for (_, future), output in zip(batch, outputs):
                 if not future.done():  # a request that was cancelled meanwhile wants nothing
-                    future.set_result(outputs[start:start + len(digits)])
-                start += len(digits)
-        self.batches, self.digits = self.batches + 1, self.digits + sum(len(d) for d, _ in batch)
+                    future.set_result(output)
+        self.batches, self.digits = self.batches + 1, self.digits + sum(sizes)

@@ -49,11 +49,9 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17,
     if os.path.lexists(out) and not overwrite:
         raise UserError(f"'{one_line(str(out))}' exists; add --overwrite to replace it, or choose another --out")
     model, meta = load_checkpoint(run)
-    norm = meta.normalization
     # Eval mode fixes the graph: dropout off, BatchNorm's running statistics, the index-free pool.
-    wrapped = PixelInput(model.to(memory_format=torch.contiguous_format), **norm).eval()
+    wrapped = PixelInput(model.to(memory_format=torch.contiguous_format), **meta.normalization).eval()
     output = meta.task.onnx_output
-    facts = model_facts(model, meta)
 
     def write(tmp: Path) -> None:
         with warnings.catch_warnings():
@@ -64,7 +62,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17,
                               input_names=["image"], output_names=[output],
                               dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}})
         graph = onnx.load(str(tmp))
-        props = {ONNX_FACTS: json.dumps(facts)}  # what `digitlab serve MODEL.onnx` shows of the model
+        props = {ONNX_FACTS: json.dumps(model_facts(model, meta))}  # what `digitlab serve MODEL.onnx` shows
         if meta.temperature is not None:  # calibrated confidence: softmax(logits / temperature)
             props["temperature"] = repr(meta.temperature)
         onnx.helper.set_model_props(graph, props)

@@ -100,11 +100,8 @@ def _guard(app: FastAPI, options: ServeOptions) -> None:
         app.add_middleware(CORSMiddleware, allow_origins=options.cors, allow_methods=["GET", "POST"],
                            allow_headers=["*"])
     app.add_middleware(BodyLimit, limit=MAX_BODY)
-    app.add_middleware(OnlyThisSite, hosts=_own_names(options), origins=options.cors)
-
-
-def _own_names(options: ServeOptions) -> set[str]:
-    return {options.host.strip("[]").lower(), *LOCAL_NAMES, *(h.lower() for h in options.allow_hosts)}
+    hosts = {options.host.strip("[]").lower(), *LOCAL_NAMES, *(h.lower() for h in options.allow_hosts)}
+    app.add_middleware(OnlyThisSite, hosts=hosts, origins=options.cors)
 
 
 def _hostname(value: str) -> str:

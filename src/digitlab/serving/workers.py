@@ -40,7 +40,9 @@ class PictureWorkers:
         self._context.set_forkserver_preload(["digitlab.reading.segment", "digitlab.reading.image"])
         self.count = count or os.cpu_count() or 1
         self._workers = [self._start() for _ in range(self.count)]
-        self._idle: asyncio.Queue | None = None  # made on the event loop, when first needed
+        self._idle: asyncio.Queue = asyncio.Queue()  # the idle workers; it takes the event loop of its first wait
+        for worker in self._workers:
+            self._idle.put_nowait(worker)
         self.read_on_loop = 0  # pictures read on the event loop so far, not by a worker
 
     def _start(self):
@@ -56,10 +58,6 @@ class PictureWorkers:
         if alone and _small_png(data):
             self.read_on_loop += 1
             return read(data)
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-            for worker in self._workers:
-                self._idle.put_nowait(worker)
         worker = await self._idle.get()  # waits while every worker is busy
         try:
             ok, answer = await _ask(worker[1], data)

@@ -34,10 +34,10 @@ class CompareResult:
         return any(r.state.interrupted for r in self.runs)
 
 
-def results_row(result: RunResult, label: str | None = None) -> dict:
+def results_row(result: RunResult, label: str) -> dict:
     h = result.history
     return {
-        "model": label or result.config.label,
+        "model": label,
         "params": result.params,
         # one step's forward and backward, counted by torch (model_summary.training_flops), times the steps
         "training FLOPs": f"{training_flops(result.config) * len(h.batch_loss):.3g}",

@@ -84,14 +84,11 @@ def render(s: Summary, title: str | None = None):
     """A rich renderable laid out like the chapter's table."""
     from rich import box
     from rich.console import Group
-    from rich.table import Table
+    from rich.table import Column, Table
     from rich.text import Text
 
-    table = Table(title=title, box=box.SIMPLE_HEAVY, show_edge=True)
-    table.add_column("Layer (type)")
-    table.add_column("Input Shape")
-    table.add_column("Output Shape")
-    table.add_column("Param #", justify="right")
+    table = Table("Layer (type)", "Input Shape", "Output Shape", Column("Param #", justify="right"), title=title,
+                  box=box.SIMPLE_HEAVY)
     for row in s.rows:
         table.add_row(row.name, str(row.input_shape), str(row.output_shape), f"{row.params:,}")
     footer = Text(

@@ -67,8 +67,7 @@ def read_spec(path: str | os.PathLike) -> Spec:
                         "model = [\"mlp\", \"cnn\"]")
     for key, value in fixed.items():
         _known(name, "fixed", key)
-        wrong = problem(key, value, TrainConfig)
-        if wrong:
+        if wrong := problem(key, value, TrainConfig):
             raise UserError(f"{name}: [fixed] {key}: {wrong}")
     checked: dict[str, list | Range] = {}
     for key, value in search.items():
@@ -114,9 +113,8 @@ def _check_structures(name: str, fixed: dict, search: dict, texts: dict) -> None
     not a pruned trial each time); where the model is searched, each key must be one of some model's."""
     from digitlab.models import checked_structure, knobs
 
-    searched = {k[len(STRUCTURE):]: v for k, v in search.items() if k.startswith(STRUCTURE)}
-    searched_models = search.get("model")
-    models: list[str] = searched_models if isinstance(searched_models, list) else [fixed.get("model", "cnn")]
+    searched = {k.removeprefix(STRUCTURE): v for k, v in search.items() if k.startswith(STRUCTURE)}
+    models: list[str] = search.get("model") or [fixed.get("model", "cnn")]  # searched, it is a list (never a range)
     base = fixed.get("structure", {})
     for key in [*base, *searched]:
         if not any(key in knobs(m) for m in models):
@@ -149,8 +147,7 @@ def _choices(name: str, key: str, value: Any) -> list | Range:
         if len(set(map(repr, value))) != len(value):
             raise UserError(f"{where}: a choice is listed twice")
         for v in value:
-            wrong = problem(key, v, TrainConfig)
-            if wrong:
+            if wrong := problem(key, v, TrainConfig):
                 raise UserError(f"{where}: {wrong}")
         return value
     if isinstance(value, dict):
@@ -163,8 +160,7 @@ def _choices(name: str, key: str, value: Any) -> list | Range:
             raise UserError(f"{where}: a range needs a number option; give a list of choices instead")
         low, high, log = value["low"], value["high"], value.get("log", False)
         for bound in (low, high):
-            wrong = problem(key, bound, TrainConfig)
-            if wrong:
+            if wrong := problem(key, bound, TrainConfig):
                 raise UserError(f"{where}: {wrong}")
         if not isinstance(log, bool):
             raise UserError(f"{where}: log must be true or false")
@@ -178,10 +174,9 @@ def _choices(name: str, key: str, value: Any) -> list | Range:
 
 
 def make_sampler(name: str | None, spec: Spec, seed: int):
-    """Optuna's sampler: grid (the default when every searched option is a list) takes the whole
-    product, in one fixed order whatever the seed (the order numbers its points, and every command
-    on the study, on any machine, must number them alike); random and tpe (the default otherwise)
-    draw from lists and ranges."""
+    """Optuna's sampler (named as check_sampler says): grid takes the whole product, in one fixed order
+    whatever the seed (the order numbers its points, and every command on the study, on any machine,
+    must number them alike); random and tpe draw from lists and ranges."""
     import optuna
 
     name = check_sampler(name, spec)
@@ -232,7 +227,7 @@ def suggest(trial, spec: Spec) -> dict[str, Any]:
         else:
             value = trial.suggest_categorical(key, choice)
         if key.startswith(STRUCTURE):
-            structure[key[len(STRUCTURE):]] = spec.texts.get(key, {}).get(value, value)
+            structure[key.removeprefix(STRUCTURE)] = spec.texts.get(key, {}).get(value, value)
         else:
             values[key] = value
     if structure:

@@ -27,7 +27,14 @@ is, and the sweep goes on to its other trials.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -169,8 +176,6 @@ class SweepBar:
 def _retry(study, running: list[int]) -> list[int]:
     """Queue a copy of the trial a signal stopped (it is failed by now), as Optuna's heartbeat does for
     a trial whose process died: the next trial any command starts on the study is that copy."""
-    import warnings
-
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
@@ -187,15 +192,10 @@ def run_workers(spec: Spec, options: SweepOptions):
     """`--workers W`: W processes of this command, each with its share of the trials and of the cores,
     on one study; returns the study once they are all done. Each worker is its own session, so that a
     Ctrl-C reaches it once, forwarded from here."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import optuna
 
     storage = options.storage_url()
-    opened, out = _create(options, make_sampler(options.sampler, spec, options.seed))  # created here, once
+    the_study, out = _create(options, make_sampler(options.sampler, spec, options.seed))  # created here, once
     threads = max(1, usable_cores() // options.workers)
     each, more = divmod(options.trials, options.workers)
     shares = [each + (k < more) for k in range(options.workers)]
@@ -205,7 +205,7 @@ def run_workers(spec: Spec, options: SweepOptions):
         return [sys.executable, "-m", "digitlab", "sweep", *as_argv(mine)]
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
-    before = len(opened.get_trials(deepcopy=False, states=finished))
+    before = len(the_study.get_trials(deepcopy=False, states=finished))
     # the storage URL goes in the environment, not on the command line, where `ps` would show its password
     env = {**os.environ, STORAGE_ENV: storage}
     workers = [subprocess.Popen(command(k, n), env=env, start_new_session=True) for k, n in enumerate(shares) if n]
@@ -213,7 +213,7 @@ def run_workers(spec: Spec, options: SweepOptions):
         with SweepBar(options.trials) as progress:  # the workers print their trials' lines; this counts them
             while any(w.poll() is None for w in workers):
                 time.sleep(0.5)
-                progress.advance(len(opened.get_trials(deepcopy=False, states=finished)) - before)
+                progress.advance(len(the_study.get_trials(deepcopy=False, states=finished)) - before)
         codes = [w.wait() for w in workers]
     except Interrupted as e:  # forwarded once; each worker fails its running trial and stops
         for w in workers:
@@ -223,7 +223,6 @@ def run_workers(spec: Spec, options: SweepOptions):
             w.wait()
         raise
     finally:  # the whole study's table, however the workers ended
-        the_study = opened
         write_results(the_study, out, spec)
     failed = [c for c in codes if c != 0]
     if failed:
@@ -237,11 +236,6 @@ def _open_study(storage: str, name: str, sampler, grace: int, tries: int = 3):
     for `grace` seconds is failed and queued again. Two commands creating one new SQLite database at
     once would both write its tables: a file lock beside it takes them in turn. Any database gets a
     few tries, in case another machine is creating the same study."""
-    import contextlib
-    import logging
-    import time
-    import warnings
-
     import optuna
     from filelock import FileLock
     from optuna.storages import RetryHeartbeatStaleTrialCallback

@@ -19,21 +19,19 @@ RESULT_COLUMNS = ("val_accuracy", "test_accuracy", "train_seconds", "train_flops
                   "error")
 
 
-def write_results(study, out: Path, spec: Spec) -> list[Path]:
+def write_results(study, out: Path, spec: Spec) -> None:
     """OUT/trials.csv, and OUT/pareto.png and .svg once two trials have finished."""
-    files = [write_trials_csv(study, out / "trials.csv", spec)]
+    write_trials_csv(study, out / "trials.csv", spec)
     done = [{"model": trial_label(t, spec), **t.user_attrs}
             for t in study.trials if t.value is not None and "train_flops" in t.user_attrs]
     if len(done) >= 2:
-        files += save_figure(plot_pareto(done, title=f"study {study.study_name}: {len(done)} finished trials"),
-                             out / "pareto")
-    return files
+        save_figure(plot_pareto(done, title=f"study {study.study_name}: {len(done)} finished trials"), out / "pareto")
 
 
 def trial_label(trial, spec: Spec) -> str:
     """A trial's model and searched structure: 'mlp hidden=100,100 activation=relu'."""
     model = trial.params.get("model", spec.fixed.get("model", "cnn"))
-    return " ".join([str(model)] + [f"{k[len(STRUCTURE):]}={v}" for k, v in trial.params.items()
+    return " ".join([str(model)] + [f"{k.removeprefix(STRUCTURE)}={v}" for k, v in trial.params.items()
                                      if k.startswith(STRUCTURE)])
 
 
@@ -43,9 +41,9 @@ def write_trials_csv(study, path: Path, spec: Spec) -> Path:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["trial", "state", *spec.search, *RESULT_COLUMNS])
     for t in sorted(study.trials, key=lambda t: t.number):
-        attrs = {**t.user_attrs, "retry_of": t.system_attrs.get("failed_trial", "")}
-        writer.writerow([t.number, t.state.name, *(t.params.get(k, "") for k in spec.search), t.value
-                         if t.value is not None else "", *(attrs.get(k, "") for k in RESULT_COLUMNS[1:])])
+        attrs = {**t.user_attrs, "val_accuracy": t.value, "retry_of": t.system_attrs.get("failed_trial", "")}
+        writer.writerow([t.number, t.state.name, *(t.params.get(k, "") for k in spec.search),
+                         *(attrs.get(k, "") for k in RESULT_COLUMNS)])  # csv writes None as ""
     return write_text(path, buffer.getvalue())
 
 
@@ -62,7 +60,7 @@ def report(out: str | os.PathLike, *, storage: str | None = None, study: str = S
     if storage is None and not (out / "study.db").is_file():
         raise UserError(f"no study in '{one_line(str(out))}' (no study.db); give the sweep's --out folder, or "
                         "--storage")
-    storage = SweepOptions(out=Path(out), storage=storage).storage_url()
+    storage = SweepOptions(out=out, storage=storage).storage_url()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     reach(storage)  # a database server that refuses or never answers: one line, not a hang
     try:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+import torch.distributed as dist
 
 from digitlab.errors import UserError
 from digitlab.signals import SIGNALS  # the stop requests a step can carry, in this order
@@ -67,8 +68,6 @@ def launched_rank() -> int:
 
 def current() -> World:
     """The process group this process belongs to (one that a user's own code set up counts too)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return SINGLE
     return World(rank=dist.get_rank(), size=dist.get_world_size(),
@@ -78,8 +77,6 @@ def current() -> World:
 def start(device: str) -> World:
     """Join the process group torchrun set up: nccl when training on CUDA, gloo otherwise."""
     global _joined
-    import torch.distributed as dist
-
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -118,15 +115,11 @@ def check_gpus(processes: int, how: str) -> None:
 
 def together(world: World) -> None:
     """Waits until every process has come here (a barrier), where there are several."""
-    import torch.distributed as dist
-
     if world.distributed:
         dist.barrier()
 
 
 def stop() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -140,8 +133,6 @@ def shard(world: World, images: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 def agree(world: World, loss: torch.Tensor, asked: str | None) -> tuple[torch.Tensor, str | None]:
     """The loss averaged over the ranks, and the stop any rank was asked for (SIGINT before SIGTERM)."""
-    import torch.distributed as dist
-
     votes = torch.zeros(1 + len(SIGNALS), device=loss.device)
     votes[0] = loss.detach().float()
     if asked in SIGNALS:
@@ -153,8 +144,6 @@ def agree(world: World, loss: torch.Tensor, asked: str | None) -> tuple[torch.Te
 
 def from_main(world: World, value):
     """Rank 0's `value`, on every rank (any picklable object; tensors travel on the CPU)."""
-    import torch.distributed as dist
-
     if not world.distributed:
         return value
     box = [value if world.main else None]
@@ -191,8 +180,6 @@ def follow(world: World):
 def everywhere(world: World, step):
     """`step()` on every rank, and its UserError on all of them if it failed on any: a machine
     without the data (say) is named by rank 0 instead of leaving the others waiting."""
-    import torch.distributed as dist
-
     if not world.distributed:
         return step()
     try:
@@ -201,10 +188,9 @@ def everywhere(world: World, step):
         value, error = None, str(e)
     errors: list = [None] * world.size
     dist.all_gather_object(errors, error)
-    failed = next(((rank, e) for rank, e in enumerate(errors) if e is not None), None)
-    if failed:
-        rank, error = failed
-        raise UserError(error if rank == 0 else f"process {rank} of {world.size}: {error}")
+    for rank, message in enumerate(errors):
+        if message is not None:
+            raise UserError(message if rank == 0 else f"process {rank} of {world.size}: {message}")
     return value
 
 

@@ -38,11 +38,11 @@ def launch(argv: list[str], options: LaunchOptions) -> int:
     """Start `python -m digitlab ARGV` on `options.nproc` processes here (and meet `nnodes - 1` other
     machines at `rdzv_endpoint`) through torch's elastic launcher, as torchrun does; returns the exit
     code. The environment and the signal handlers are as they were afterwards."""
-    nproc, nnodes, endpoint = options.nproc or 1, options.nnodes, options.rdzv_endpoint
+    nproc, nnodes, endpoint, timeout = options.nproc or 1, options.nnodes, options.rdzv_endpoint, options.rdzv_timeout
     if nnodes > 1 and not endpoint:
         raise UserError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every machine")
     if endpoint:
-        check_endpoint(*parse_endpoint(endpoint), options.rdzv_timeout)
+        check_endpoint(*parse_endpoint(endpoint), timeout)
     # the workers inherit this process's environment: what they need is set for the launch only.
     # torchrun's default would be one thread each, with a warning: share the cores instead. What goes
     # wrong is ours to tell, once: the elastic agent's loggers read LOGLEVEL when they are made.
@@ -51,11 +51,10 @@ def launch(argv: list[str], options: LaunchOptions) -> int:
     machines = f", one of {nnodes} machines meeting at {endpoint}" if nnodes > 1 else ""
     print(f"digitlab: starting {nproc} training process{'es' * (nproc > 1)} on this machine{machines}", flush=True)
     with _environment(workers_env), _signal_handlers_kept():
-        return _launch(argv, options)
+        return _launch(argv, nproc, nnodes, endpoint, timeout)
 
 
-def _launch(argv: list[str], options: LaunchOptions) -> int:
-    nproc, nnodes, endpoint, timeout = options.nproc or 1, options.nnodes, options.rdzv_endpoint, options.rdzv_timeout
+def _launch(argv: list[str], nproc: int, nnodes: int, endpoint: str | None, timeout: int) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -140,10 +139,8 @@ def check_endpoint(host: str, port: int, timeout: float) -> None:
 
 def _how(exitcode: int) -> str:
     if exitcode < 0:
-        try:
+        with contextlib.suppress(ValueError):  # a number that names no signal
             return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            pass
     return f"exit code {exitcode}"
 
 

@@ -58,7 +58,7 @@ class ConsoleReporter(Reporter):
     def step(self, done_steps, loss):
         self.done, self.loss = done_steps, loss
         if done_steps % BAR_EVERY == 0:
-            self.bar.update(self.task, completed=done_steps, loss=f"{loss.item():.4f}")
+            self._catch_up()
 
     def logged(self, epoch, batch, step, loss):
         self.bar.console.print(f"epoch: {epoch}, batch: {batch}, loss is: {loss:.7g}", highlight=False)

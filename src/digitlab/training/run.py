@@ -16,7 +16,6 @@ safetensors plus JSON, as a checkpoint is: loading it runs no pickled code.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -226,8 +225,10 @@ def _train(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path | None, de
         files = [out_dir / STATE_FILE] if out_dir is not None and (out_dir / STATE_FILE).exists() else []
         return RunResult(cfg, state, sum(p.numel() for p in model.parameters()), float("nan"), Path(),
                          out_dir or Path(), files)
-    with _finishing(out_dir):
+    try:
         return _finish(cfg, data, split, out_dir, state, model, device, world)
+    except KeyboardInterrupt as e:  # a stop while it scores and writes its results: its training is saved
+        raise Interrupted(stopped_by(e) or "SIGINT", finished_in=out_dir) from None
 
 
 def _build(cfg: TrainConfig, split: Split, device: torch.device, record: dict | None, tensors: dict | None):
@@ -246,15 +247,6 @@ def _build(cfg: TrainConfig, split: Split, device: torch.device, record: dict | 
         if state.stopped != "patience" or cfg.patience != record["config"]["patience"]:
             state.stopped = None  # a signal's stop is over; a patience stop stands unless patience changed
     return model, loader, optimizer, augment, state
-
-
-@contextlib.contextmanager
-def _finishing(out_dir: Path):
-    """A stop while the run scores and writes its results says that its training is saved (in `out_dir`)."""
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        raise Interrupted(stopped_by(e) or "SIGINT", finished_in=out_dir) from None
 
 
 def _finish(cfg: TrainConfig, data: MNIST, split: Split, out_dir: Path, state: TrainState, model,

@@ -282,9 +282,8 @@ def check_resumable(run_dir: Path, config: TrainConfig, record: dict, tensors: d
     """Whether the run in `run_dir` (its state's `record` and `tensors`) can go on as `config` on this data: one
     line saying why not. Called before the folder is touched."""
     saved = TrainConfig(**record["config"]).resolved()
-    different = [k for k in FIELDS if k not in RESUMABLE and getattr(config, k) != getattr(saved, k)]
-    if different:
-        k = different[0]
+    k = next((k for k in FIELDS if k not in RESUMABLE and getattr(config, k) != getattr(saved, k)), None)
+    if k is not None:
         raise UserError(f"cannot resume '{run_dir}' with {k} = {getattr(config, k)!r}: the run was trained with "
                         f"{getattr(saved, k)!r}")
     if any(data_info[k] != record["data"].get(k) for k in ("train", "val", "test", "fingerprint")):
@@ -408,9 +407,8 @@ def _check_own_files(run_dir: Path, saved: TrainConfig) -> None:
                      else read_checkpoint(path)[1].config)
         except (UserError, TypeError):
             other = None
-        differ = [k for k in FIELDS if k not in RESUMABLE and getattr(other, k, None) != getattr(saved, k)]
-        if differ:
-            k = differ[0]
+        k = next((k for k in FIELDS if k not in RESUMABLE and getattr(other, k, None) != getattr(saved, k)), None)
+        if k is not None:
             theirs, ours, where = getattr(other, k, None), getattr(saved, k), one_line(str(run_dir))
             raise UserError(f"cannot resume '{where}': its {name} says {k} = {theirs!r} but {STATE_FILE} has "
                             f"{ours!r}; the state is what --resume continues: put {name} back as it was, or start a "
