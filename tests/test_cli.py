@@ -298,16 +298,9 @@ def test_options_come_back_from_their_own_command_lines():
     import argparse
     from dataclasses import fields
 
-    from digitlab.options import (
-        ExportOptions,
-        LaunchOptions,
-        PredictOptions,
-        ServeOptions,
-        SweepOptions,
-        add_options,
-        as_argv,
-        options_from,
-    )
+    from digitlab.cli.export import ExportOptions
+    from digitlab.cli.read import PredictOptions
+    from digitlab.options import LaunchOptions, ServeOptions, SweepOptions, add_options, as_argv, options_from
 
     for given in (ServeOptions(runs=[Path("-r"), Path("s.onnx")], host="::1", port=9000, threshold=0.5,
                                allow_hosts=["a.example", "b.example"], cors=["http://c.example", "-x"]),

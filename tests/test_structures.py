@@ -135,7 +135,7 @@ def test_a_generated_structure_exports_and_resumes_bit_for_bit(case, tiny, tmp_p
 def test_the_hand_written_mlp_step_is_autograds_for_any_hidden_sizes(hidden, activation, task):
     """The fast mlp step's gradients, for any depth and its three activations, equal autograd's."""
     from digitlab.tasks import get_task
-    from digitlab.training.steps import mlp_gradients
+    from digitlab.training.custom_steps import mlp_gradients
 
     torch.manual_seed(1)
     model = create_model("mlp", num_outputs=get_task(task).outputs, hidden=hidden, activation=activation)

@@ -248,7 +248,7 @@ def test_label_smoothing_caps_the_confidence_it_trains_towards(digits):
 
     from digitlab.evaluate import model_outputs
     from digitlab.tasks import probabilities
-    from digitlab.training.steps import HandWrittenMLPStep, choose_step
+    from digitlab.training.custom_steps import HandWrittenMLPStep, choose_step
 
     confidence, first = {}, {}
     for smoothing in (0.0, 0.2):
@@ -310,7 +310,7 @@ def test_classification_run_validates_each_epoch_and_keeps_the_best(digits, tmp_
 @pytest.mark.parametrize("task", ["regress", "classify"])
 def test_hand_written_mlp_gradients_match_autograd(digits, task):
     from digitlab.tasks import get_task
-    from digitlab.training.steps import mlp_gradients
+    from digitlab.training.custom_steps import mlp_gradients
 
     torch.manual_seed(0)
     model = create_model("mlp", num_outputs=get_task(task).outputs)
@@ -328,7 +328,7 @@ def test_hand_written_mlp_gradients_match_autograd(digits, task):
 def test_fit_with_the_hand_written_mlp_step_trains_as_autograd_does(digits, weight_decay):
     """fit() handed the hand-written step (and taking it: every step is counted) trains to autograd's
     losses and weights over the same 50 batches, with and without weight decay."""
-    from digitlab.training.steps import HandWrittenMLPStep
+    from digitlab.training.custom_steps import HandWrittenMLPStep
 
     def train(hand_written: bool):
         torch.manual_seed(0)

@@ -10,8 +10,8 @@ from contender import parse_args, report
 from digitlab.data import InMemoryLoader, read_folder
 from digitlab.evaluate import evaluate
 from digitlab.models import create_model, default_lr, place
+from digitlab.training.custom_steps import choose_step
 from digitlab.training.loop import fit
-from digitlab.training.steps import choose_step
 
 
 def main():

@@ -2,10 +2,11 @@
 and its flag, and the command line, config files and checks all read that one declaration.
 
 `add_options(parser, SomeOptions)` makes one argument per field, each with a one-line error for a bad
-value. Training's options are `config.TrainConfig` (and `config.TrainOptions`, how a command gets one);
-every other command's are declared below, with the options several commands share (`--out`,
-`--data-dir`, `--threads`, `--overwrite`) declared once. This module imports nothing heavy: `digitlab
---help` builds every parser from it without loading torch.
+value. A command's options class sits beside its command (`cli/export.py` holds ExportOptions), unless
+code below the CLI takes it too: serve's, sweep's and `--nproc`'s are declared here, and training's
+are `config.TrainConfig`. The options several commands share (`--out`, `--data-dir`, `--threads`,
+`--overwrite`) are declared once, here. This module imports nothing heavy: `digitlab --help` builds
+every parser without loading torch.
 """
 from __future__ import annotations
 
@@ -80,20 +81,7 @@ class ModelNames:
         return iter(self._names())
 
 
-# ---------------------------------------------------------------------------- every command's but training's
-
-@dataclass
-class EvaluateOptions:
-    checkpoint: Path = option(None, "a run folder or its model.safetensors", kind=Path, flag="", metavar="CHECKPOINT")
-    data_dir: Path | None = data_dir_option()
-    out: Path | None = out_option("folder for confusion.png and worst.png (default: the checkpoint's folder)")
-    worst: int = option(24, "how many misclassified test digits to draw, most confidently wrong first",
-                        minimum=0, metavar="N")
-    json: bool = option(False, "print the results as JSON (accuracy as a fraction)")
-    allow_overlap: bool = option(False, "score a model on digits it was trained on (the offline sample, for a "
-                                        "model trained on the full set); refused by default, because that measures "
-                                        "memory, not accuracy")
-
+# ---------------------------------------------------------------------------- the options that more than the CLI reads
 
 @dataclass
 class ReadOptions:
@@ -101,25 +89,6 @@ class ReadOptions:
 
     threshold: float = option(THRESHOLD, "a digit read with a (calibrated) confidence below P is 'not sure'",
                               minimum=0, maximum=1, metavar="P")
-
-
-@dataclass
-class PredictOptions(ReadOptions):
-    checkpoint: Path = option(None, "a run folder or its model.safetensors; `digitlab train --preset best` makes "
-                                    "the model that reads real handwriting best", kind=Path, flag="",
-                              metavar="CHECKPOINT")
-    inputs: list = option(None, "PNG, JPEG, BMP or WebP files, or folders of them", kind=str, flag="", nargs="+",
-                          metavar="IMAGE_OR_FOLDER")
-    json: bool = option(False, "print a JSON list of {file, text, sure, digit, confidence, top3, digits}: text is "
-                               "the digits read left to right (the best guess, sure or not), digits has each one's "
-                               "digit, confidence, sure, top3 and box [x0, y0, x1, y1]; digit and top3 are null "
-                               "unless there is one digit, confidence is the whole text's; confidence and sure are "
-                               "null for regression models")
-    single: bool = option(False, "read each picture as one digit, however many blobs of ink it has (default: "
-                                 "read every digit in a row, left to right)")
-    save_preprocessed: Path | None = option(
-        None, "write the 28x28 pictures the network saw for each input into DIR, side by side when there are "
-              "several (default: don't)", kind=Path, metavar="DIR")
 
 
 @dataclass
@@ -136,32 +105,6 @@ class ServeOptions(ReadOptions):
                                         "other site's page can reach it", flag="--allow-host", metavar="NAME")
     cors: list[str] = option([], "let pages of ORIGIN (e.g. https://example.org; repeatable) call the API; by "
                                  "default only the server's own page may", metavar="ORIGIN")
-
-
-@dataclass
-class ExportOptions:
-    run: Path = option(None, "a run folder (its best checkpoint) or a checkpoint", kind=Path, flag="", metavar="RUN")
-    out: Path = out_option("the .onnx file to write", required=True)
-    opset: int = option(17, "ONNX opset, 17 or newer", minimum=17, maximum=21)
-    overwrite: bool = overwrite_option("--out if it exists, as train --overwrite does")
-
-
-@dataclass
-class PlotLossOptions:
-    run: Path = option(None, "a run folder (or its history.json)", kind=Path, flag="", metavar="RUN")
-    out: Path | None = out_option("file name without extension; writes .png and .svg (default: RUN/loss)")
-
-
-@dataclass
-class PlotCompareOptions:
-    runs: list = option(None, "two run folders or more (or history.json files)", kind=Path, flag="", nargs="+",
-                        metavar="RUN")
-    out: Path = out_option("file name without extension; writes .png and .svg", Path("runs/plots/compare"))
-
-
-@dataclass
-class PlotSigmoidOptions:
-    out: Path = out_option("file name without extension; writes .png and .svg", Path("runs/plots/sigmoid"))
 
 
 @dataclass

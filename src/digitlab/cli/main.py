@@ -9,7 +9,7 @@ import importlib
 import sys
 
 import digitlab
-from digitlab.cli import read, serve, show, sweep, train
+from digitlab.cli import export, read, serve, show, sweep, train
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
 from digitlab.signals import StopRequest, interrupted_line, stopped_by
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Version)
     commands = parser.commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (show.add_summary_parser, train.add_train_parser, train.add_compare_parser, read.add_evaluate_parser,
-                read.add_predict_parser, sweep.add_sweep_parser, serve.add_serve_parser, serve.add_export_parser,
+                read.add_predict_parser, sweep.add_sweep_parser, serve.add_serve_parser, export.add_export_parser,
                 show.add_plot_parser):  # in the order --help lists them
         add(commands)
     return parser

@@ -8,16 +8,49 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from digitlab.cli.common import load_data, report_files, rich_console
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
-from digitlab.options import EvaluateOptions, PredictOptions, add_options
+from digitlab.options import ReadOptions, add_options, data_dir_option, option, out_option
 
 if TYPE_CHECKING:
     from digitlab.signals import StopRequest
+
+
+@dataclass
+class EvaluateOptions:
+    checkpoint: Path = option(None, "a run folder or its model.safetensors", kind=Path, flag="", metavar="CHECKPOINT")
+    data_dir: Path | None = data_dir_option()
+    out: Path | None = out_option("folder for confusion.png and worst.png (default: the checkpoint's folder)")
+    worst: int = option(24, "how many misclassified test digits to draw, most confidently wrong first",
+                        minimum=0, metavar="N")
+    json: bool = option(False, "print the results as JSON (accuracy as a fraction)")
+    allow_overlap: bool = option(False, "score a model on digits it was trained on (the offline sample, for a "
+                                        "model trained on the full set); refused by default, because that measures "
+                                        "memory, not accuracy")
+
+
+@dataclass
+class PredictOptions(ReadOptions):
+    checkpoint: Path = option(None, "a run folder or its model.safetensors; `digitlab train --preset best` makes "
+                                    "the model that reads real handwriting best", kind=Path, flag="",
+                              metavar="CHECKPOINT")
+    inputs: list = option(None, "PNG, JPEG, BMP or WebP files, or folders of them", kind=str, flag="", nargs="+",
+                          metavar="IMAGE_OR_FOLDER")
+    json: bool = option(False, "print a JSON list of {file, text, sure, digit, confidence, top3, digits}: text is "
+                               "the digits read left to right (the best guess, sure or not), digits has each one's "
+                               "digit, confidence, sure, top3 and box [x0, y0, x1, y1]; digit and top3 are null "
+                               "unless there is one digit, confidence is the whole text's; confidence and sure are "
+                               "null for regression models")
+    single: bool = option(False, "read each picture as one digit, however many blobs of ink it has (default: "
+                                 "read every digit in a row, left to right)")
+    save_preprocessed: Path | None = option(
+        None, "write the 28x28 pictures the network saw for each input into DIR, side by side when there are "
+              "several (default: don't)", kind=Path, metavar="DIR")
 
 
 def add_evaluate_parser(commands) -> None:

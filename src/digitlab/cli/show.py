@@ -6,15 +6,42 @@ every parser here without loading torch.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from digitlab.cli.common import read_model, rich_console, save_plot
-from digitlab.config import SummaryOptions, TrainConfig
+from digitlab.config import TrainConfig
 from digitlab.errors import UserError
-from digitlab.options import PlotCompareOptions, PlotLossOptions, PlotSigmoidOptions, add_options
+from digitlab.options import ModelNames, add_options, option, out_option
 
 if TYPE_CHECKING:
     from digitlab.signals import StopRequest
+
+
+@dataclass
+class SummaryOptions:
+    model: str = option(None, "one of: %(choices)s; with a structure, mlp:hidden=100:activation=relu; or a TOML "
+                              "file with model and [structure]", choices=ModelNames(), kind=str, flag="",
+                        metavar="MODEL")
+
+
+@dataclass
+class PlotLossOptions:
+    run: Path = option(None, "a run folder (or its history.json)", kind=Path, flag="", metavar="RUN")
+    out: Path | None = out_option("file name without extension; writes .png and .svg (default: RUN/loss)")
+
+
+@dataclass
+class PlotCompareOptions:
+    runs: list = option(None, "two run folders or more (or history.json files)", kind=Path, flag="", nargs="+",
+                        metavar="RUN")
+    out: Path = out_option("file name without extension; writes .png and .svg", Path("runs/plots/compare"))
+
+
+@dataclass
+class PlotSigmoidOptions:
+    out: Path = out_option("file name without extension; writes .png and .svg", Path("runs/plots/sigmoid"))
 
 
 def add_summary_parser(commands) -> None:

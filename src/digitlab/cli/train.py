@@ -10,19 +10,69 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from digitlab.cli.common import given_options, load_data, read_model, report_files, rich_console, train_config
-from digitlab.config import CompareOptions, TrainConfig, TrainOptions
+from digitlab.config import PRESETS, TrainConfig
 from digitlab.errors import ExitCode, UserError
 from digitlab.files import one_line
-from digitlab.options import MAX_THREADS, LaunchOptions, add_options, options_from
+from digitlab.options import (
+    MAX_THREADS,
+    LaunchOptions,
+    ModelNames,
+    add_options,
+    data_dir_option,
+    option,
+    options_from,
+    out_option,
+    overwrite_option,
+    threads_option,
+)
 from digitlab.signals import SIGNALS, Interrupted, cause, stopped_by
 from digitlab.structures import folder_name
 
 if TYPE_CHECKING:
     from digitlab.signals import StopRequest
+
+
+@dataclass
+class _RunOptions:
+    """How `train` and `compare` get their TrainConfig, and where their runs go."""
+
+    preset: str | None = option(
+        None, "a named recipe: chapter (the course's settings), sprint (99%% in the fewest seconds), fast (99%% in "
+              "about 10 seconds on a CPU, and reads handwriting), best (the most accurate single model, and the one "
+              "to use for your own handwriting); other options override it (default: chapter)",
+        choices=lambda: list(PRESETS), kind=str, metavar="{chapter,sprint,fast,best}")
+    config: Path | None = option(None, "read training options from a TOML file (the names below with underscores, "
+                                       "as in a run's config.toml); options given here override it",
+                                 kind=Path, metavar="FILE.toml")
+    data_dir: Path | None = data_dir_option()
+    overwrite: bool = overwrite_option("the run that --out holds already")
+    threads: int | None = threads_option("compute on N threads (default: one per core that other work leaves free; "
+                                         "a resumed run keeps its own)")
+
+
+@dataclass
+class TrainOptions(_RunOptions):
+    model: str | None = option(None, "one of: %(choices)s; with a structure, mlp:hidden=100:activation=relu; or a "
+                                     "TOML file with model and [structure] (default: the preset's, cnn for the "
+                                     "chapter)", choices=ModelNames(), kind=str, flag="", nargs="?", metavar="MODEL")
+    resume: Path | None = option(None, "continue the run in this folder exactly where it stopped; --epochs N "
+                                       "extends a finished run (default: start a new run)", kind=Path, metavar="RUN")
+    out: Path | None = out_option("folder for the checkpoint, loss history and plots (default: runs/MODEL, or "
+                                  "runs/MODEL-2, -3, ... when that holds a run already)")
+
+
+@dataclass
+class CompareOptions(_RunOptions):
+    models: list = option(None, "two or more of: %(choices)s; a variant of one is NAME:KEY=VALUE[:KEY=VALUE...] "
+                                "(e.g. mlp:hidden=100 mlp:activation=relu), and a layer list a TOML file (net.toml)",
+                          choices=ModelNames(), kind=str, flag="", nargs="+", metavar="MODEL")
+    out: Path | None = out_option("folder for the runs, the table and the plot (default: runs/compare, or "
+                                  "runs/compare-2, -3, ... when that holds a comparison already)")
 
 
 def add_train_parser(commands) -> None:

@@ -23,10 +23,10 @@ from digitlab.errors import UserError
 from digitlab.signals import SIGNALS, StopRequest
 from digitlab.tasks import Task, get_task
 from digitlab.training.augment import distort
+from digitlab.training.custom_steps import choose_step
 from digitlab.training.distributed import SINGLE, World, agree, shard
 from digitlab.training.optim import lr_factor, set_lr
 from digitlab.training.reporters import BAR_EVERY, ConsoleReporter, Reporter
-from digitlab.training.steps import choose_step
 
 
 @dataclass
@@ -112,7 +112,7 @@ def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, options: Fit
 
     Each batch is one optimiser step, as in pytorch/examples' train(): the forward pass, the task's
     loss, zero_grad, backward, step. `step`, when given, takes that step instead, (images, labels) ->
-    loss: a fast path or another objective (steps.choose_step: the hand-written mlp step, or digits
+    loss: a fast path or another objective (custom_steps.choose_step: the hand-written mlp step, or digits
     with non-digits for --reject). What surrounds the step (the schedule, the log lines, Ctrl-C,
     validation and saving at each epoch's end, other processes) is `_Plan`'s, called at named moments.
     settings: FitOptions' fields, for a call without an options object (`fit(model, loader, opt, epochs=1)`).

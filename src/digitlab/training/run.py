@@ -36,6 +36,7 @@ from digitlab.plots import plot_run_loss, save_figure
 from digitlab.signals import Interrupted, StopRequest, stopped_by
 from digitlab.tasks import get_task, probabilities
 from digitlab.training import distributed
+from digitlab.training.custom_steps import choose_step
 from digitlab.training.distributed import SINGLE, World
 from digitlab.training.loop import EPOCH_COLUMNS, Diverged, FitOptions, History, Hooks, TrainState, fit
 from digitlab.training.optim import make_optimizer
@@ -52,7 +53,6 @@ from digitlab.training.run_folder import (
     restore,
     save_state,
 )
-from digitlab.training.steps import choose_step
 
 MAX_VAL_FRACTION = 10  # validation takes at most a tenth of the training images
 
