@@ -10,7 +10,8 @@
 #   3. --preset sprint, fast and best, with wall time and test accuracy (sprint's training
 #      seconds are the time to 99%, against 0.76 s published for tuomaso/train_mnist_fast on
 #      a laptop GTX 1660 Ti);
-#   4. the side-by-side benchmark's cnn row on the GPU;
+#   4. the side-by-side benchmark's cnn row on the GPU, and the peer (tuomaso/train_mnist_fast,
+#      benchmarks/contenders/train_mnist_fast.py) on the same GPU, three seeds;
 #   5. torchrun --nproc-per-node 1 with nccl.
 # PYTHON picks the interpreter (default: .venv/bin/python if there is one, else python3); the
 # package runs from src/ when it is not installed. A step that fails is reported, and the next runs.
@@ -41,6 +42,11 @@ tail -n 3 "$OUT/cuda-tests.log" | tee -a "$RESULTS"
 
 step compare $PY -m digitlab compare mlp cnn --device cuda --data-dir "$DATA" --out "$OUT/compare" --overwrite
 grep -E "test accuracy|images/s|seconds" "$OUT/compare.log" | tail -n 6 | tee -a "$RESULTS"
+
+for seed in 0 1 2; do
+  step "peer-$seed" $PY benchmarks/contenders/train_mnist_fast.py --data-dir "$DATA" --device cuda --seed "$seed"
+  tail -n 1 "$OUT/peer-$seed.log" | sed "s/^/peer tuomaso\/train_mnist_fast, seed $seed: /" | tee -a "$RESULTS"
+done
 
 for preset in sprint fast best; do
   step "preset-$preset" $PY -m digitlab train --preset "$preset" --device cuda --data-dir "$DATA" \
