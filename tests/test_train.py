@@ -159,6 +159,23 @@ def test_optimizers():
     assert make_optimizer("momentum", params, 0.1).param_groups[0]["nesterov"] is True
 
 
+def test_adam_betas_are_options_recorded_and_refused_where_unused(digits, tmp_path):
+    """beta1 and beta2 (the peer recipe's 0.7 and 0.9) reach Adam's param_groups, are written into the
+    run's config.toml, and are refused with an optimizer that has none."""
+    from digitlab.config import read_config_file
+    from digitlab.training.run_folder import read_state, unpack
+
+    config = TrainConfig(model="mlp", task="classify", optimizer="adam", beta1=0.7, beta2=0.9, epochs=1,
+                         max_batches=3).resolved()
+    result = run(config, digits, tmp_path / "run", reporter=Reporter())
+    assert read_config_file(tmp_path / "run" / "config.toml")["beta1"] == 0.7
+    record, tensors = read_state(tmp_path / "run")
+    assert list(unpack(record["optimizer"], tensors)["param_groups"][0]["betas"]) == [0.7, 0.9]
+    assert "betas 0.7, 0.9" in result.config.recipe()
+    with pytest.raises(UserError, match="beta1, beta2: only adam and adamw use them"):
+        TrainConfig(model="mlp", beta1=0.7).resolved()
+
+
 def test_schedule_reaches_the_optimizer(digits):
     torch.manual_seed(0)
     model = create_model("mlp")

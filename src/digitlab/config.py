@@ -22,6 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 INITS = ("paddle", "torch")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+ADAM_BETAS = (0.9, 0.999)  # PyTorch's (and Kingma and Ba's) decay rates of Adam's two running means
 SCHEDULES = ("none", "step", "cosine", "onecycle")
 CONFIG_FILE = "config.toml"
 
@@ -55,6 +56,11 @@ class TrainConfig:
         "none", "learning-rate schedule over the whole run: step divides by 10 at 50%% and 75%%; cosine "
                 "anneals to 0; onecycle warms up for 25%% then anneals", choices=SCHEDULES)
     weight_decay: float = option(0.0, "L2 penalty", minimum=0, maximum=10)
+    beta1: float = option(ADAM_BETAS[0], "adam and adamw: how slowly the running mean of the gradient forgets "
+                                         "(a lower one, e.g. 0.7, follows a one-epoch run's changes sooner)",
+                          minimum=0, maximum=0.9999)
+    beta2: float = option(ADAM_BETAS[1], "adam and adamw: how slowly the running mean of the squared gradient "
+                                         "forgets", minimum=0, maximum=0.9999)
     augment: bool = option(False, "train on digits distorted the way people's handwriting differs "
                                           "from MNIST: thicker and thinner strokes, slant, size, width, a "
                                           "wobbly hand, small turns and shifts")
@@ -96,6 +102,9 @@ class TrainConfig:
         """Check every field and fill in the model's defaults; raises UserError on a bad value."""
         for f in fields(self):
             check_value(f.name, getattr(self, f.name))
+        if (self.beta1, self.beta2) != ADAM_BETAS and self.optimizer not in ("adam", "adamw"):
+            raise UserError(f"beta1, beta2: only adam and adamw use them; give --optimizer adam (or leave them at "
+                            f"{ADAM_BETAS[0]} and {ADAM_BETAS[1]})")
         if self.patience and not self.val_split:
             raise UserError("patience: early stopping needs validation; give --val-split N as well")
         # imported here, not at the top: both bring torch, and `digitlab --help` reads this module
@@ -125,6 +134,7 @@ class TrainConfig:
         """The recipe in one line, as a run announces it: 'lenet5 (classify): 3 epochs, adam lr 0.01, ...'."""
         parts = [f"{self.epochs} epoch{'s' * (self.epochs != 1)}", f"{self.optimizer} lr {self.lr:g}",
                  f"batch {self.batch_size}"]
+        parts += [f"betas {self.beta1:g}, {self.beta2:g}"] * ((self.beta1, self.beta2) != ADAM_BETAS)
         parts += [f"{self.schedule} schedule"] * (self.schedule != "none")
         parts += ["augmented"] * self.augment + ["with non-digits"] * self.reject
         parts += [f"label smoothing {self.label_smoothing:g}"] * bool(self.label_smoothing)

@@ -238,7 +238,7 @@ def _build(cfg: TrainConfig, split: Split, device: torch.device, record: dict | 
     torch.manual_seed(cfg.seed)  # the weights; the loader shuffles with its own generator
     model = place(model_for(cfg, init=cfg.init), device)
     loader = InMemoryLoader(split.train_images, split.train_labels, cfg.batch_size, seed=cfg.seed, device=device)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     # one generator draws the distortions and the non-digits, in the order the loop asks for them
     augment = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment or cfg.reject else None
     state = TrainState()

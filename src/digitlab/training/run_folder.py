@@ -387,7 +387,8 @@ def check_tensors(run_dir: Path, record: dict, tensors: dict, saved: TrainConfig
     with torch.random.fork_rng(devices=[]):  # the scratch model's weights are drawn, then forgotten
         model = model_for(saved)
         assert saved.lr is not None  # a saved config is a resolved one
-        optimizer = make_optimizer(saved.optimizer, model.parameters(), saved.lr, saved.weight_decay)
+        optimizer = make_optimizer(saved.optimizer, model.parameters(), saved.lr, saved.weight_decay,
+                                   (saved.beta1, saved.beta2))
         try:
             restore(record, tensors, model, optimizer, None, torch.device("cpu"))
         except UserError as e:
