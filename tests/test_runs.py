@@ -221,7 +221,7 @@ def test_config_file_reproduces_a_run_and_bad_files_name_the_key(small, tmp_path
     again = run(TrainConfig(**saved), small, tmp_path / "again", reporter=Reporter())
     assert again.history.batch_loss == first.history.batch_loss
 
-    for text, fragment in [("epochz = 3", "unknown option 'epochz'"),
+    for text, fragment in [("epochz = 3", r"unknown option 'epochz'; did you mean 'epochs'\?"),
                            ('epochs = "three"', "epochs: must be a whole number, got 'three'"),
                            ("lr = -1.0", "lr: must be a number above 0"),
                            ('optimizer = "rmsprop"', "optimizer: invalid choice: 'rmsprop'"),

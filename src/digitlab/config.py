@@ -16,6 +16,7 @@ from typing import Any
 from digitlab.errors import UserError
 from digitlab.files import one_line, regular_file
 from digitlab.options import ModelNames, option, problem
+from digitlab.structures import nearest
 
 TASKS = ("regress", "classify")  # the names; what each task is lives in tasks.py (which needs torch)
 DEVICES = ("auto", "cpu", "cuda")
@@ -147,6 +148,13 @@ class TrainConfig:
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
+def unknown_option(key: str) -> str:
+    """'unknown option 'lrr'; did you mean 'lr'?', or the options listed where no name is close."""
+    shown = one_line(str(key))
+    shown = shown if len(shown) <= 40 else f"{shown[:40]}..."
+    return f"unknown option '{shown}'" + (nearest(key, FIELDS) or f"; the options are: {', '.join(FIELDS)}")
+
+
 def check_value(name: str, value: Any) -> Any:
     """Raise UserError ('epochs: must be 1 or more, got 0') unless `value` suits field `name`; returns it."""
     wrong = problem(name, value, TrainConfig)
@@ -180,7 +188,7 @@ def preset_config(name: str, model: str | None = None, **overrides) -> TrainConf
     values = {**PRESETS[name], **({"model": model} if model else {}), **overrides}
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise UserError(f"unknown option '{unknown[0]}'; the options are: {', '.join(FIELDS)}")
+        raise UserError(unknown_option(unknown[0]))
     return TrainConfig(**values).resolved()
 
 
@@ -218,8 +226,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     table = read_toml(path)
     for key, value in table.items():
         if key not in FIELDS:
-            raise UserError(f"{one_line(str(path))}: unknown option '{one_line(key)[:60]}'; the options are: "
-                            f"{', '.join(FIELDS)}")
+            raise UserError(f"{one_line(str(path))}: {unknown_option(key)}")
         wrong = problem(key, value, TrainConfig)
         if wrong:
             raise UserError(f"{one_line(str(path))}: {key}: {wrong}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from digitlab.config import FIELDS, TrainConfig, read_toml
+from digitlab.config import FIELDS, TrainConfig, read_toml, unknown_option
 from digitlab.errors import UserError
 from digitlab.files import one_line
 from digitlab.options import problem, short_repr, value_type
@@ -132,8 +132,7 @@ def _check_structures(name: str, fixed: dict, search: dict, texts: dict) -> None
 
 def _known(name: str, table: str, key: str) -> None:
     if key not in FIELDS:
-        raise UserError(f"{name}: [{table}] unknown option '{one_line(key)[:60]}'; the options are: "
-                        f"{', '.join(FIELDS)}")
+        raise UserError(f"{name}: [{table}] {unknown_option(key)}")
 
 
 def _choices(name: str, key: str, value: Any) -> list | Range:
