@@ -45,7 +45,7 @@ class _RunOptions:
         None, "a named recipe: chapter (the course's settings), sprint (99%% in the fewest seconds), fast (99%% in "
               "about 10 seconds on a CPU, and reads handwriting), best (the most accurate single model, and the one "
               "to use for your own handwriting); other options override it (default: chapter)",
-        choices=lambda: list(PRESETS), kind=str, metavar="{chapter,sprint,fast,best}")
+        choices=tuple(PRESETS), kind=str)
     config: Path | None = option(None, "read training options from a TOML file (the names below with underscores, "
                                        "as in a run's config.toml); options given here override it",
                                  kind=Path, metavar="FILE.toml")
