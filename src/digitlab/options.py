@@ -18,6 +18,8 @@ from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from digitlab.errors import UserError
+
 MAX_THREADS = 256  # torch's thread pools take no more, and a saved run records no more
 THRESHOLD = 0.8  # `predict` and `serve` call an answer below this calibrated confidence "not sure"
 STORAGE_ENV = "DIGITLAB_STORAGE"  # a sweep's database URL, when --storage does not give one
@@ -256,8 +258,7 @@ def add_options(p: argparse.ArgumentParser, of: type, *, unset: bool = False, on
 
 def _parse(of: type, name: str):
     """argparse type for field `name` of options dataclass `of`: the text as the field's kind, then its check."""
-    kind = value_type(name, of)
-    kind = kind if kind not in (list, dict) else str
+    kind = value_type(name, of)  # a scalar's or a positional list's items' (repeatable flags take text)
 
     def parse(text: str):
         try:
@@ -275,7 +276,6 @@ def _parse(of: type, name: str):
 
 def _assignment(text: str) -> tuple[str, Any]:
     """argparse type of a KEY=VALUE table (--structure): (key, value)."""
-    from digitlab.errors import UserError
     from digitlab.structures import parse_assignment
 
     try:
