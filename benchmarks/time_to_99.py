@@ -14,6 +14,7 @@ evaluation excluded, for every contender alike), its ratio to the peer's median 
 digits it misreads (digitlab's runs; the peer saves no model).
 
     python benchmarks/time_to_99.py --data-dir ../shared/data/mnist [--hwset /tmp/hwset] [--seeds 0 1 2 3 4]
+    python benchmarks/time_to_99.py --data-dir ../shared/data/mnist --busy 1    # one core kept busy meanwhile
 """
 from __future__ import annotations
 
@@ -76,10 +77,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one round per seed")
     parser.add_argument("--hwset", type=Path, help="the handwriting measuring set (benchmarks/handwriting_set.py)")
     parser.add_argument("--no-peer-config", action="store_true", help="leave out the peer's recipe on digitlab")
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="keep N cores busy with other processes the whole time (a machine in use)")
     args = parser.parse_args()
     data = read_folder(args.data_dir)
-    print(f"{cpu_name()}, {threads.usable_cores()} cores, torch {torch.__version__}; peer: {PEER}, PyTorch's own "
-          "thread count; digitlab: the threads `digitlab train` chooses\n")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        measure(args, data)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+
+
+def measure(args, data) -> None:
+    busy = f", {args.busy} of them kept busy by other processes" if args.busy else ""
+    print(f"{cpu_name()}, {threads.usable_cores()} cores{busy}, torch {torch.__version__}; peer: {PEER}, PyTorch's "
+          "own thread count; digitlab: the threads `digitlab train` chooses\n")
     contenders: dict[str, object] = {PEER: None}
     contenders.update({f"digitlab --preset {name}": name for name in args.presets})
     if not args.no_peer_config:

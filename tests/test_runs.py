@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from conftest import one_error_line, popen_cli, wait_for
 from digitlab.checkpoint import load_checkpoint
-from digitlab.config import TrainConfig, read_config_file
+from digitlab.config import TrainConfig, preset_config, read_config_file
 from digitlab.errors import UserError
 from digitlab.training.reporters import Reporter
 from digitlab.training.run import run
@@ -54,7 +54,7 @@ def _folder_digest(folder: Path) -> dict[str, str]:
 
 # Representative of what a run's state must carry: the hand-written MLP step; Adam's moments with
 # a schedule running across the stop; momentum, BatchNorm, dropout, augmentation's and the non-digits' generator;
-# AdamW with weight decay, a step schedule and a validation split.
+# AdamW with weight decay, a step schedule and a validation split; the sprint preset as it ships.
 RESUME_CASES = {
     "mlp-sgd-handwritten": TrainConfig(model="mlp", epochs=3, log_every=7),
     "cnn-adam-onecycle": TrainConfig(model="cnn", task="classify", optimizer="adam", lr=0.002, schedule="onecycle",
@@ -64,6 +64,8 @@ RESUME_CASES = {
         log_every=7),
     "lenet5-adamw-step-val": TrainConfig(model="lenet5", optimizer="adamw", lr=0.003, weight_decay=0.05,
                                          schedule="step", val_split=96, epochs=3, log_every=7),
+    # the sprint preset itself: a layer list, Adam's own betas, label smoothing
+    "sprint-preset": preset_config("sprint", epochs=3, batch_size=64, log_every=7),
 }
 
 

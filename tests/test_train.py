@@ -302,6 +302,13 @@ def test_presets_and_overrides():
     assert "onecycle schedule, augmented, bf16 autocast, validating" in preset_config("best", precision="bf16").recipe()
     assert preset_config("chapter", "mlp").lr == 0.01 and preset_config("chapter", "mlp").task == "regress"
     assert preset_config("chapter", "lenet5").task == "classify"
+    sprint = preset_config("sprint")  # a layer list: the peer's network, narrowed
+    assert sprint.model == "layers" and [layer["type"] for layer in sprint.structure["layers"]][:3] == [
+        "conv", "maxpool", "relu"]
+    assert (sprint.beta1, sprint.beta2, sprint.label_smoothing) == (0.7, 0.9, 0.1)
+    # the preset's structure belongs to its own model: another model keeps its own
+    assert preset_config("sprint", "convnet_tiny").structure == preset_config("chapter", "convnet_tiny").structure
+    assert preset_config("sprint", "layers").structure == sprint.structure
     with pytest.raises(UserError, match="unknown preset 'turbo'"):
         preset_config("turbo")
 
