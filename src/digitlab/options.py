@@ -89,7 +89,8 @@ class ModelNames:
 class ReadOptions:
     """How `digitlab predict` and `serve` put a model's reading into words."""
 
-    threshold: float = option(THRESHOLD, "a digit read with a (calibrated) confidence below P is 'not sure'",
+    threshold: float = option(THRESHOLD, "an answer read with a (calibrated) confidence below P is 'not sure' (a "
+                                         "number's confidence: its digits' multiplied)",
                               minimum=0, maximum=1, metavar="P")
 
 

@@ -73,6 +73,7 @@ class Prediction:
     file: str
     digits: list[Reading] = field(default_factory=list)
     error: str | None = None
+    threshold: float = THRESHOLD  # the whole text is sure when its confidence reaches this
 
     @property
     def text(self) -> str:
@@ -92,9 +93,10 @@ class Prediction:
 
     @property
     def sure(self) -> bool | None:
-        if not self.digits or any(r.sure is None for r in self.digits):
-            return None
-        return all(r.sure for r in self.digits)
+        """Whether the whole text is sure: the chance that all of it is right (not each digit's) reaches
+        the threshold, so "57" read at 0.9 and 0.85 (0.77 together) is not."""
+        confidence = self.confidence
+        return None if confidence is None else confidence >= self.threshold
 
     @property
     def image(self) -> np.ndarray:
@@ -150,7 +152,7 @@ def predict_files(model, meta: dict, files: list[Path], single: bool = False,
     for f in files:
         try:
             digits = find_digits(open_grey(f), source=str(f), single=single)
-            predictions.append(Prediction(str(f)))
+            predictions.append(Prediction(str(f), threshold=threshold))
             found.append(digits)
         except UserError as e:
             predictions.append(Prediction(str(f), error=str(e)))

@@ -15,8 +15,9 @@ MNIST recipe on any picture, for every digit in a row:
 5. group the connected blobs into digits, left to right (`segment`: broken strokes stay
    together, specks go, digits joined by a short stroke are cut apart);
 6. crop each digit (a digit small in the working copy is cut from the picture itself, at up
-   to DETAIL pixels), scale it into 20x20 keeping the aspect ratio, and paste it into 28x28
-   with its centre of mass at the centre.
+   to DETAIL pixels), bring its strokes to MNIST's width (a hairline thickened, a felt-tip
+   thinned), scale it into 20x20 keeping the aspect ratio, and paste it into 28x28 with its
+   centre of mass at the centre.
 
 `preprocess` does the same for a picture of one digit. `read_digits` gives each prepared
 digit the model's answer, with a confidence calibrated by the checkpoint's temperature and
@@ -44,6 +45,14 @@ PAPER_SIZE = 32  # the paper's shade is a blur of a copy this big (long side), s
 DETAIL = 128  # a digit is cut from the picture at up to this many pixels (long side): 6x MNIST's 20
 MIN_CONTRAST = 0.08  # ink must differ from the paper by this much (of full scale)
 FAINT = 0.6  # fainter ink down to this fraction of the threshold counts where it touches clear ink
+# MNIST's strokes are 0.14 of a digit's long side wide (the median of 20,000 training digits, measured as
+# mnist_stroke measures them); a tenth are under THINNEST, a twentieth over THICKEST. Strokes outside that
+# range are brought to its nearest end: on the handwriting measuring set, the single digits read right
+# went from 97.5% to 98.2%, the whole numbers from 94.0% to 96.5%, the felt-tip digits of the degraded set
+# from 80.7% to 92.7% (a fast-preset model; benchmarks/handwriting.py).
+THINNEST, THICKEST = 0.11, 0.22
+BACKGROUND = 2.5  # ink at the picture's edge this many times thicker than the writing is a filled region
+SHADOW = 0.5  # ink along the edge this long (of the picture's long side) may be a shadow's
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -68,18 +77,22 @@ class _Ink:
     picture less the paper's shade, turned so that ink is positive, less the median. Found on the
     working copy; `cut` applies the same to a piece of the picture itself."""
 
-    def __init__(self, grey: np.ndarray):
+    def __init__(self, grey: np.ndarray, window: int = 0, sign: float = 0.0):
         from scipy import ndimage
 
         h, w = grey.shape
-        k = min(1.0, PAPER_SIZE / max(h, w))
-        coarse = _resize(grey, (max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.BOX)
-        # wider than a stroke, narrower than a lighting gradient
-        self.paper = ndimage.gaussian_filter(coarse, max(coarse.shape) / 8)
+        if window:  # the paper as the ink's envelope: what is left of the page when strokes narrower
+            # than `window` are filled in with the paper around them (a shadow's edge stays sharp)
+            envelope = ndimage.grey_closing if sign < 0 else ndimage.grey_opening
+            self.paper = envelope(grey, size=window, mode="nearest")
+        else:  # wider than a stroke, narrower than a lighting gradient
+            k = min(1.0, PAPER_SIZE / max(h, w))
+            coarse = _resize(grey, (max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.BOX)
+            self.paper = ndimage.gaussian_filter(coarse, max(coarse.shape) / 8)
         flat = grey - _resize(self.paper, (w, h), Image.Resampling.BILINEAR)  # dark ink < 0 < light ink
         # Polarity: the ink is the minority class on either side of Otsu's threshold.
         t = otsu_threshold(flat)
-        self.sign = 1.0 if (flat > t).mean() < 0.5 else -1.0
+        self.sign = sign or (1.0 if (flat > t).mean() < 0.5 else -1.0)
         ink = self.sign * flat
         self.offset = float(np.median(ink))
         self.map = ink - self.offset
@@ -154,17 +167,18 @@ def _find_ink(picture: Image.Image, scale: float, source: str,
         if scale < 1 else picture  # box filtering keeps thin strokes
     if scale > 0.5:  # salt-and-pepper noise; shrinking by 2 or more averages it away already
         work = work.filter(ImageFilter.MedianFilter(3))
-    ink = _Ink(grey_array(work))
+    grey = grey_array(work)
+    ink = _Ink(grey)
     if ink.map.max() < MIN_CONTRAST:
         raise ImageError(f"{source}: no digit found (the page looks blank)")
-    # Hysteresis: ink above Otsu's threshold, grown into fainter ink touching it (a thin or light
-    # stroke stays in one piece).
-    threshold = max(otsu_threshold(ink.map), MIN_CONTRAST / 2)
-    labels, count = ndimage.label(ink.map > FAINT * threshold)
-    inked = np.unique(labels[ink.map > threshold])  # all labelled: strong ink is over the faint threshold
-    renumber = np.zeros(count + 1, dtype=labels.dtype)  # the blobs with strong ink, numbered 1..count
-    renumber[inked] = np.arange(1, len(inked) + 1)
-    labels, count = renumber[labels], len(inked)
+    labels, count, threshold = _strong_ink(ink)
+    window = _shadow_window(labels, count)
+    if window:  # ink along the picture's edge: a shadow whose edge the blurred paper cannot follow
+        shaded = _Ink(grey, window, ink.sign)
+        found = _strong_ink(shaded)
+        if found[1]:  # a solid shape at the edge, and nothing else, is what was written
+            ink, (labels, count, threshold) = shaded, found
+    labels, count = _without_background(labels, count)
     if count == 0:
         raise ImageError(f"{source}: no digit found (the page looks blank)")
     blob_sizes = sizes(labels, count)
@@ -176,6 +190,57 @@ def _find_ink(picture: Image.Image, scale: float, source: str,
     if not pieces:
         raise ImageError(f"{source}: no digit found (only marks too small or too thin to be digits)")
     return pieces, ink, FAINT * threshold, rows.stop - rows.start
+
+
+def _strong_ink(ink: _Ink) -> tuple[np.ndarray, int, float]:
+    """Hysteresis: the blobs of ink above Otsu's threshold, grown into fainter ink touching them (a thin
+    or light stroke stays in one piece); their labels, count, and the threshold."""
+    from scipy import ndimage
+
+    threshold = max(otsu_threshold(ink.map), MIN_CONTRAST / 2)
+    labels, count = ndimage.label(ink.map > FAINT * threshold)
+    inked = np.unique(labels[ink.map > threshold])  # all labelled: strong ink is over the faint threshold
+    renumber = np.zeros(count + 1, dtype=labels.dtype)  # the blobs with strong ink, numbered 1..count
+    renumber[inked] = np.arange(1, len(inked) + 1)
+    return renumber[labels], len(inked), threshold
+
+
+def _blob_shapes(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each labelled blob: whether it touches the picture's edge, its extent (the long side of its
+    box), and its thickness (the radius of the widest disc inside it)."""
+    from scipy import ndimage
+
+    h, w = labels.shape
+    boxes = ndimage.find_objects(labels)
+    edge = np.array([r.start == 0 or c.start == 0 or r.stop == h or c.stop == w for r, c in boxes], dtype=bool)
+    extent = np.array([max(r.stop - r.start, c.stop - c.start) for r, c in boxes], dtype=int)
+    thickness = np.asarray(ndimage.maximum(ndimage.distance_transform_edt(labels > 0), labels,
+                                           index=np.arange(1, count + 1)), dtype=float).reshape(count)
+    return edge, extent, thickness
+
+
+def _shadow_window(labels: np.ndarray, count: int) -> int:
+    """Where ink runs along the picture's edge for SHADOW of its long side or more (a shadow's edge, or a
+    dark band the blurred paper left), the window for the paper as the ink's envelope: just wider than
+    the writing's thickest stroke away from the edge (0: no such ink)."""
+    edge, extent, thickness = _blob_shapes(labels, count)
+    if not (edge & (extent >= SHADOW * max(labels.shape))).any():
+        return 0
+    radius = thickness[~edge].max() if (~edge).any() else max(labels.shape) / 40
+    return 2 * math.ceil(2 * radius) + 1
+
+
+def _without_background(labels: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+    """The labelled blobs less those that touch the picture's edge and are far thicker than the writing
+    (their thickness over BACKGROUND times that of any ink away from the edge): a filled region, such as
+    the table or the dark background at the edge of a tilted photo, not pen strokes."""
+    edge, _, thickness = _blob_shapes(labels, count)
+    if edge.all() or not edge.any():
+        return labels, count
+    keep = np.concatenate([[True], ~(edge & (thickness > BACKGROUND * thickness[~edge].max()))])  # [0]: paper
+    renumber = np.zeros(count + 1, dtype=labels.dtype)
+    renumber[keep] = np.arange(int(keep.sum()))
+    return renumber[labels], int(keep.sum()) - 1
 
 
 def _digit(picture: Image.Image, ink: _Ink, keep: np.ndarray, scale: float, faint: float) -> Found:
@@ -213,11 +278,51 @@ def _grown(mask: np.ndarray) -> np.ndarray:
     return grown
 
 
-def mnist_digit(crop: np.ndarray) -> np.ndarray:
-    """Ink strength (h, w) in [0, 1], cropped to the digit -> MNIST's 28x28 uint8: scaled into a 20x20
-    box with its aspect kept, then placed so that its centre of mass is at the centre."""
+def mnist_stroke(crop: np.ndarray) -> np.ndarray:
+    """The digit's strokes brought into MNIST's range of widths: a ballpoint's hairline thickened (it
+    would fade to a grey trace at 20x20, and a thin 7 reads as a 1), a felt-tip's thinned (its loops
+    would close up). The width is 2 x area / outline of the ink (a stroke of width w and length L:
+    area wL, outline 2L), as a share of the digit's long side, against MNIST's: THINNEST to THICKEST.
+    Thickening never closes a loop, and thinning never breaks a stroke in two: where it would, the
+    strokes are changed by less, or left as they are."""
     from scipy import ndimage
 
+    ink = crop > 0.5
+    area = int(ink.sum())
+    if not area:
+        return crop
+    width = 2 * area / max(1, area - int(ndimage.binary_erosion(ink).sum())) / max(crop.shape)
+    if THINNEST <= width <= THICKEST:
+        return crop
+    thicken = width < THINNEST
+    grow = ndimage.grey_dilation if thicken else ndimage.grey_erosion
+    pieces, loops = _shape(ink)
+    target = THINNEST if thicken else THICKEST  # the nearest width in MNIST's range
+    for radius in range(round(abs(width - target) * max(crop.shape) / 2), 0, -1):  # none under half a pixel
+        yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+        changed = grow(crop, footprint=xx ** 2 + yy ** 2 <= radius ** 2)
+        after = _shape(changed > 0.5)
+        if (after[1] >= loops) if thicken else (after[0] <= pieces):
+            return changed
+    return crop
+
+
+def _shape(ink: np.ndarray) -> tuple[int, int]:
+    """The pieces of ink of a digit, and its loops (paper that the ink closes in: holes not open to the edge)."""
+    from scipy import ndimage
+
+    paper, regions = ndimage.label(~ink)
+    open_to_edge = np.unique(np.concatenate([paper[0], paper[-1], paper[:, 0], paper[:, -1]]))
+    return ndimage.label(ink)[1], regions - int((open_to_edge > 0).sum())
+
+
+def mnist_digit(crop: np.ndarray) -> np.ndarray:
+    """Ink strength (h, w) in [0, 1], cropped to the digit -> MNIST's 28x28 uint8: strokes of MNIST's
+    width, scaled into a 20x20 box with its aspect kept, then placed so that its centre of mass is at
+    the centre."""
+    from scipy import ndimage
+
+    crop = mnist_stroke(crop)
     ch, cw = crop.shape
     k = BOX / max(ch, cw)
     size = (max(1, round(cw * k)), max(1, round(ch * k)))

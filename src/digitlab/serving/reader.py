@@ -49,7 +49,8 @@ class Reader:
         outputs = await asyncio.gather(*(batcher(digits) for batcher in self.batchers))
         answers = []
         for model, output in zip(self.models, outputs):
-            prediction = Prediction(PICTURE, readings(model.task, model.temperature, output, found, self.threshold))
+            prediction = Prediction(PICTURE, readings(model.task, model.temperature, output, found, self.threshold),
+                                    threshold=self.threshold)
             answer = {"name": model.name, "model": model.facts["model"], "task": model.task.name,
                       "calibrated": model.temperature is not None, **prediction.as_dict()}
             del answer["file"]
