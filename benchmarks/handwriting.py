@@ -1,18 +1,17 @@
-"""How well trained models read handwriting that is not MNIST: the README's "reading your
-handwriting" table.
+"""How well trained models read handwriting that is not MNIST: docs/handwriting.md's tables.
 
-    python benchmarks/handwriting_set.py /tmp/hwset            # build the measuring set once
+    python benchmarks/handwriting_set.py /tmp/hwset            # build the measuring sets once
     python benchmarks/handwriting.py /tmp/hwset RUN [RUN ...] --data-dir ../shared/data/mnist
-    python benchmarks/handwriting.py /tmp/hwset --train /tmp/presets --data-dir ../shared/data/mnist
+    python benchmarks/handwriting.py /tmp/hwset --train /tmp/presets --presets sprint fast best --data-dir DIR
 
---train first trains into that folder the chapter's cnn for 2 epochs (as a regression, as the
-course does, and as a classifier), the fast and best presets, and both again with --reject;
-then measures them. For each run it prints: the MNIST test
-accuracy, the accuracy on the set's single digits (pen-drawn and font, and both), the share of
-whole numbers read exactly, the expected calibration error on the MNIST test set and on the
-single digits, the share
-of single digits read "sure" (and how many of those are right), and the share of non-digits
-(letters, smileys, scribbles) that come out "not sure".
+--train first trains into that folder the runs of PRESETS (the chapter's cnn for 2 epochs as a
+regression, as the course does, and as a classifier; the sprint, fast and best presets; fast and
+best again with --reject), or those --presets names; then measures them. For each run and each
+set (the MNIST test set, the single handwriting digits, the whole numbers, the degraded digits) it
+prints the accuracy, the share of answers marked sure and how often those were right; then the
+share of non-digits (letters, smileys, scribbles) marked sure (they should not be), the single
+digits' accuracy by source (pen-drawn / font), the expected calibration errors, and the degraded
+digits misread per degradation.
 
 It only calls predict_files(model, meta, files) and reads `.digit`, plus `.text` and `.sure`
 where they exist, so it also measures older digitlab versions (put their src/ first on
@@ -33,11 +32,13 @@ import torch
 from digitlab.checkpoint import load_checkpoint
 from digitlab.data import read_folder
 from digitlab.evaluate import model_outputs
+from digitlab.options import THRESHOLD
 from digitlab.reading.predict import predict_files
 
 PRESETS = {  # what --train trains: the chapter's cnn as the course runs it and as a classifier, the presets
     "chapter": ["cnn", "--epochs", "2"],
     "chapter-classify": ["cnn", "--task", "classify", "--epochs", "2"],
+    "sprint": ["--preset", "sprint"],
     "fast": ["--preset", "fast"],
     "best": ["--preset", "best"],
     "fast-reject": ["--preset", "fast", "--reject"],
@@ -57,47 +58,63 @@ def ece(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> floa
     return float(gap.abs().sum() / len(correct))
 
 
+def readings(model, meta, folder: Path, key: str = "label") -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """Each picture of a measuring-set folder read: its rows, whether it was read right, whether it was sure."""
+    listed = rows(folder)
+    said = predict_files(model, meta, [folder / r["file"] for r in listed])
+    right = np.array([p.error is None and getattr(p, "text", str(p.digit)) == r[key] for p, r in zip(said, listed)])
+    # an older version is always "sure"; a file it could not read is not
+    sure = np.array([p.error is None and getattr(p, "sure", None) is not False for p in said])
+    return listed, right, sure
+
+
+def scores(right: np.ndarray, sure: np.ndarray, confident: bool) -> dict:
+    """Accuracy, the share marked sure, and how often sure was right (None for a regression: no confidence)."""
+    return {"accuracy": float(right.mean()), "sure": float(sure.mean()) if confident else None,
+            "right_when_sure": float(right[sure].mean()) if confident and sure.any() else None}
+
+
 def measure(run: Path, hw: Path, data) -> dict:
     model, meta = load_checkpoint(run)
+    confident = meta.task.confident
     out = {"run": run.name, "model": meta.model, "task": meta.task.name,
            "seconds": (meta.results or {}).get("seconds")}
     outputs = model_outputs(model, data.test_images, normalization=meta.normalization)
     labels = data.test_labels.long()
-    if meta.task.confident:
-        out["mnist"] = float((outputs.argmax(1) == labels).double().mean())
+    if confident:
         confidence, guess = (outputs / (meta.temperature or 1.0)).softmax(1).max(1)
         out["ece"] = ece(confidence, guess == labels)
+        out["mnist"] = scores((guess == labels).numpy(), (confidence >= THRESHOLD).numpy(), True)
     else:
-        out["mnist"] = float((outputs.squeeze(1).round().clamp(0, 9) == labels).double().mean())
+        guess = outputs.squeeze(1).round().clamp(0, 9)
+        out["mnist"] = scores((guess == labels).numpy(), np.zeros(len(labels), bool), False)
         out["ece"] = None
-    digits = rows(hw / "digits")
-    said = predict_files(model, meta, [hw / "digits" / r["file"] for r in digits])
-    right = np.array([p.error is None and getattr(p, "text", str(p.digit)) == r["label"] for p, r in zip(said, digits)])
+    digits, right, sure = readings(model, meta, hw / "digits")
+    out["digits"] = scores(right, sure, confident)
     for source in ("pen", "font"):
         which = np.array([r["source"] == source for r in digits])
         out[f"digits_{source}"] = float(right[which].mean()) if which.any() else None
-    out["digits"] = float(right.mean())
+    said = predict_files(model, meta, [hw / "digits" / r["file"] for r in digits])
     read = [k for k, p in enumerate(said) if p.error is None and p.confidence is not None]
     out["hw_ece"] = (ece(torch.tensor([said[k].confidence for k in read]), torch.from_numpy(right[read]))
-                     if meta.task.confident and read else None)
-    # an older version is always "sure"; a file it could not read is not
-    sure = np.array([p.error is None and getattr(p, "sure", None) is not False for p in said])
-    out["sure"] = float(sure.mean()) if meta.task.confident else None  # regression: no confidence
-    out["right_when_sure"] = float(right[sure].mean()) if sure.any() and out["sure"] is not None else None
-    numbers = rows(hw / "numbers")
-    said = predict_files(model, meta, [hw / "numbers" / r["file"] for r in numbers])
-    out["numbers"] = float(np.mean([p.error is None and getattr(p, "text", str(p.digit)) == r["text"]
-                                    for p, r in zip(said, numbers)]))
-    others = rows(hw / "others")
-    said = predict_files(model, meta, [hw / "others" / r["file"] for r in others])
-    out["not_sure"] = (float(np.mean([p.error is not None or getattr(p, "sure", True) is False for p in said]))
-                       if meta.task.confident else None)
+                     if confident and read else None)
+    _, right, sure = readings(model, meta, hw / "numbers", key="text")
+    out["numbers"] = scores(right, sure, confident)
+    if (hw / "degraded").is_dir():
+        spoilt, right, sure = readings(model, meta, hw / "degraded")
+        out["degraded"] = scores(right, sure, confident)
+        out["degradations"] = {kind: scores(right[which], sure[which], confident) for kind in
+                               dict.fromkeys(r["degradation"] for r in spoilt)
+                               for which in [np.array([r["degradation"] == kind for r in spoilt])]}
+    _, _, sure = readings(model, meta, hw / "others", key="kind")
+    out["not_sure"] = float(1 - sure.mean()) if confident else None
     return out
 
 
-def train_presets(folder: Path, data_dir: str) -> list[Path]:
+def train_presets(folder: Path, data_dir: str, names: list[str]) -> list[Path]:
     runs = []
-    for name, args in PRESETS.items():
+    for name in names:
+        args = PRESETS[name]
         out = folder / name
         print(f"training {name} into {out} ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "digitlab", "train", *args, "--out", str(out), "--overwrite",
@@ -107,8 +124,13 @@ def train_presets(folder: Path, data_dir: str) -> list[Path]:
     return runs
 
 
-def pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1%}"
+def pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}%}"
+
+
+def cells(m: dict, digits: int = 1) -> str:
+    """accuracy | sure | right when sure"""
+    return f"{pct(m['accuracy'], digits)} | {pct(m['sure'])} | {pct(m['right_when_sure'])}"
 
 
 def main() -> None:
@@ -117,22 +139,39 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="*", help="run folders or checkpoints to measure")
     parser.add_argument("--data-dir", required=True, help="folder with the four MNIST files")
     parser.add_argument("--train", type=Path, metavar="DIR", help="train the runs of PRESETS here first")
+    parser.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS),
+                        help="which of PRESETS --train trains")
     args = parser.parse_args()
-    runs = list(args.runs) + (train_presets(args.train, args.data_dir) if args.train else [])
+    runs = list(args.runs) + (train_presets(args.train, args.data_dir, args.presets) if args.train else [])
     data = read_folder(args.data_dir)
-    counts = {k: len(rows(args.set / k)) for k in ("digits", "numbers", "others")}
+    counts = {k: len(rows(args.set / k)) for k in ("digits", "numbers", "others", "degraded")
+              if (args.set / k).is_dir()}
     print(f"set {args.set}: {counts['digits']} digits, {counts['numbers']} numbers of 2-5 digits, "
-          f"{counts['others']} non-digits")
-    print("| run | model | training (s) | MNIST test | handwriting digits (pen / font) | whole numbers | "
-          "calibration error (MNIST test / handwriting) | digits sure (right when sure) | non-digits 'not sure' |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for run in runs:
-        m = measure(run, args.set, data)
+          f"{counts['others']} non-digits, {counts.get('degraded', 0)} degraded digits; 'sure': calibrated "
+          f"confidence >= {THRESHOLD} (a number's: its digits' multiplied)\n")
+    measured = [measure(run, args.set, data) for run in runs]
+    print("| run | model | training (s) | set | accuracy | marked sure | right when sure |\n"
+          "|---|---|---:|---|---:|---:|---:|")
+    for m in measured:
         seconds = "-" if m["seconds"] is None else f"{m['seconds']:.0f}"
-        print(f"| {m['run']} | {m['model']} ({m['task']}) | {seconds} | {m['mnist']:.2%} | {pct(m['digits'])} "
-              f"({pct(m['digits_pen'])} / {pct(m['digits_font'])}) | {pct(m['numbers'])} | {pct(m['ece'])} / "
-              f"{pct(m['hw_ece'])} | "
-              f"{pct(m['sure'])} ({pct(m['right_when_sure'])}) | {pct(m['not_sure'])} |", flush=True)
+        for name, key, places in [("MNIST test", "mnist", 2), ("handwriting digits", "digits", 1),
+                                  ("whole numbers", "numbers", 1), ("degraded digits", "degraded", 1)]:
+            if key in m:
+                print(f"| {m['run']} | {m['model']} ({m['task']}) | {seconds} | {name} | {cells(m[key], places)} |")
+        print(f"| {m['run']} | {m['model']} ({m['task']}) | {seconds} | non-digits | - | "
+              f"{pct(None if m['not_sure'] is None else 1 - m['not_sure'])} | - |")
+    print("\nOther figures: handwriting digits pen / font; calibration error (ECE) on MNIST test / handwriting\n\n"
+          "| run | pen / font | ECE MNIST / handwriting |\n|---|---:|---:|")
+    for m in measured:
+        print(f"| {m['run']} | {pct(m['digits_pen'])} / {pct(m['digits_font'])} | {pct(m['ece'])} / "
+              f"{pct(m['hw_ece'])} |")
+    kinds = list(next((m["degradations"] for m in measured if "degradations" in m), {}))
+    if kinds:
+        print("\nDegraded digits misread, per degradation (right when sure in brackets)\n\n"
+              f"| run | {' | '.join(kinds)} |\n|---|{'---:|' * len(kinds)}")
+        for m in measured:
+            print(f"| {m['run']} | " + " | ".join(
+                f"{pct(1 - d['accuracy'])} ({pct(d['right_when_sure'])})" for d in m["degradations"].values()) + " |")
 
 
 if __name__ == "__main__":
