@@ -58,14 +58,15 @@ def ece(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> floa
     return float(gap.abs().sum() / len(correct))
 
 
-def readings(model, meta, folder: Path, key: str = "label") -> tuple[list[dict], np.ndarray, np.ndarray]:
-    """Each picture of a measuring-set folder read: its rows, whether it was read right, whether it was sure."""
+def readings(model, meta, folder: Path, key: str = "label") -> tuple[list[dict], list, np.ndarray, np.ndarray]:
+    """Each picture of a measuring-set folder read: its rows, the predictions, whether each was read right,
+    whether it was sure."""
     listed = rows(folder)
     said = predict_files(model, meta, [folder / r["file"] for r in listed])
     right = np.array([p.error is None and getattr(p, "text", str(p.digit)) == r[key] for p, r in zip(said, listed)])
     # an older version is always "sure"; a file it could not read is not
     sure = np.array([p.error is None and getattr(p, "sure", None) is not False for p in said])
-    return listed, right, sure
+    return listed, said, right, sure
 
 
 def scores(right: np.ndarray, sure: np.ndarray, confident: bool) -> dict:
@@ -89,24 +90,23 @@ def measure(run: Path, hw: Path, data) -> dict:
         guess = outputs.squeeze(1).round().clamp(0, 9)
         out["mnist"] = scores((guess == labels).numpy(), np.zeros(len(labels), bool), False)
         out["ece"] = None
-    digits, right, sure = readings(model, meta, hw / "digits")
+    digits, said, right, sure = readings(model, meta, hw / "digits")
     out["digits"] = scores(right, sure, confident)
     for source in ("pen", "font"):
         which = np.array([r["source"] == source for r in digits])
         out[f"digits_{source}"] = float(right[which].mean()) if which.any() else None
-    said = predict_files(model, meta, [hw / "digits" / r["file"] for r in digits])
     read = [k for k, p in enumerate(said) if p.error is None and p.confidence is not None]
     out["hw_ece"] = (ece(torch.tensor([said[k].confidence for k in read]), torch.from_numpy(right[read]))
                      if confident and read else None)
-    _, right, sure = readings(model, meta, hw / "numbers", key="text")
+    _, _, right, sure = readings(model, meta, hw / "numbers", key="text")
     out["numbers"] = scores(right, sure, confident)
     if (hw / "degraded").is_dir():
-        spoilt, right, sure = readings(model, meta, hw / "degraded")
+        spoilt, _, right, sure = readings(model, meta, hw / "degraded")
         out["degraded"] = scores(right, sure, confident)
         out["degradations"] = {kind: scores(right[which], sure[which], confident) for kind in
                                dict.fromkeys(r["degradation"] for r in spoilt)
                                for which in [np.array([r["degradation"] == kind for r in spoilt])]}
-    _, _, sure = readings(model, meta, hw / "others", key="kind")
+    _, _, _, sure = readings(model, meta, hw / "others", key="kind")
     out["not_sure"] = float(1 - sure.mean()) if confident else None
     return out
 
